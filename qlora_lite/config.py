@@ -1,0 +1,258 @@
+"""Configuration dataclasses, validated in `__post_init__`.
+
+Each config collects *every* problem and raises one `ConfigError` (a `ValueError`), so a
+user fixes a YAML file in one pass instead of one error per run. Field names follow PEFT
+(`r`, `lora_alpha`, `lora_dropout`, `target_modules`, `use_rslora`, `init_lora_weights`)
+and transformers' `TrainingArguments` where those libraries have the same notion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from .errors import ConfigError
+
+__all__ = [
+    "QuantConfig",
+    "LoraConfig",
+    "TrainConfig",
+    "SUPPORTED_BLOCKSIZES",
+    "resolve_dtype",
+    "config_from_dict",
+]
+
+SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(name: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
+    """Map a dtype name (or "auto") to a torch dtype.
+
+    "auto" is bf16 on a CUDA device that supports it, fp16 on older GPUs and fp32 on CPU,
+    where 16-bit matmuls are slower than fp32 ones on most machines.
+    """
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        dev = torch.device(device) if device is not None else None
+        if dev is not None and dev.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {name!r}; use one of {sorted(set(_DTYPES))} or 'auto'") from None
+
+
+def _check_dtype(problems: list[str], field_name: str, value: Any, allow_auto: bool = True) -> None:
+    if isinstance(value, torch.dtype):
+        if value not in _DTYPES.values():
+            problems.append(f"{field_name}={value} is not a floating dtype we compute in")
+        return
+    allowed = set(_DTYPES) | ({"auto"} if allow_auto else set())
+    if value not in allowed:
+        problems.append(f"{field_name}={value!r} is not one of {sorted(allowed)}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class QuantConfig:
+    """How the frozen base weights are stored: NF4, blockwise, optionally double-quantized."""
+
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: str = "auto"
+    backend: Literal["auto", "bitsandbytes", "torch"] = "auto"
+    quant_type: Literal["nf4"] = "nf4"
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if not _is_int(self.blocksize) or self.blocksize not in SUPPORTED_BLOCKSIZES:
+            problems.append(f"blocksize={self.blocksize!r} is not supported; use one of {SUPPORTED_BLOCKSIZES}")
+        if not isinstance(self.double_quant, bool):
+            problems.append(f"double_quant={self.double_quant!r} must be true or false")
+        _check_dtype(problems, "compute_dtype", self.compute_dtype)
+        if self.backend not in ("auto", "bitsandbytes", "torch"):
+            problems.append(f"backend={self.backend!r} must be 'auto', 'bitsandbytes' or 'torch'")
+        if self.quant_type != "nf4":
+            problems.append(f"quant_type={self.quant_type!r}: only 'nf4' is implemented")
+        if problems:
+            raise ConfigError(problems, "QuantConfig")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapter shape and initialisation (PEFT's names and defaults)."""
+
+    r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+    use_rslora: bool = False
+    init_lora_weights: Literal["kaiming", "gaussian"] = "kaiming"
+    lora_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if not _is_int(self.r) or self.r <= 0:
+            problems.append(f"r={self.r!r} must be a positive integer (typical: 8, 16, 64)")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or not (
+            math.isfinite(self.lora_alpha) and self.lora_alpha > 0
+        ):
+            problems.append(f"lora_alpha={self.lora_alpha!r} must be a positive number (typical: 2*r)")
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) or not (
+            0.0 <= self.lora_dropout < 1.0
+        ):
+            problems.append(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        targets = self.target_modules
+        if isinstance(targets, str):
+            if not targets:
+                problems.append("target_modules is empty; use 'all-linear', a list of names or a regex")
+            elif targets != "all-linear" and not _looks_like_name(targets):
+                try:
+                    re.compile(targets)
+                except re.error as exc:
+                    problems.append(f"target_modules={targets!r} is not a valid regex: {exc}")
+        elif isinstance(targets, (list, tuple)):
+            if not targets or not all(isinstance(t, str) and t for t in targets):
+                problems.append(f"target_modules={targets!r} must be a non-empty list of module names")
+            else:
+                self.target_modules = list(targets)
+        else:
+            problems.append(f"target_modules={targets!r} must be 'all-linear', a list of names or a regex")
+        if not isinstance(self.use_rslora, bool):
+            problems.append(f"use_rslora={self.use_rslora!r} must be true or false")
+        if self.init_lora_weights not in ("kaiming", "gaussian"):
+            problems.append(f"init_lora_weights={self.init_lora_weights!r} must be 'kaiming' or 'gaussian'")
+        _check_dtype(problems, "lora_dtype", self.lora_dtype, allow_auto=False)
+        if problems:
+            raise ConfigError(problems, "LoraConfig")
+
+    @property
+    def scaling(self) -> float:
+        """s in y = W0 x + s·B A x: alpha/r, or alpha/sqrt(r) with rsLoRA."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def _looks_like_name(text: str) -> bool:
+    return re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", text) is not None
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Every field is also a CLI flag and a YAML key."""
+
+    model: str = "embedded"
+    data: str = "embedded"
+    out_dir: str = "runs/train"
+    seq_len: int = 256
+    batch_size: int = 2
+    grad_accum: int = 1
+    max_steps: int = 100
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    lr_schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    max_grad_norm: float = 0.3
+    optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw"] = "paged_adamw_32bit"
+    gradient_checkpointing: bool = True
+    packing: bool = False
+    truncation: Literal["truncate", "error"] = "truncate"
+    eval_fraction: float = 0.1
+    eval_every: int = 50
+    save_every: int = 50
+    keep_last: int = 2
+    log_every: int = 1
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    progress: bool = True
+    quant: QuantConfig | None = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.quant, dict):
+            self.quant = config_from_dict(QuantConfig, self.quant)
+        if isinstance(self.lora, dict):
+            self.lora = config_from_dict(LoraConfig, self.lora)
+        problems: list[str] = []
+        positive_ints = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "save_every",
+                         "keep_last", "log_every")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                problems.append(f"{name}={value!r} must be a positive integer")
+        if not isinstance(self.learning_rate, (int, float)) or isinstance(self.learning_rate, bool) or not (
+            math.isfinite(self.learning_rate) and self.learning_rate > 0
+        ):
+            problems.append(f"learning_rate={self.learning_rate!r} must be a positive number (QLoRA: 1e-4 to 2e-4)")
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            problems.append(f"weight_decay={self.weight_decay!r} must be >= 0")
+        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
+            problems.append(f"warmup_steps={self.warmup_steps!r} must be a non-negative integer")
+        elif _is_int(self.max_steps) and self.warmup_steps > self.max_steps:
+            problems.append(f"warmup_steps={self.warmup_steps} exceeds max_steps={self.max_steps}")
+        if self.lr_schedule not in ("cosine", "constant", "linear"):
+            problems.append(f"lr_schedule={self.lr_schedule!r} must be 'cosine', 'constant' or 'linear'")
+        if not isinstance(self.max_grad_norm, (int, float)) or self.max_grad_norm < 0:
+            problems.append(f"max_grad_norm={self.max_grad_norm!r} must be >= 0 (0 disables clipping)")
+        if self.optimizer not in ("paged_adamw_32bit", "paged_adamw_8bit", "adamw"):
+            problems.append(f"optimizer={self.optimizer!r} must be 'paged_adamw_32bit', 'paged_adamw_8bit' or 'adamw'")
+        if self.truncation not in ("truncate", "error"):
+            problems.append(f"truncation={self.truncation!r} must be 'truncate' or 'error'")
+        if not isinstance(self.eval_fraction, (int, float)) or not 0.0 <= self.eval_fraction < 1.0:
+            problems.append(f"eval_fraction={self.eval_fraction!r} must be in [0, 1)")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            problems.append(f"device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if self.quant is not None and not isinstance(self.quant, QuantConfig):
+            problems.append("quant must be a QuantConfig, a mapping, or null for 16-bit LoRA")
+        if problems:
+            raise ConfigError(problems, "TrainConfig")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Build a config dataclass from a mapping, naming unknown keys and suggesting the close match."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        problems = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            problems.append(f"unknown key {key!r}{hint}")
+        raise ConfigError(problems, cls.__name__)
+    return cls(**values)
+
+
+def load_yaml_config(path: str | Path) -> TrainConfig:
+    """Read a YAML run file into a `TrainConfig` (nested `quant:` and `lora:` sections)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file", "run file")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of options, got {type(data).__name__}", "run file")
+    return config_from_dict(TrainConfig, data)

@@ -1,0 +1,30 @@
+"""Error types. Every error a user can cause derives from `QLoraLiteError` and says what to fix."""
+
+from __future__ import annotations
+
+__all__ = ["QLoraLiteError", "ConfigError", "CheckpointError", "DataError", "TrainingError"]
+
+
+class QLoraLiteError(Exception):
+    """Base class: the message is meant for the user, one line of cause plus the fix."""
+
+
+class ConfigError(QLoraLiteError, ValueError):
+    """Invalid configuration; lists every problem at once."""
+
+    def __init__(self, problems: list[str] | str, what: str = "configuration"):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        bullet = "\n  - "
+        super().__init__(f"invalid {what}:{bullet}" + bullet.join(self.problems))
+
+
+class CheckpointError(QLoraLiteError, ValueError):
+    """A model/adapter/checkpoint file is missing, corrupt or does not fit."""
+
+
+class DataError(QLoraLiteError, ValueError):
+    """A data set is empty or malformed (messages name file and line)."""
+
+
+class TrainingError(QLoraLiteError, RuntimeError):
+    """Training cannot continue (non-finite loss, ...)."""

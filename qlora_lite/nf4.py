@@ -1,0 +1,397 @@
+"""The NF4 weight format, byte-compatible with bitsandbytes.
+
+    W (out×in, 16/32-bit)
+      │ flatten row-major, blocks of `blocksize` (64) values
+      ▼
+    absmax_b = max|W_b|  ──► idx = nearest NF4 code of W_b / absmax_b  ──► packed: 2 codes/byte, first = high nibble
+      │ double quantization (optional)
+      ▼
+    absmax - mean (offset) ──► 8-bit dynamic-map codes in blocks of 256 + one fp32 scale per 256 block
+
+Stored per parameter: 4 + 8/64 + 32/(64·256) ≈ 4.127 bits.
+
+Two backends share the format: bitsandbytes' kernels (CUDA; CPU where bitsandbytes runs) and a
+pure-torch reference that reproduces bitsandbytes' CPU path bit for bit (same reciprocal-multiply
+scaling, same midpoint comparison rule for 4-bit codes, same nearest-left rule for the 8-bit
+absmax codes). Quantization is always an explicit `NF4Weight.from_tensor`; moving an `NF4Weight`
+never changes its dtype or its bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .config import SUPPORTED_BLOCKSIZES
+
+__all__ = [
+    "NF4_CODE",
+    "NESTED_BLOCKSIZE",
+    "NF4Weight",
+    "dynamic_map",
+    "bitsandbytes_available",
+    "resolve_backend",
+    "quantize_nf4",
+    "dequantize_nf4",
+]
+
+# Quantiles of N(0, 1) normalised to [-1, 1] with an exact zero (QLoRA paper, appendix E).
+NF4_CODE = torch.tensor(
+    [
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+        -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+        0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+        0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+    ],
+    dtype=torch.float32,
+)
+_NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the double-quantized absmax
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+Backend = Literal["auto", "bitsandbytes", "torch"]
+
+
+@functools.cache
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (`create_dynamic_map()`), rebuilt without bitsandbytes.
+
+    Dynamic exponent + fraction: 127 magnitudes from 1e-6 to ~0.99 per sign, plus 0 and 1.
+    Built with the same float32 linspace and float32 products so the table matches to the bit.
+    """
+    values: list[float] = []
+    exponent_bits, non_sign_bits = 7, 7
+    for i in range(exponent_bits):
+        fraction_items = 2 ** (i + non_sign_bits - exponent_bits) + 1
+        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        scale = 10 ** (-(exponent_bits - 1) + i)
+        values += (scale * means).tolist() + (-scale * means).tolist()
+    values += [0.0, 1.0]
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+@functools.cache
+def bitsandbytes_available() -> bool:
+    try:
+        import bitsandbytes.functional  # noqa: F401
+    except Exception:  # an import failure of any kind means "not usable here"
+        return False
+    return True
+
+
+def resolve_backend(backend: Backend, device: torch.device) -> Literal["bitsandbytes", "torch"]:
+    """'auto' picks bitsandbytes wherever it imports (its CUDA kernels, its CPU kernels), else torch."""
+    if backend == "torch":
+        return "torch"
+    if backend == "bitsandbytes":
+        if not bitsandbytes_available():
+            raise RuntimeError("backend='bitsandbytes' but bitsandbytes cannot be imported; "
+                               "pip install bitsandbytes, or use backend='torch'")
+        return "bitsandbytes"
+    return "bitsandbytes" if device.type in ("cuda", "cpu") and bitsandbytes_available() else "torch"
+
+
+# --------------------------------------------------------------------------------------------
+# pure-torch reference kernels
+# --------------------------------------------------------------------------------------------
+
+def _blockwise_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    n = flat.numel()
+    full = n - n % blocksize
+    absmax = flat[:full].reshape(-1, blocksize).abs().amax(dim=1)
+    if full < n:
+        absmax = torch.cat([absmax, flat[full:].abs().amax().reshape(1)])
+    return absmax
+
+
+def quantize_nf4(weight: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize to packed NF4 codes (uint8 [ceil(n/2), 1]) and fp32 absmax per block.
+
+    Mirrors bitsandbytes' reference kernel: full blocks are scaled by the reciprocal of their
+    absmax, the ragged tail block by division; a value exactly on a midpoint takes the lower code.
+    """
+    flat = weight.reshape(-1).float()
+    n = flat.numel()
+    full = n - n % blocksize
+    absmax = _blockwise_absmax(flat, blocksize)
+    n_full = full // blocksize
+    scaled = (flat[:full].reshape(-1, blocksize) * (1.0 / absmax[:n_full].clamp(min=1e-38)).view(-1, 1))
+    scaled = scaled.clamp(-1, 1).reshape(-1)
+    if full < n:
+        tail = (flat[full:] / absmax[-1].clamp(min=1e-38)).clamp(-1, 1)
+        scaled = torch.cat([scaled, tail])
+    if n % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    idx = torch.bucketize(scaled, _NF4_BOUNDS.to(scaled.device), out_int32=True).to(torch.uint8)
+    packed = (idx[0::2] << 4) | idx[1::2]
+    return packed.unsqueeze(1), absmax
+
+
+@functools.cache
+def _byte_lookup_table(device: torch.device) -> torch.Tensor:
+    """(256, 2) fp32: the two NF4 values a packed byte holds, high nibble first."""
+    return torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1).to(device)
+
+
+def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size, blocksize: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of `quantize_nf4`: code * absmax in fp32, then one rounding to `dtype`.
+
+    One gather per byte through a 256-entry table (two values each) is ~8x faster on CPU
+    than unpacking nibbles separately.
+    """
+    n = math.prod(shape)
+    values = _byte_lookup_table(packed.device).index_select(0, packed.reshape(-1).int()).reshape(-1)
+    if n % blocksize == 0 and values.numel() == n:
+        values = (values.view(-1, blocksize) * absmax.view(-1, 1)).reshape(-1)
+    else:
+        values = values[:n] * absmax.repeat_interleave(blocksize)[:n]
+    return values.reshape(shape).to(dtype)
+
+
+@functools.cache
+def _dynamic_lookup_table() -> torch.Tensor:
+    """Nearest dynamic-map code for each of 65536 evenly spaced points of [-1, 1].
+
+    bitsandbytes' CPU kernel quantizes the 8-bit absmax codes through such a table rather than by
+    an exact nearest search (measured: it agrees with this table on every probe, while an exact
+    search differs near code midpoints), so we use the same table to stay byte-identical.
+    """
+    code = dynamic_map().double()
+    points = torch.arange(65536, dtype=torch.float64) / 65535 * 2 - 1
+    left = (torch.searchsorted(code, points, right=True) - 1).clamp(0, code.numel() - 1)
+    right = (left + 1).clamp(max=code.numel() - 1)
+    go_right = (points - code[right]).abs() < (points - code[left]).abs()
+    return torch.where(go_right, right, left).to(torch.uint8)
+
+
+def _quantize_blockwise_8bit(values: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit dynamic-map blockwise quantization, as bitsandbytes' CPU kernel does it (fp32 math)."""
+    absmax = _blockwise_absmax(values, blocksize)
+    scale = absmax.repeat_interleave(blocksize)[: values.numel()]
+    normed = torch.where(scale > 0, values / scale, torch.zeros_like(values)).clamp(-1, 1)
+    slot = torch.floor((normed * 0.5 + 0.5) * 65535 + 0.5).long()
+    codes = _dynamic_lookup_table().to(values.device)[slot]
+    # An all-zero block is 0/0 in bitsandbytes' kernel, which lands on code 0; any code decodes to 0 there.
+    return torch.where(scale > 0, codes, torch.zeros_like(codes)), absmax
+
+
+def _dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    scale = absmax.repeat_interleave(blocksize)[: codes.numel()]
+    return dynamic_map().to(codes.device)[codes.long()] * scale
+
+
+# --------------------------------------------------------------------------------------------
+# the container
+# --------------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class NF4Weight:
+    """A frozen 2-D weight stored as NF4 with bitsandbytes' layout.
+
+    `absmax` holds fp32 block scales, or with double quantization their uint8 codes, in which
+    case `nested_absmax` (fp32, one per 256 blocks) and `offset` (fp32 scalar) complete it.
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int = 64
+    nested_absmax: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+    backend: Literal["bitsandbytes", "torch"] = "torch"
+
+    # ---- construction ------------------------------------------------------------------
+    @classmethod
+    def from_tensor(cls, weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True,
+                    backend: Backend = "auto", name: str = "weight") -> NF4Weight:
+        """Quantize `weight` (2-D, fp32/fp16/bf16, finite) on its own device."""
+        _validate_weight(weight, blocksize, name)
+        chosen = resolve_backend(backend, weight.device)
+        if chosen == "bitsandbytes":
+            import bitsandbytes.functional as bnbf
+
+            packed, state = bnbf.quantize_4bit(weight.contiguous(), blocksize=blocksize,
+                                               compress_statistics=double_quant, quant_type="nf4")
+            if double_quant:
+                return cls(packed, state.absmax, weight.shape, weight.dtype, blocksize,
+                           state.state2.absmax, state.offset.float().reshape(()), chosen)
+            return cls(packed, state.absmax, weight.shape, weight.dtype, blocksize, backend=chosen)
+
+        packed, absmax = quantize_nf4(weight, blocksize)
+        if not double_quant:
+            return cls(packed, absmax, weight.shape, weight.dtype, blocksize, backend=chosen)
+        offset = absmax.mean()
+        codes, nested = _quantize_blockwise_8bit(absmax - offset, NESTED_BLOCKSIZE)
+        return cls(packed, codes, weight.shape, weight.dtype, blocksize, nested, offset.reshape(()), chosen)
+
+    # ---- properties ----------------------------------------------------------------------
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this weight occupies (the shared 16- and 256-entry code tables excluded)."""
+        total = self.packed.numel() * self.packed.element_size() + self.absmax.numel() * self.absmax.element_size()
+        if self.double_quant:
+            total += self.nested_absmax.numel() * 4 + 4
+        return total
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8 * self.nbytes / self.numel
+
+    # ---- compute --------------------------------------------------------------------------
+    def block_absmax(self) -> torch.Tensor:
+        """fp32 absmax per 64-block (decoding the double quantization if present)."""
+        if not self.double_quant:
+            return self.absmax.float()
+        return _dequantize_blockwise_8bit(self.absmax, self.nested_absmax, NESTED_BLOCKSIZE) + self.offset
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The full weight in `dtype` (default: the dtype it was quantized from)."""
+        dtype = dtype or self.dtype
+        if self.backend == "bitsandbytes" and self._bitsandbytes_dequant_is_exact():
+            import bitsandbytes.functional as bnbf
+
+            return bnbf.dequantize_4bit(self.packed, self._quant_state(dtype), quant_type="nf4")
+        return dequantize_nf4(self.packed, self.block_absmax(), self.shape, self.blocksize, dtype)
+
+    def _bitsandbytes_dequant_is_exact(self) -> bool:
+        # Measured with bitsandbytes 0.50.2: its CPU NF4 dequantize kernel returns wrong values when
+        # a row's length is not a multiple of the block size (blocks straddling rows, e.g. 128x96),
+        # and odd row lengths go through a torch.compile fallback. Those shapes use the torch path.
+        return self.device.type != "cpu" or self.shape[-1] % self.blocksize == 0
+
+    def _quant_state(self, dtype: torch.dtype):
+        from bitsandbytes.functional import QuantState
+
+        state2 = None
+        if self.double_quant:
+            state2 = QuantState(absmax=self.nested_absmax, code=dynamic_map().to(self.device),
+                                blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
+        return QuantState(absmax=self.absmax, shape=self.shape, code=NF4_CODE.to(self.device),
+                          blocksize=self.blocksize, quant_type="nf4", dtype=dtype,
+                          offset=self.offset, state2=state2)
+
+    def to(self, device: torch.device | str) -> NF4Weight:
+        """Same bytes on another device; never a dtype change, never a re-quantization."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        backend = self.backend if device.type in ("cuda", "cpu") else "torch"
+        return NF4Weight(move(self.packed), move(self.absmax), self.shape, self.dtype, self.blocksize,
+                         move(self.nested_absmax), move(self.offset), backend)
+
+    def with_backend(self, backend: Backend) -> NF4Weight:
+        return NF4Weight(self.packed, self.absmax, self.shape, self.dtype, self.blocksize,
+                         self.nested_absmax, self.offset, resolve_backend(backend, self.device))
+
+    # ---- serialization ------------------------------------------------------------------
+    def state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
+        """Tensors under exactly the keys transformers + bitsandbytes write for a `Linear4bit`."""
+        meta: dict = {"quant_type": "nf4", "blocksize": self.blocksize,
+                      "dtype": _DTYPE_NAMES[self.dtype], "shape": list(self.shape)}
+        out = {prefix: self.packed, f"{prefix}.absmax": self.absmax,
+               f"{prefix}.quant_map": NF4_CODE.to(self.device).clone()}
+        if self.double_quant:
+            out[f"{prefix}.nested_absmax"] = self.nested_absmax
+            out[f"{prefix}.nested_quant_map"] = dynamic_map().to(self.device).clone()
+            meta.update({"nested_blocksize": NESTED_BLOCKSIZE, "nested_dtype": "float32",
+                         "nested_offset": self.offset.item()})
+        blob = json.dumps(meta).encode("utf-8")
+        out[f"{prefix}.quant_state.bitsandbytes__nf4"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        return out
+
+    @classmethod
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor], prefix: str = "weight",
+                        backend: Backend = "auto") -> NF4Weight:
+        """Rebuild from a bitsandbytes-format state dict, without re-quantizing; validates every key."""
+        meta_key = f"{prefix}.quant_state.bitsandbytes__nf4"
+        missing = [k for k in (prefix, f"{prefix}.absmax", meta_key) if k not in tensors]
+        if missing:
+            fp4 = f"{prefix}.quant_state.bitsandbytes__fp4" in tensors
+            hint = " (this is an FP4 checkpoint; only NF4 is supported)" if fp4 else ""
+            raise ValueError(f"{prefix}: missing quantization keys {missing}{hint}")
+        try:
+            meta = json.loads(bytes(tensors[meta_key].cpu().numpy()).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{meta_key}: unreadable quant-state JSON ({exc})") from None
+        problems = []
+        if meta.get("quant_type") != "nf4":
+            problems.append(f"quant_type={meta.get('quant_type')!r}, expected 'nf4'")
+        blocksize = meta.get("blocksize")
+        if blocksize not in SUPPORTED_BLOCKSIZES:
+            problems.append(f"blocksize={blocksize!r} is not one of {SUPPORTED_BLOCKSIZES}")
+        dtype = {v: k for k, v in _DTYPE_NAMES.items()}.get(meta.get("dtype"))
+        if dtype is None:
+            problems.append(f"dtype={meta.get('dtype')!r} is not float32/float16/bfloat16")
+        shape = meta.get("shape")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(d, int) and d > 0 for d in shape)):
+            problems.append(f"shape={shape!r} is not a 2-D shape")
+        if problems:
+            raise ValueError(f"{prefix}: " + "; ".join(problems))
+        shape = torch.Size(shape)
+        n = math.prod(shape)
+        packed, absmax = tensors[prefix], tensors[f"{prefix}.absmax"]
+        expected = {prefix: ((n + 1) // 2, torch.uint8), f"{prefix}.absmax": (-(-n // blocksize), None)}
+        nested = offset = None
+        if "nested_offset" in meta:
+            nested = tensors.get(f"{prefix}.nested_absmax")
+            if nested is None:
+                raise ValueError(f"{prefix}: quant state says double-quantized but {prefix}.nested_absmax is missing")
+            offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=absmax.device)
+            expected[f"{prefix}.absmax"] = (-(-n // blocksize), torch.uint8)
+            expected[f"{prefix}.nested_absmax"] = (-(-expected[f"{prefix}.absmax"][0] // NESTED_BLOCKSIZE),
+                                                   torch.float32)
+        else:
+            expected[f"{prefix}.absmax"] = (-(-n // blocksize), torch.float32)
+        for key, (count, want_dtype) in expected.items():
+            t = tensors[key]
+            if t.numel() != count or (want_dtype is not None and t.dtype != want_dtype):
+                raise ValueError(f"{key}: expected {count} values of {want_dtype}, found {t.numel()} of {t.dtype} "
+                                 f"(shape {list(shape)}, blocksize {blocksize}); the checkpoint does not match")
+        packed = packed.reshape(-1, 1)
+        return cls(packed, absmax.reshape(-1), shape, dtype, blocksize,
+                   None if nested is None else nested.reshape(-1), offset,
+                   resolve_backend(backend, packed.device))
+
+    def __repr__(self) -> str:
+        return (f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
+                f"double_quant={self.double_quant}, backend={self.backend}, device={self.device}, "
+                f"bits_per_param={self.bits_per_param:.3f})")
+
+
+def _validate_weight(weight: torch.Tensor, blocksize: int, name: str) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"{name}: NF4 stores 2-D linear weights; got shape {tuple(weight.shape)}")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name}: dtype {weight.dtype} cannot be quantized; use float32, float16 or bfloat16")
+    if weight.numel() == 0:
+        raise ValueError(f"{name}: empty weight of shape {tuple(weight.shape)}")
+    if blocksize not in SUPPORTED_BLOCKSIZES:
+        raise ValueError(f"{name}: blocksize {blocksize} is not supported; use one of {SUPPORTED_BLOCKSIZES}")
+    if weight.device.type != "meta" and not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"{name}: contains inf or NaN; NF4 cannot represent them (check the checkpoint)")
