@@ -3,6 +3,7 @@
 Flow::
 
     load_records(source)              .jsonl file / list of dicts / datasets.Dataset → validated dicts
+    split_train_eval(records, f, s)   → deterministic (train, eval) split of the records
     build_dataset(source, tok, L)     → TokenizedDataset: one example per record (tokenize_record),
                                         truncated to L, optionally packed, with token stats
     batch_iterator(ds, B, seed=...)   → deterministic, resumable, rank-sliced batches of examples
@@ -41,17 +42,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
-    "IGNORE_INDEX",
-    "ROLES",
-    "TokenizedDataset",
-    "load_records",
-    "render_chat",
-    "tokenize_record",
-    "build_dataset",
-    "split_train_eval",
-    "collate",
-    "batches_per_epoch",
-    "batch_iterator",
+    "IGNORE_INDEX", "ROLES", "TokenizedDataset", "load_records", "render_chat", "tokenize_record",
+    "build_dataset", "split_train_eval", "collate", "batches_per_epoch", "batch_iterator",
     "embedded_dataset_path",
 ]
 
@@ -59,6 +51,7 @@ IGNORE_INDEX = -100  # label value the cross-entropy loss skips (PyTorch's and t
 ROLES = ("system", "user", "assistant")
 Example = dict[str, list[int]]
 Truncation = Literal["truncate", "error"]
+Source = str | os.PathLike[str] | Iterable[Mapping[str, Any]]  # a .jsonl path, dicts, a datasets.Dataset
 T = TypeVar("T")
 
 _SHAPES = (
@@ -80,7 +73,8 @@ def _record_shape(record: Any, where: str) -> str:
     def need_str(key: str, allow_empty: bool = False) -> None:
         value = record.get(key)
         if not isinstance(value, str) or (not allow_empty and not value.strip()):
-            raise DataError(f"{where}: {key!r} must be a non-empty string, got {value!r:.60}")
+            kind = "a string" if allow_empty else "a non-empty string"
+            raise DataError(f"{where}: {key!r} must be {kind}, got {value!r:.60}")
 
     if keys == ["text"]:
         need_str("text")
@@ -107,7 +101,7 @@ def _record_shape(record: Any, where: str) -> str:
         if not isinstance(message["content"], str):
             raise DataError(f"{where}: messages[{j}]['content'] must be a string")
     if messages[0]["role"] == "assistant":
-        raise DataError(f"{where}: the chat starts with an assistant message; start with a user or system one")
+        raise DataError(f"{where}: the chat starts with an assistant message; start with a user/system one")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the chat has no assistant message, so nothing to train on")
     return "chat"
@@ -132,8 +126,8 @@ def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
     return located
 
 
-def _load_located(source: str | os.PathLike[str] | Iterable[Mapping[str, Any]]) -> list[tuple[str, dict]]:
-    """Read and validate records, each with a location ("file:line (record i)") for messages."""
+def _load_located(source: Source) -> list[tuple[str, str, dict]]:
+    """Read and validate records as (location for messages, shape, record) triples."""
     if isinstance(source, (str, os.PathLike)):
         located = _read_jsonl(Path(source))
         name = str(source)
@@ -149,27 +143,15 @@ def _load_located(source: str | os.PathLike[str] | Iterable[Mapping[str, Any]]) 
         )
     if not located:
         raise DataError(f"{name}: the data set is empty; it needs at least one record shaped {_SHAPES}")
-    for where, record in located:
-        _record_shape(record, where)
-    return [(where, dict(record)) for where, record in located]
+    return [(where, _record_shape(record, where), dict(record)) for where, record in located]
 
 
-def load_records(source: str | os.PathLike[str] | Iterable[Mapping[str, Any]]) -> list[dict]:
+def load_records(source: Source) -> list[dict]:
     """Load and validate records from a .jsonl path, a list of dicts or a `datasets.Dataset`.
 
     Blank lines are skipped. Errors name the file and line (or record index) and the fix.
     """
-    return [record for _, record in _load_located(source)]
-
-
-def _plain_chat(messages: Sequence[Mapping[str, str]], add_generation_prompt: bool, eos: str) -> str:
-    parts = []
-    for m in messages:
-        end = eos if m["role"] == "assistant" else ""
-        parts.append(f"### {m['role'].capitalize()}:\n{m['content']}{end}\n\n")
-    if add_generation_prompt:
-        parts.append("### Assistant:\n")
-    return "".join(parts)
+    return [record for _, _, record in _load_located(source)]
 
 
 def render_chat(
@@ -184,12 +166,16 @@ def render_chat(
     the EOS token right after each assistant content so the model learns to stop, and
     "### Assistant:\\n" as the generation prompt.
     """
-    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            [dict(m) for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
         )
-    return _plain_chat(messages, add_generation_prompt, tokenizer.eos_token or "")
+    eos = tokenizer.eos_token or ""
+    text = "".join(
+        f"### {m['role'].capitalize()}:\n{m['content']}{eos if m['role'] == 'assistant' else ''}\n\n"
+        for m in messages
+    )
+    return text + ("### Assistant:\n" if add_generation_prompt else "")
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -198,19 +184,14 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
-def _chat_messages(record: Mapping[str, Any], shape: str) -> list[dict[str, str]]:
+def _chat_messages(record: Mapping[str, Any], shape: str) -> list[Mapping[str, str]]:
     if shape == "instruction":
         user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
         return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
-    return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    return list(record["messages"])
 
 
 def _tokenize_full(
@@ -325,7 +306,7 @@ def _pack(examples: list[Example], seq_len: int) -> list[Example]:
 
 
 def build_dataset(
-    source: str | os.PathLike[str] | Iterable[Mapping[str, Any]],
+    source: Source,
     tokenizer: PreTrainedTokenizerBase,
     seq_len: int,
     *,
@@ -341,8 +322,8 @@ def build_dataset(
     examples: list[Example] = []
     located = _load_located(source)
     n_truncated = 0
-    for where, record in located:
-        ids, labels = _tokenize_full(record, tokenizer, _record_shape(record, where))
+    for where, shape, record in located:
+        ids, labels = _tokenize_full(record, tokenizer, shape)
         n_truncated += _fit(ids, labels, seq_len, truncation, where)
         if any(label != IGNORE_INDEX for label in labels):
             examples.append({"input_ids": ids, "labels": labels})
@@ -370,7 +351,7 @@ def split_train_eval(records: Sequence[T], eval_fraction: float, seed: int) -> t
     n = len(records)
     n_eval = max(1, round(n * eval_fraction)) if eval_fraction > 0 else 0
     if n_eval >= n:
-        raise DataError(f"{n} records are too few to hold out {n_eval} for evaluation; add data or lower eval_fraction")
+        raise DataError(f"{n} records are too few to hold out {n_eval}; add data or lower eval_fraction")
     held_out = set(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:n_eval].tolist())
     train = [r for i, r in enumerate(records) if i not in held_out]
     return train, [r for i, r in enumerate(records) if i in held_out]
@@ -395,15 +376,13 @@ def collate(batch: Sequence[Example], pad_token_id: int) -> dict[str, torch.Tens
 def batches_per_epoch(n_examples: int, batch_size: int, world_size: int = 1, drop_last: bool = True) -> int:
     """Global batches (of batch_size·world_size examples) in one epoch of `batch_iterator`."""
     global_batch = batch_size * world_size
-    if drop_last:
-        if n_examples < global_batch:
-            raise DataError(
-                f"{n_examples} examples are fewer than one global batch of {global_batch} "
-                f"(batch_size {batch_size} × {world_size} processes); add data, lower the batch size "
-                "or use drop_last=False"
-            )
-        return n_examples // global_batch
-    return -(-n_examples // global_batch)
+    if n_examples == 0 or (drop_last and n_examples < global_batch):
+        raise DataError(
+            f"{n_examples} examples are fewer than one global batch of {global_batch} "
+            f"(batch_size {batch_size} x {world_size} processes); add data, lower the batch size "
+            "or use drop_last=False"
+        )
+    return n_examples // global_batch if drop_last else -(-n_examples // global_batch)
 
 
 def batch_iterator(
@@ -435,16 +414,19 @@ def batch_iterator(
         )
     n = len(dataset)
     per_epoch = batches_per_epoch(n, batch_size, world_size, drop_last)
-    global_batch = batch_size * world_size
-    step, order_epoch, order = start_step, -1, []
-    while epochs is None or step < epochs * per_epoch:
-        epoch, k = divmod(step, per_epoch)
-        if epoch != order_epoch:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-            order_epoch = epoch
-        first = k * global_batch + rank * batch_size
-        yield [dataset[order[(first + j) % n]] for j in range(batch_size)]
-        step += 1
+
+    def batches() -> Iterator[list[T]]:  # a generator inside, so the checks above run at the call
+        step, order_epoch, order = start_step, -1, []
+        while epochs is None or step < epochs * per_epoch:
+            epoch, k = divmod(step, per_epoch)
+            if epoch != order_epoch:
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+                order_epoch = epoch
+            first = (k * world_size + rank) * batch_size
+            yield [dataset[order[(first + j) % n]] for j in range(batch_size)]
+            step += 1
+
+    return batches()
 
 
 def embedded_dataset_path() -> Path:

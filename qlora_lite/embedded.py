@@ -10,8 +10,8 @@ demo and the tests then load it through the same streaming loader users' checkpo
 through.
 
 The weights are the GGUF file's Q4_1 values dequantized, so they carry that format's
-rounding error relative to the original bf16 release (the loss on English text is still
-about 2.9).
+rounding error relative to the original bf16 release (its loss on English prose is still
+about 2.7-2.9).
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def embedded_model_dir(cache_dir: str | Path | None = None) -> Path:
     """Return a standard HF directory of the embedded SmolLM2-135M-Instruct, converting it once.
 
     The directory is `<cache>/SmolLM2-135M-Instruct/`, where `<cache>` is `cache_dir`, else
-    the env var `QLORA_LITE_CACHE`, else `~/.cache/qlora-lite`. Conversion (~20 s) writes a
+    the env var `QLORA_LITE_CACHE`, else `~/.cache/qlora-lite`. Conversion (about 30 s) writes a
     temp dir next to the target and renames it at the end, so an interrupted run never leaves
     a half-written model; a lock file serializes processes converting at the same time (the
     later ones wait, then find the finished directory).
@@ -141,7 +141,7 @@ def embedded_model_dir(cache_dir: str | Path | None = None) -> Path:
 
         print(
             f"qlora-lite: converting the embedded {EMBEDDED_MODEL_NAME} (GGUF) into {target} "
-            "once, ~20 s ...",
+            "once (about 30 s) ...",
             file=sys.stderr,
             flush=True,
         )

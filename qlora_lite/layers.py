@@ -117,7 +117,7 @@ class LoRALinear4bit(nn.Module):
     def __init__(self, base: NF4Weight | DenseWeight, bias: torch.Tensor | None = None, r: int = 16,
                  lora_alpha: float = 32.0, lora_dropout: float = 0.0, use_rslora: bool = False,
                  init_lora_weights: str = "kaiming", lora_dtype: torch.dtype = torch.float32,
-                 adapter_name: str = DEFAULT_ADAPTER):
+                 adapter_name: str | None = DEFAULT_ADAPTER):
         super().__init__()
         if isinstance(base, torch.Tensor):
             base = DenseWeight(base)
@@ -130,7 +130,8 @@ class LoRALinear4bit(nn.Module):
         self.adapters: dict[str, AdapterSpec] = {}
         self.active_adapter: str | None = None
         self._disabled = False
-        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype)
+        if adapter_name is not None:  # None: a frozen quantized linear that carries no adapter
+            self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype)
 
     # ---- adapters --------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,

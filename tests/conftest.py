@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def embedded_dir():
-    """The embedded SmolLM2-135M-Instruct as a standard HF directory (converted once per cache, ~25 s)."""
+    """The embedded SmolLM2-135M-Instruct as a standard HF directory (converted once per cache, about 30 s)."""
     from qlora_lite.embedded import embedded_model_dir
 
     return embedded_model_dir()

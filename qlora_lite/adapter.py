@@ -1,0 +1,235 @@
+"""Adapters in PEFT's file format, and several named adapters on one quantized base.
+
+    adapter_config.json          {"peft_type": "LORA", "r", "lora_alpha", "target_modules", ...}
+    adapter_model.safetensors    base_model.model.<module path>.lora_A.weight  (r × in)
+                                 base_model.model.<module path>.lora_B.weight  (out × r)
+
+Files written here load with `peft.PeftModel.from_pretrained`, and PEFT's load here. Switching
+adapters only changes which A/B pair each layer uses: the NF4 base is never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .fsutil import atomic_directory
+from .inject import lora_layers
+from .layers import DEFAULT_ADAPTER, LoRALinear4bit
+
+__all__ = [
+    "AdapterFile",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter",
+    "adapter_state_dict",
+    "set_adapter",
+    "disable_adapters",
+    "delete_adapter",
+    "list_adapters",
+    "PEFT_PREFIX",
+]
+
+PEFT_PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<name>[^.]+))?\.weight$")
+
+
+@dataclass
+class AdapterFile:
+    """An adapter read from disk: its PEFT config and LoRA factors per module path."""
+
+    config: dict
+    lora_A: dict[str, torch.Tensor]
+    lora_B: dict[str, torch.Tensor]
+    path: Path
+
+    @property
+    def r(self) -> int:
+        return int(self.config["r"])
+
+    @property
+    def scaling(self) -> float:
+        alpha = float(self.config.get("lora_alpha", self.r))
+        return alpha / (self.r ** 0.5 if self.config.get("use_rslora") else self.r)
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted(self.lora_A)
+
+    def delta_weight(self, module: str) -> torch.Tensor:
+        """s·B·A in fp32 for one module."""
+        return self.scaling * (self.lora_B[module].float() @ self.lora_A[module].float())
+
+
+def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
+    """The adapter `name` (default: the active one) as PEFT-keyed tensors."""
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in lora_layers(model).items():
+        key = name or layer.active_adapter
+        if key in layer.adapters:
+            out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[key].detach().contiguous()
+            out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[key].detach().contiguous()
+    if not out:
+        raise CheckpointError(f"the model has no adapter named {name!r} to save; loaded: {list_adapters(model)}")
+    return out
+
+
+def _target_spec(model: nn.Module, adapted: list[str]) -> list[str] | str:
+    """Short names when they select exactly the adapted modules (PEFT matches suffixes), else a regex."""
+    short = sorted({p.rsplit(".", 1)[-1] for p in adapted})
+    all_linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear4bit))]
+    selected = [n for n in all_linear if n.rsplit(".", 1)[-1] in short]
+    if sorted(selected) == sorted(adapted):
+        return short
+    return "^(" + "|".join(re.escape(p) for p in adapted) + ")$"
+
+
+def save_adapter(model: nn.Module, directory: str | Path, name: str | None = None,
+                 base_model_name_or_path: str | None = None, overwrite: bool = True) -> Path:
+    """Write one adapter in PEFT's format, atomically (temp dir, fsync, rename)."""
+    from safetensors.torch import save_file
+
+    tensors = adapter_state_dict(model, name)
+    layers = lora_layers(model)
+    adapted = [p for p, l in layers.items() if (name or l.active_adapter) in l.adapters]
+    spec = layers[adapted[0]].adapters[name or layers[adapted[0]].active_adapter]
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": spec.r,
+        "lora_alpha": spec.lora_alpha,
+        "lora_dropout": spec.lora_dropout,
+        "target_modules": _target_spec(model, adapted),
+        "use_rslora": spec.use_rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "use_dora": False,
+    }
+    directory = Path(directory)
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def read_adapter(directory: str | Path) -> AdapterFile:
+    """Read and validate a PEFT LoRA adapter directory (ours or PEFT's)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file} is missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    if not weights_file.is_file():
+        legacy = directory / "adapter_model.bin"
+        hint = " (found adapter_model.bin: re-save it with safetensors)" if legacy.is_file() else ""
+        raise CheckpointError(f"{weights_file} is missing{hint}")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_file} is not valid JSON ({exc})") from None
+    if config.get("peft_type", "LORA") != "LORA" or "r" not in config:
+        raise CheckpointError(f"{config_file} is not a LoRA adapter config (peft_type={config.get('peft_type')!r})")
+    if config.get("use_dora"):
+        raise CheckpointError(f"{config_file}: DoRA adapters are not supported")
+    try:
+        tensors = load_file(str(weights_file))
+    except Exception as exc:
+        raise CheckpointError(f"{weights_file} is not a readable safetensors file ({exc})") from None
+    lora_A, lora_B = {}, {}
+    for key, value in tensors.items():
+        match = _KEY.match(key)
+        if match is None:
+            raise CheckpointError(f"{weights_file}: unexpected tensor {key!r}; only LoRA A/B weights are supported")
+        (lora_A if match["which"] == "A" else lora_B)[match["module"]] = value
+    if set(lora_A) != set(lora_B) or not lora_A:
+        raise CheckpointError(f"{weights_file}: every module needs both lora_A and lora_B "
+                              f"(A only: {sorted(set(lora_A) - set(lora_B))[:3]}, B only: {sorted(set(lora_B) - set(lora_A))[:3]})")
+    r = int(config["r"])
+    for module in lora_A:
+        a, b = lora_A[module], lora_B[module]
+        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
+            raise CheckpointError(f"{weights_file}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}; shapes do not chain")
+        if a.shape[0] != r and str(module) not in (config.get("rank_pattern") or {}):
+            raise CheckpointError(f"{weights_file}: {module} has rank {a.shape[0]} but adapter_config.json says r={r}")
+    return AdapterFile(config, lora_A, lora_B, directory)
+
+
+def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT_ADAPTER,
+                 activate: bool = True) -> AdapterFile:
+    """Attach the adapter in `directory` as `name`; everything is checked before anything changes."""
+    adapter = read_adapter(directory)
+    layers = lora_layers(model)
+    missing = [m for m in adapter.modules if m not in layers]
+    if missing:
+        raise CheckpointError(f"{adapter.path}: adapter targets modules this model lacks or did not wrap, e.g. "
+                              f"{missing[:3]}; load the model with target_modules covering {sorted({m.rsplit('.', 1)[-1] for m in missing})}")
+    for module in adapter.modules:
+        layer = layers[module]
+        a, b = adapter.lora_A[module], adapter.lora_B[module]
+        if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
+            raise CheckpointError(f"{adapter.path}: {module} expects in={a.shape[1]}, out={b.shape[0]} but the model's "
+                                  f"layer is in={layer.in_features}, out={layer.out_features}: wrong base model")
+    for module in adapter.modules:
+        layer = layers[module]
+        a, b = adapter.lora_A[module], adapter.lora_B[module]
+        dtype = next(iter(layer.lora_A.values())).dtype if len(layer.lora_A) else torch.float32
+        layer.add_adapter(name, a.shape[0], float(adapter.config.get("lora_alpha", a.shape[0])),
+                          float(adapter.config.get("lora_dropout", 0.0)), bool(adapter.config.get("use_rslora", False)),
+                          dtype=dtype, activate=False)
+        with torch.no_grad():
+            layer.lora_A[name].copy_(a)
+            layer.lora_B[name].copy_(b)
+        layer.lora_A[name].requires_grad_(False)
+        layer.lora_B[name].requires_grad_(False)
+    if activate:
+        set_adapter(model, name)
+    return adapter
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    names: dict[str, None] = {}
+    for layer in lora_layers(model).values():
+        names.update(dict.fromkeys(layer.adapters))
+    return list(names)
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Make `name` active everywhere (layers it does not cover compute the base alone)."""
+    if name not in list_adapters(model):
+        raise KeyError(f"no adapter named {name!r}; loaded: {list_adapters(model)}")
+    for layer in lora_layers(model).values():
+        layer.active_adapter = name if name in layer.adapters else None
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[None]:
+    """Pure base behaviour inside the block."""
+    with contextlib.ExitStack() as stack:
+        for layer in lora_layers(model).values():
+            stack.enter_context(layer.disable_adapter())
+        yield
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    if name not in list_adapters(model):
+        raise KeyError(f"no adapter named {name!r}; loaded: {list_adapters(model)}")
+    for layer in lora_layers(model).values():
+        if name in layer.adapters:
+            layer.delete_adapter(name)

@@ -1,0 +1,152 @@
+"""Model surgery as plain functions: find target linears, swap in LoRA layers, freeze, count.
+
+Targets are named the way PEFT names them: `"all-linear"` (every `nn.Linear` except the output
+projection), a list of module-name suffixes (`["q_proj", "v_proj"]`), or a regex matched against
+the full module path.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import LoraConfig, QuantConfig, resolve_dtype
+from .errors import ConfigError
+from .layers import DEFAULT_ADAPTER, DenseWeight, LoRALinear4bit
+from .nf4 import NF4Weight
+
+__all__ = [
+    "ParameterCount",
+    "linear_module_names",
+    "find_targets",
+    "replace_module",
+    "make_lora_layer",
+    "inject_lora",
+    "freeze_base",
+    "lora_layers",
+    "count_parameters",
+]
+
+
+def _output_projection_names(model: nn.Module) -> set[str]:
+    """The LM head is never a target: it is tied to embeddings in many models and QLoRA keeps it 16-bit."""
+    names = {"lm_head"}
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is not None:
+        names |= {name for name, module in model.named_modules() if module is head}
+    return names
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Full paths of every linear layer (plain or already LoRA-wrapped), in model order."""
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear4bit))]
+
+
+def find_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
+    """Resolve a target spec to module paths; a spec that matches nothing lists what exists."""
+    linears = linear_module_names(model)
+    heads = _output_projection_names(model)
+    if target_modules == "all-linear":
+        found = [n for n in linears if n not in heads and n.rsplit(".", 1)[-1] not in heads]
+    elif isinstance(target_modules, str):
+        pattern = re.compile(target_modules)
+        found = [n for n in linears if pattern.fullmatch(n) or pattern.fullmatch(n.rsplit(".", 1)[-1])]
+    else:
+        wanted = list(target_modules)
+        found = [n for n in linears if any(n == t or n.endswith("." + t) for t in wanted)]
+        unmatched = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in linears)]
+        if found and unmatched:
+            raise ConfigError(_no_match_message(unmatched, linears), "target_modules")
+    if not found:
+        raise ConfigError(_no_match_message(target_modules, linears), "target_modules")
+    return found
+
+
+def _no_match_message(spec, linears: list[str]) -> str:
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in linears})
+    if not kinds:
+        return f"{spec!r} matches nothing: this model has no nn.Linear layers to adapt"
+    return f"{spec!r} matches no linear layer; this model's linear layers are named {kinds}"
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def make_lora_layer(base: NF4Weight | DenseWeight, bias: torch.Tensor | None, lora: LoraConfig | None,
+                    adapter_name: str = DEFAULT_ADAPTER) -> LoRALinear4bit:
+    """A LoRA layer on `base`; with `lora=None` a frozen quantized linear with no adapter."""
+    if lora is None:
+        return LoRALinear4bit(base, bias, adapter_name=None)
+    return LoRALinear4bit(base, bias, r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                          use_rslora=lora.use_rslora, init_lora_weights=lora.init_lora_weights,
+                          lora_dtype=resolve_dtype(lora.lora_dtype), adapter_name=adapter_name)
+
+
+def inject_lora(model: nn.Module, lora: LoraConfig, quant: QuantConfig | None = QuantConfig()) -> list[str]:
+    """Swap the linears of an in-memory model for LoRA layers (quantizing every linear but the head).
+
+    Like QLoRA, all linears are stored NF4 when `quant` is given, adapters go on the targets only.
+    Returns the adapted module paths. `load.load_model` does the same while streaming from disk.
+    """
+    targets = set(find_targets(model, lora.target_modules))
+    to_replace = find_targets(model, "all-linear") if quant is not None else sorted(targets)
+    for name in to_replace:
+        linear = model.get_submodule(name)
+        if isinstance(linear, LoRALinear4bit):
+            continue
+        if quant is not None:
+            base = NF4Weight.from_tensor(linear.weight.detach(), quant.blocksize, quant.double_quant, quant.backend,
+                                         name=f"{name}.weight")
+        else:
+            base = DenseWeight(linear.weight.detach())
+        bias = None if linear.bias is None else linear.bias.detach()
+        replace_module(model, name, make_lora_layer(base, bias, lora if name in targets else None))
+    freeze_base(model)
+    return [n for n in to_replace if n in targets]
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Only LoRA A/B train; embeddings, norms, heads and biases stay frozen."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(".lora_A." in f".{name}" or ".lora_B." in f".{name}")
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear4bit]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear4bit)}
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    trainable: int
+    total: int
+    quantized: int  # parameters stored as NF4 (counted by value, not by packed byte)
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return (f"trainable {self.trainable:,} / total {self.total:,} ({100 * self.trainable_fraction:.3f}%), "
+                f"{self.quantized:,} stored NF4")
+
+
+def count_parameters(model: nn.Module) -> ParameterCount:
+    """Counts by parameter value; a tied embedding/head is counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        trainable += param.numel() if param.requires_grad else 0
+    quantized = sum(m.base.numel for m in lora_layers(model).values() if isinstance(m.base, NF4Weight))
+    dense_bases = sum(m.base.weight.numel() for m in lora_layers(model).values() if isinstance(m.base, DenseWeight))
+    return ParameterCount(trainable, total + quantized + dense_bases, quantized)

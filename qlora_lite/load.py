@@ -1,0 +1,254 @@
+"""Streaming load of a Hugging Face causal LM into a quantized model with LoRA adapters.
+
+    config.json ──► model skeleton on the meta device (no memory)
+    *.safetensors ──► one tensor at a time (memory-mapped):
+         target linear weight ──► NF4Weight.from_tensor on the target device ──► LoRALinear4bit
+         bnb-4bit quant-state keys ──► NF4Weight.from_state_dict (no re-quantization)
+         everything else ──► compute dtype, placed into the skeleton
+    tokenizer files ──► AutoTokenizer
+
+The full 16-bit model never exists in memory: host peak ≈ the largest tensor + the quantized model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import LoraConfig, QuantConfig, resolve_dtype
+from .errors import CheckpointError
+from .inject import find_targets, freeze_base, make_lora_layer, replace_module
+from .layers import DenseWeight
+from .nf4 import NF4Weight
+
+__all__ = ["load_model", "load_tokenizer", "checkpoint_files", "resolve_device", "read_safetensors_keys"]
+
+logger = logging.getLogger(__name__)
+_QUANT_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
+                   ".quant_state.bitsandbytes__nf4", ".quant_state.bitsandbytes__fp4")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("device='cuda' requested but CUDA is not available; use device='cpu' or 'auto'")
+    return device
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The safetensors shards of a model directory, validated; errors say which file and the fix."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"model path {path} is not a directory; pass a Hugging Face model directory "
+                              "(config.json + *.safetensors)")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}/config.json is missing; a Hugging Face model directory needs it "
+                              "(save with model.save_pretrained(dir))")
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({exc}); re-save the model") from None
+        files = sorted({path / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index.name} lists shards that are missing in {path}: {missing}; "
+                                  "copy the complete checkpoint")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    others = sorted(path.glob("*.safetensors"))
+    if others:
+        return others
+    if list(path.glob("*.bin")):
+        raise CheckpointError(f"{path} holds only PyTorch .bin weights; convert them to safetensors "
+                              "(load with transformers and save_pretrained(..., safe_serialization=True))")
+    raise CheckpointError(f"no weights in {path}: expected model.safetensors or model.safetensors.index.json")
+
+
+def read_safetensors_keys(file: Path) -> list[str]:
+    """Tensor names of one shard; a truncated or corrupt file is a clear error."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as exc:  # safetensors raises its own SafetensorError or OSError
+        raise CheckpointError(f"{file} is not a readable safetensors file ({exc}); it may be truncated or "
+                              "corrupt: re-download or re-save it") from None
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"no usable tokenizer in {path} ({type(exc).__name__}: {exc}); copy the "
+                              "tokenizer files (tokenizer.json, tokenizer_config.json) next to config.json") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _build_skeleton(path: Path, compute_dtype: torch.dtype):
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"{path}/config.json cannot be read by transformers ({exc})") from None
+    prequant = getattr(config, "quantization_config", None)
+    if prequant is not None:
+        prequant = prequant if isinstance(prequant, dict) else prequant.to_dict()
+        if prequant.get("quant_method") != "bitsandbytes" or not prequant.get("load_in_4bit"):
+            raise CheckpointError(f"{path} is quantized with {prequant.get('quant_method')!r}; only bitsandbytes "
+                                  "4-bit NF4 checkpoints (or unquantized ones) can be loaded")
+        if prequant.get("bnb_4bit_quant_type", "nf4") != "nf4":
+            raise CheckpointError(f"{path} uses bnb_4bit_quant_type={prequant.get('bnb_4bit_quant_type')!r}; "
+                                  "only nf4 is supported")
+        del config.quantization_config
+    config.dtype = compute_dtype
+    try:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: transformers cannot build a causal LM from config.json ({exc})") from None
+    return model, config, prequant
+
+
+def load_model(path: str | Path, quant: QuantConfig | None = None, lora: LoraConfig | None = None,
+               device: str | torch.device = "auto", compute_dtype: str | torch.dtype = "auto",
+               with_tokenizer: bool = True, progress: bool = False):
+    """Load `path` with every linear but the head in NF4 and LoRA adapters on `lora`'s targets.
+
+    `quant=None` keeps linears in the compute dtype (plain LoRA, the same code path).
+    `lora=None` loads the quantized base without adapters. Returns `(model, tokenizer)`.
+    """
+    path = Path(path)
+    quant = QuantConfig() if quant is None and lora is None else quant
+    device = resolve_device(device)
+    compute_dtype = resolve_dtype(quant.compute_dtype if quant and compute_dtype == "auto" else compute_dtype, device)
+    files = checkpoint_files(path)
+    tokenizer = load_tokenizer(path) if with_tokenizer else None
+    model, config, prequant = _build_skeleton(path, compute_dtype)
+
+    linear_names = find_targets(model, "all-linear")
+    lora_targets = set(find_targets(model, lora.target_modules)) if lora is not None else set()
+    if quant is None and prequant is not None:
+        raise CheckpointError(f"{path} is a 4-bit checkpoint; it cannot be loaded as 16-bit (quant=None)")
+    quantized = set(linear_names) if (quant is not None or prequant) else set()
+    kept_dense = lora_targets - quantized
+    expected = dict(model.state_dict(keep_vars=True))
+    bases: dict[str, NF4Weight | DenseWeight] = {}
+    pending_quant: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    seen: set[str] = set()
+    unexpected: list[str] = []
+
+    shard_iter = files
+    if progress:
+        from tqdm.auto import tqdm
+
+        shard_iter = tqdm(files, desc="loading shards", unit="shard")
+    for file in shard_iter:
+        keys = read_safetensors_keys(file)
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for key in keys:
+                module_name, _, leaf = key.rpartition(".")
+                owner = _quant_owner(key)
+                if owner is not None and owner in quantized:
+                    pending_quant[owner][key] = handle.get_tensor(key).to(device)
+                    seen.add(f"{owner}.weight")
+                    continue
+                if key not in expected:
+                    unexpected.append(key)
+                    continue
+                tensor = handle.get_tensor(key)
+                if leaf == "weight" and module_name in quantized and tensor.dtype == torch.uint8:
+                    pending_quant[module_name][key] = tensor.to(device)
+                    seen.add(key)
+                    continue
+                target_shape = expected[key].shape
+                if tensor.shape != target_shape:
+                    raise CheckpointError(f"{file.name}: tensor {key} has shape {list(tensor.shape)} but config.json "
+                                          f"implies {list(target_shape)}; the weights do not belong to this config")
+                seen.add(key)
+                if leaf == "weight" and module_name in quantized:
+                    bases[module_name] = NF4Weight.from_tensor(tensor.to(device), quant.blocksize, quant.double_quant,
+                                                               quant.backend, name=key)
+                elif leaf == "weight" and module_name in kept_dense:
+                    bases[module_name] = DenseWeight(tensor.to(device=device, dtype=compute_dtype))
+                else:
+                    _set_tensor(model, key, tensor.to(device=device, dtype=_target_dtype(tensor, compute_dtype)))
+                del tensor
+        for owner in [o for o, t in pending_quant.items() if f"{o}.weight.quant_state.bitsandbytes__nf4" in t]:
+            try:
+                bases[owner] = NF4Weight.from_state_dict(pending_quant.pop(owner), f"{owner}.weight",
+                                                         backend=quant.backend if quant else "auto")
+            except ValueError as exc:
+                raise CheckpointError(f"{file.name}: {exc}") from None
+
+    if pending_quant:
+        raise CheckpointError(f"{path}: 4-bit weights without a complete quant state: {sorted(pending_quant)[:5]}")
+    if unexpected:
+        logger.warning("ignored %d checkpoint tensors the model does not use, e.g. %s", len(unexpected), unexpected[:3])
+
+    for name in sorted(quantized | kept_dense):
+        if name not in bases:
+            continue
+        linear = model.get_submodule(name)
+        bias = linear.bias if linear.bias is not None and linear.bias.device.type != "meta" else None
+        layer = make_lora_layer(bases.pop(name), None if bias is None else bias.detach(),
+                                lora if name in lora_targets else None)
+        replace_module(model, name, layer)
+
+    model.tie_weights()
+    missing = _still_on_meta(model)
+    if missing:
+        raise CheckpointError(f"{path}: the checkpoint lacks {len(missing)} tensors the config needs, e.g. "
+                              f"{missing[:5]}; the files are incomplete or belong to another model")
+    model.to(device)
+    freeze_base(model)
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def _quant_owner(key: str) -> str | None:
+    """'x.weight.absmax' -> 'x' for the bitsandbytes quant-state keys."""
+    for suffix in _QUANT_SUFFIXES:
+        if key.endswith(".weight" + suffix):
+            return key[: -len(".weight" + suffix)]
+    return None
+
+
+def _target_dtype(tensor: torch.Tensor, compute_dtype: torch.dtype) -> torch.dtype:
+    return compute_dtype if tensor.is_floating_point() else tensor.dtype
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    module_name, _, leaf = key.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    old = getattr(module, leaf)
+    if isinstance(old, nn.Parameter):
+        setattr(module, leaf, nn.Parameter(value, requires_grad=False))
+    else:
+        module.register_buffer(leaf, value, persistent=leaf not in module._non_persistent_buffers_set)
+
+
+def _still_on_meta(model: nn.Module) -> list[str]:
+    names = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    names += [n for n, b in model.named_buffers() if b.device.type == "meta"]
+    return names

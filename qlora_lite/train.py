@@ -1,0 +1,321 @@
+"""The training loop.
+
+    TrainConfig ──► load_model (NF4 base + LoRA) ──► build_dataset ──► split train / eval
+        │
+        ▼  accelerate.Accelerator (CPU, one GPU, or N processes under `accelerate launch`)
+    for step: grad_accum × (batch ─► forward ─► loss/accum ─► backward)   [per-block checkpointing]
+              non-finite loss? stop, keep the last good checkpoint
+              clip (max norm 0.3) ─► paged AdamW step ─► warmup + cosine schedule
+              log metrics.jsonl + progress bar; eval every N; checkpoint every N and on SIGINT/SIGTERM
+        │
+        ▼
+    out_dir/adapter (PEFT format), out_dir/metrics.jsonl, out_dir/checkpoints/step-XXXXXX
+
+A checkpoint holds the adapter, optimizer, scheduler, RNG states and the data position, so a
+resumed run continues bit-for-bit where an uninterrupted one would be.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adapter import save_adapter
+from .config import TrainConfig, resolve_dtype
+from .data import batch_iterator, build_dataset, collate, embedded_dataset_path, load_records, split_train_eval
+from .errors import TrainingError
+from .fsutil import RunLock, atomic_directory, atomic_write_text
+from .inject import count_parameters, lora_layers
+from .load import load_model, resolve_device
+from .monitor import MemoryMonitor
+
+__all__ = ["train", "TrainResult", "evaluate", "latest_checkpoint", "build_optimizer", "lr_lambda"]
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    steps: int
+    interrupted: bool
+    losses: list[float] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    adapter_dir: Path | None = None
+    tokens_per_s: float = 0.0
+    parameters: str = ""
+    memory: dict = field(default_factory=dict)
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warmup, then cosine / linear decay to zero, or constant."""
+
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        if cfg.lr_schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def build_optimizer(params, cfg: TrainConfig, device: torch.device, log=print) -> torch.optim.Optimizer:
+    """bitsandbytes' paged AdamW on CUDA; torch AdamW where paging cannot run (CPU)."""
+    if cfg.optimizer != "adamw" and device.type == "cuda":
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw_8bit" else bnb.optim.PagedAdamW32bit
+        return cls(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.optimizer != "adamw":
+        log(f"note: {cfg.optimizer} needs CUDA; using torch.optim.AdamW on {device.type}")
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint (temp dirs of an interrupted write are ignored)."""
+    root = Path(out_dir) / CHECKPOINTS
+    done = sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def _save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep_last: int) -> Path:
+    target = out_dir / CHECKPOINTS / f"step-{step:06d}"
+    with atomic_directory(target, overwrite=True) as tmp:
+        save_adapter(model, tmp / "adapter")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+                   tmp / "training_state.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+    old = sorted(p for p in (out_dir / CHECKPOINTS).glob("step-*") if p != target)
+    for stale in old[: max(0, len(old) - (keep_last - 1))]:
+        import shutil
+
+        shutil.rmtree(stale, ignore_errors=True)
+    return target
+
+
+def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    from .adapter import read_adapter
+
+    adapter = read_adapter(path / "adapter")
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for module in adapter.modules:
+            layers[module].lora_A[layers[module].active_adapter].copy_(adapter.lora_A[module])
+            layers[module].lora_B[layers[module].active_adapter].copy_(adapter.lora_B[module])
+    blob = torch.load(path / "training_state.pt", weights_only=False)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    _set_rng_state(blob["rng"])
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+@torch.no_grad()
+def evaluate(model, examples, batch_size: int, pad_token_id: int, device) -> float:
+    """Mean token loss over `examples` (prompt tokens masked), in eval mode."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_token_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), reduction="sum",
+                                                   ignore_index=-100)
+        total += losses.item()
+        count += int((labels != -100).sum())
+    model.train(was_training)
+    return total / max(1, count)
+
+
+class _StopSignal:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (checkpoint, then exit)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, _frame):
+        if self.received is not None:  # second signal: give up at once
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _resolve_paths(cfg: TrainConfig) -> tuple[Path, Path | list]:
+    from .embedded import embedded_model_dir
+
+    model_path = embedded_model_dir() if cfg.model == "embedded" else Path(cfg.model)
+    data = embedded_dataset_path() if cfg.data == "embedded" else cfg.data
+    return model_path, data
+
+
+def train(cfg: TrainConfig, log=None) -> TrainResult:
+    """Run (or resume) one training run described by `cfg`; see the module docstring."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision="no")
+    is_main = accelerator.is_main_process
+    log = log or (lambda msg: print(msg, file=sys.stderr) if is_main else None)
+    out_dir = Path(cfg.out_dir)
+    device = accelerator.device if cfg.device == "auto" else resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    lock = RunLock(out_dir) if is_main else None
+    if lock:
+        lock.__enter__()
+    try:
+        return _train_locked(cfg, accelerator, device, out_dir, log, is_main)
+    finally:
+        if lock:
+            lock.__exit__(None, None, None)
+
+
+def _train_locked(cfg, accelerator, device, out_dir, log, is_main) -> TrainResult:
+    monitor = MemoryMonitor(device)
+    resume_from = latest_checkpoint(out_dir) if cfg.resume else None
+    if not cfg.resume and latest_checkpoint(out_dir) is not None:
+        raise TrainingError(f"{out_dir} already holds checkpoints; pass --resume to continue that run or choose "
+                            "another out_dir")
+    model_path, data = _resolve_paths(cfg)
+    compute_dtype = resolve_dtype(cfg.quant.compute_dtype if cfg.quant else "auto", device)
+    model, tokenizer = load_model(model_path, cfg.quant, cfg.lora, device=device, compute_dtype=compute_dtype)
+    params = count_parameters(model)
+    log(f"model {model_path}: {params}")
+    monitor.mark("after_load")
+
+    records = load_records(data)
+    train_records, eval_records = split_train_eval(records, cfg.eval_fraction, cfg.seed)
+    train_set = build_dataset(train_records, tokenizer, cfg.seq_len, packing=cfg.packing, truncation=cfg.truncation)
+    eval_set = build_dataset(eval_records, tokenizer, cfg.seq_len, truncation="truncate") if eval_records else None
+    log(f"data: {train_set.summary()}")
+
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(trainable, cfg, device, log)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    state = {"losses": [], "eval_losses": [], "tokens": 0}
+    start_step = 0
+    if resume_from is not None:
+        state = _load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
+        start_step = state["step"]
+        log(f"resumed from {resume_from} at step {start_step}")
+    batches = batch_iterator(train_set, cfg.batch_size, seed=cfg.seed, start_step=start_step * cfg.grad_accum,
+                             rank=accelerator.process_index, world_size=accelerator.num_processes)
+    metrics_file = out_dir / "metrics.jsonl"
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    pad_id = tokenizer.pad_token_id
+
+    progress = None
+    if cfg.progress and is_main:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=cfg.max_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True)
+    step, interrupted, t_start, tokens_run = start_step, False, time.perf_counter(), 0
+    with _StopSignal() as stop:
+        while step < cfg.max_steps:
+            t0 = time.perf_counter()
+            step_loss, step_tokens = 0.0, 0
+            for _ in range(cfg.grad_accum):
+                batch = {k: v.to(device) for k, v in collate(next(batches), pad_id).items()}
+                loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    last = latest_checkpoint(out_dir)
+                    raise TrainingError(
+                        f"loss became {loss.item()} at step {step + 1}; training stopped and nothing was overwritten "
+                        f"(last good checkpoint: {last or 'none'}). Try a lower learning_rate, bf16 instead of fp16, "
+                        f"or a smaller max_grad_norm")
+                accelerator.backward(loss / cfg.grad_accum)
+                step_loss += loss.item() / cfg.grad_accum
+                step_tokens += int(batch["attention_mask"].sum())
+            grad_norm = (accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0
+                         else torch.tensor(float("nan")))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step == start_step + 1:
+                monitor.mark("first_step")
+            elapsed = time.perf_counter() - t0
+            tokens_run += step_tokens * accelerator.num_processes
+            state["losses"].append(step_loss)
+            state["tokens"] += step_tokens * accelerator.num_processes
+            record = {"step": step, "loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0],
+                      "grad_norm": round(float(grad_norm), 6), "tokens_per_s": round(step_tokens / elapsed, 1),
+                      "step_s": round(elapsed, 4), **monitor.current()}
+            if eval_set is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                eval_loss = evaluate(model, eval_set, cfg.batch_size, pad_id, device)
+                state["eval_losses"].append([step, eval_loss])
+                record.update(eval_loss=round(eval_loss, 6), eval_ppl=round(math.exp(min(eval_loss, 50)), 3))
+            if is_main:
+                with open(metrics_file, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            if progress:
+                progress.set_postfix(loss=f"{step_loss:.3f}", lr=f"{record['lr']:.2e}",
+                                     tok_s=f"{record['tokens_per_s']:.0f}", mem=monitor.short())
+                progress.update(1)
+            stop_now = stop.received is not None
+            if step % cfg.save_every == 0 or step == cfg.max_steps or stop_now:
+                accelerator.wait_for_everyone()
+                if is_main:
+                    _save_checkpoint(out_dir, step, accelerator.unwrap_model(model), optimizer, scheduler, state,
+                                     cfg.keep_last)
+            if stop_now:
+                interrupted = True
+                log(f"received signal {stop.received}: checkpoint saved at step {step}; "
+                    f"continue with --resume")
+                break
+    if progress:
+        progress.close()
+    monitor.mark("steady_state")
+    unwrapped = accelerator.unwrap_model(model)
+    adapter_dir = None
+    if is_main and not interrupted:
+        adapter_dir = save_adapter(unwrapped, out_dir / "adapter", base_model_name_or_path=str(model_path))
+        atomic_write_text(out_dir / "memory.json", json.dumps(monitor.summary(), indent=2))
+    total_s = time.perf_counter() - t_start
+    return TrainResult(out_dir, step, interrupted, state["losses"], [tuple(x) for x in state["eval_losses"]],
+                       adapter_dir, tokens_run / total_s if total_s else 0.0, str(params), monitor.summary())
