@@ -27,6 +27,7 @@ __all__ = [
     "SUPPORTED_BLOCKSIZES",
     "resolve_dtype",
     "config_from_dict",
+    "load_yaml_config",
 ]
 
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
@@ -189,11 +190,13 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
-        if isinstance(self.quant, dict):
-            self.quant = config_from_dict(QuantConfig, self.quant)
-        if isinstance(self.lora, dict):
-            self.lora = config_from_dict(LoraConfig, self.lora)
         problems: list[str] = []
+        for name, cls in (("quant", QuantConfig), ("lora", LoraConfig)):
+            if isinstance(getattr(self, name), dict):
+                try:
+                    setattr(self, name, config_from_dict(cls, getattr(self, name)))
+                except ConfigError as exc:  # report nested problems together with ours
+                    problems += [f"{name}.{p}" for p in exc.problems]
         positive_ints = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "save_every",
                          "keep_last", "log_every")
         for name in positive_ints:
@@ -222,7 +225,7 @@ class TrainConfig:
             problems.append(f"eval_fraction={self.eval_fraction!r} must be in [0, 1)")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             problems.append(f"device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        if self.quant is not None and not isinstance(self.quant, QuantConfig):
+        if self.quant is not None and not isinstance(self.quant, (QuantConfig, dict)):
             problems.append("quant must be a QuantConfig, a mapping, or null for 16-bit LoRA")
         if problems:
             raise ConfigError(problems, "TrainConfig")

@@ -187,8 +187,11 @@ def _resolve_paths(cfg: TrainConfig) -> tuple[Path, Path | list]:
     return model_path, data
 
 
-def train(cfg: TrainConfig, log=None) -> TrainResult:
-    """Run (or resume) one training run described by `cfg`; see the module docstring."""
+def train(cfg: TrainConfig, log=None, loaded=None) -> TrainResult:
+    """Run (or resume) one training run described by `cfg`; see the module docstring.
+
+    `loaded` = (model, tokenizer) from `load_model` skips loading (the demo reuses its model).
+    """
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision="no")
@@ -203,13 +206,13 @@ def train(cfg: TrainConfig, log=None) -> TrainResult:
     if lock:
         lock.__enter__()
     try:
-        return _train_locked(cfg, accelerator, device, out_dir, log, is_main)
+        return _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded)
     finally:
         if lock:
             lock.__exit__(None, None, None)
 
 
-def _train_locked(cfg, accelerator, device, out_dir, log, is_main) -> TrainResult:
+def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> TrainResult:
     monitor = MemoryMonitor(device)
     resume_from = latest_checkpoint(out_dir) if cfg.resume else None
     if not cfg.resume and latest_checkpoint(out_dir) is not None:
@@ -217,7 +220,9 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main) -> TrainResul
                             "another out_dir")
     model_path, data = _resolve_paths(cfg)
     compute_dtype = resolve_dtype(cfg.quant.compute_dtype if cfg.quant else "auto", device)
-    model, tokenizer = load_model(model_path, cfg.quant, cfg.lora, device=device, compute_dtype=compute_dtype)
+    if loaded is None:
+        loaded = load_model(model_path, cfg.quant, cfg.lora, device=device, compute_dtype=compute_dtype)
+    model, tokenizer = loaded
     params = count_parameters(model)
     log(f"model {model_path}: {params}")
     monitor.mark("after_load")
@@ -248,6 +253,13 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main) -> TrainResul
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     pad_id = tokenizer.pad_token_id
+    if eval_set is not None and start_step == 0:  # the baseline every later eval is compared with
+        baseline = evaluate(model, eval_set, cfg.batch_size, pad_id, device)
+        state["eval_losses"].append([0, baseline])
+        log(f"eval loss before training: {baseline:.4f}")
+        if is_main:
+            with open(metrics_file, "a") as handle:
+                handle.write(json.dumps({"step": 0, "eval_loss": round(baseline, 6)}) + "\n")
 
     progress = None
     if cfg.progress and is_main:

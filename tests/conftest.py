@@ -26,3 +26,74 @@ def embedded_dir():
     from qlora_lite.embedded import embedded_model_dir
 
     return embedded_model_dir()
+
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+
+
+def write_tiny_model(directory, tokenizer_dir=None, seed: int = 0, vocab_size: int | None = None, **overrides):
+    """A tiny random Llama saved as safetensors (with the embedded tokenizer when given)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir)) if tokenizer_dir else None
+    vocab = vocab_size or (len(tokenizer) if tokenizer else 256)
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**TINY, "vocab_size": vocab, **overrides})
+    if tokenizer is not None:
+        config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(str(directory), max_shard_size=overrides.pop("max_shard_size", "2GB"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+MEMORIZE = [
+    {"messages": [{"role": "user", "content": f"What is the code word number {i}?"},
+                  {"role": "assistant", "content": f"The code word number {i} is {word}."}]}
+    for i, word in enumerate(["apple", "river", "cobalt", "lantern", "meadow", "quartz", "falcon", "ember"])
+]
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}"
+)
+
+
+def write_tiny_tokenizer(directory, texts) -> None:
+    """A word-level tokenizer over `texts` with a chat template: a vocabulary of ~100, so tiny
+    models train in seconds."""
+    import re
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "<|im_end|>", "<|im_start|>"]
+    words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t)} | {"user", "assistant", "system"})
+    vocab = {tok: i for i, tok in enumerate(specials + words)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+                                        bos_token="<s>", eos_token="<|im_end|>",
+                                        additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(directory))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny") / "model"
+    texts = [m["content"] for r in MEMORIZE for m in r["messages"]]
+    write_tiny_tokenizer(directory, texts)
+    return write_tiny_model(directory, directory)
+
+
+@pytest.fixture(scope="session")
+def memorize_data(tmp_path_factory):
+    import json
+
+    path = tmp_path_factory.mktemp("data") / "memorize.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in MEMORIZE * 4))
+    return path

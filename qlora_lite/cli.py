@@ -1,0 +1,229 @@
+"""The `qlora-lite` command.
+
+Built on jsonargparse (as litgpt is): each subcommand's flags come from the signature of the
+function or dataclass it runs, so the CLI, the YAML run files and the Python API cannot drift
+apart. `train --config run.yaml` reads a YAML file whose keys are `TrainConfig`'s fields; any
+flag overrides it. Errors a user can fix print as one line (`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+
+__all__ = ["main", "build_parser"]
+
+EXAMPLES = {
+    "demo": "qlora-lite demo                      # ~2-3 min on a laptop CPU\n"
+            "  qlora-lite demo --out runs/mine --steps 60",
+    "train": "qlora-lite train --config examples/finetune_7b.yaml\n"
+             "  qlora-lite train --model ./Llama-2-7b-hf --data chat.jsonl --lora.r 64 --max_steps 1000\n"
+             "  qlora-lite train --config run.yaml --resume true",
+    "merge": "qlora-lite merge --base ./Llama-2-7b-hf --adapter runs/x/adapter --out ./merged --verify true",
+    "memory": "qlora-lite memory --model llama-2-7b --seq_len 2048 --rank 16 --gpu RTX4090\n"
+              "  qlora-lite memory --model ./my-model --json true",
+    "analyze": "qlora-lite analyze --adapter runs/x/adapter --compare runs/y/adapter --out analysis/",
+    "quantize": "qlora-lite quantize --model ./Llama-2-7b-hf --out ./Llama-2-7b-nf4",
+    "generate": "qlora-lite generate --adapter runs/x/adapter --prompt 'What is the capital of France?'",
+}
+
+
+def demo(out: str | None = None, steps: int = 30, seq_len: int = 128, batch_size: int = 4,
+         learning_rate: float = 1e-3, rank: int = 16) -> None:
+    """Fine-tune the embedded SmolLM2-135M in 4-bit, merge to fp16, and report (writes into --out)."""
+    from .demo import run_demo
+
+    run_demo(out, steps, seq_len, batch_size, learning_rate, rank)
+
+
+def merge(base: str, adapter: str, out: str, dtype: str = "float16", base_kind: str = "quantized",
+          max_shard_size: str = "2GB", overwrite: bool = False, verify: bool = False, json_output: bool = False) -> None:
+    """Merge an adapter into its base model and write a standard fp16/bf16 HF checkpoint.
+
+    Args:
+        base: the base model directory the adapter was trained on
+        adapter: the adapter directory (adapter_config.json + adapter_model.safetensors)
+        out: the output directory (refused if it exists, unless --overwrite true)
+        dtype: float16, bfloat16 or float32
+        base_kind: "quantized" merges onto dequantize(quantize(W0)), what training saw; "original" onto W0
+        max_shard_size: largest output shard, e.g. 2GB
+        overwrite: replace an existing output directory
+        verify: load the result and compare its logits with base + adapter
+        json_output: print the report as JSON
+    """
+    from .merge import merge as run_merge
+
+    report = run_merge(base, adapter, out, dtype=dtype, base=base_kind, max_shard_size=max_shard_size,
+                       overwrite=overwrite, verify=verify)
+    print(json.dumps(asdict(report), default=str, indent=2) if json_output else report.summary())
+
+
+def memory(model: str, seq_len: int = 2048, batch_size: int = 1, rank: int = 16, gpu: str | None = None,
+           optimizer: str = "paged_adamw_32bit", world_size: int = 1, fsdp: bool = False, json_output: bool = False,
+           plot: str | None = None) -> None:
+    """Predict a run's GPU memory before loading any weight; say whether it fits and what does.
+
+    Args:
+        model: a model directory, a config.json, or a built-in shape (llama-2-7b, llama-3-8b, mistral-7b, ...)
+        seq_len: tokens per sequence
+        batch_size: sequences per step
+        rank: LoRA rank on all linear layers
+        gpu: a GPU name (RTX4090, A100-80GB, ...) or a size (24GB) to check the fit against
+        optimizer: paged_adamw_32bit, paged_adamw_8bit or adamw
+        world_size: number of GPUs
+        fsdp: shard the quantized base across the GPUs
+        json_output: print the estimate as JSON
+        plot: write a stacked bar chart PNG here
+    """
+    from .memory import memory_report
+
+    print(memory_report(model, seq_len=seq_len, batch_size=batch_size, rank=rank, gpu=gpu, optimizer=optimizer,
+                        world_size=world_size, fsdp=fsdp, json_output=json_output, plot=plot))
+
+
+def analyze(adapter: str, base: str | None = None, compare: str | None = None, out: str = "analysis",
+            json_output: bool = False) -> None:
+    """The LoRA paper's analyses of an adapter: accounting, ΔW spectrum, subspace similarity, amplification.
+
+    Args:
+        adapter: adapter directory to analyse
+        base: the base model directory (enables amplification and quantization-error analyses)
+        compare: a second adapter (e.g. another rank or seed) for subspace similarity
+        out: directory for report.md, report.json and plots
+        json_output: print the report as JSON
+    """
+    from .analysis import analyze_command
+
+    print(analyze_command(adapter, base=base, compare=compare, out=out, json_output=json_output))
+
+
+def quantize(model: str, out: str, blocksize: int = 64, double_quant: bool = True, overwrite: bool = False) -> None:
+    """Write a model's NF4 checkpoint in the bitsandbytes/transformers 4-bit layout, so later runs skip quantizing.
+
+    Args:
+        model: a Hugging Face model directory (16/32-bit safetensors)
+        out: output directory (loads with qlora-lite and with transformers + bitsandbytes)
+        blocksize: NF4 block size
+        double_quant: also quantize the block scales (4.127 instead of 4.5 bits/param)
+        overwrite: replace an existing output directory
+    """
+    from .export import write_quantized
+
+    path = write_quantized(model, out, blocksize=blocksize, double_quant=double_quant, overwrite=overwrite)
+    print(f"wrote NF4 checkpoint to {path}")
+
+
+def generate(prompt: str, model: str = "embedded", adapter: str | None = None, max_new_tokens: int = 64,
+             temperature: float = 0.0, seed: int = 0) -> None:
+    """Answer one prompt with the NF4 base (+ an adapter), for a quick look.
+
+    Args:
+        prompt: the user message
+        model: a model directory, or "embedded" for the shipped SmolLM2-135M-Instruct
+        adapter: an adapter directory to apply
+        max_new_tokens: answer length limit
+        temperature: 0 for greedy decoding
+        seed: sampling seed
+    """
+    from .adapter import load_adapter
+    from .config import QuantConfig
+    from .embedded import embedded_model_dir
+    from .generate import answer
+    from .load import load_model
+
+    path = embedded_model_dir() if model == "embedded" else model
+    net, tokenizer = load_model(path, QuantConfig(), lora=None)
+    if adapter:
+        load_adapter(net, adapter)
+    print(answer(net, tokenizer, prompt, max_new_tokens, temperature, seed))
+
+
+def _train(cfg) -> None:
+    from .train import train
+
+    result = train(cfg)
+    if result.interrupted:
+        raise SystemExit(130)
+    print(f"trained {result.steps} steps; adapter: {result.adapter_dir}; final loss {result.losses[-1]:.4f}")
+
+
+def build_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from .config import TrainConfig
+
+    parser = ArgumentParser(prog="qlora-lite", description="QLoRA fine-tuning: NF4 base, LoRA adapters, "
+                            "streaming merge, memory planner.", exit_on_error=False)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    commands = parser.add_subcommands(dest="command")
+    for name, fn in [("demo", demo), ("merge", merge), ("memory", memory), ("analyze", analyze),
+                     ("quantize", quantize), ("generate", generate)]:
+        sub = ArgumentParser(description=f"{fn.__doc__.splitlines()[0]}\n\nexamples:\n  {EXAMPLES.get(name, '')}",
+                             exit_on_error=False)
+        sub.add_function_arguments(fn, as_group=False)
+        commands.add_subcommand(name, sub, help=fn.__doc__.splitlines()[0])
+    train_parser = ArgumentParser(description=f"Fine-tune with LoRA on an NF4 base.\n\nexamples:\n  {EXAMPLES['train']}",
+                                  exit_on_error=False)
+    train_parser.add_argument("--config", action=ActionConfigFile, help="a YAML run file (TrainConfig's keys)")
+    train_parser.add_class_arguments(TrainConfig, nested_key=None, as_group=False)
+    commands.add_subcommand("train", train_parser, help="fine-tune with LoRA on an NF4 base (--config run.yaml)")
+    return parser
+
+
+def _check_run_file(argv: list[str]) -> None:
+    """Name a YAML key typo and suggest the close match before the parser sees the file."""
+    if not argv or argv[0] != "train" or "--config" not in argv:
+        return
+    index = argv.index("--config")
+    if index + 1 < len(argv):
+        from .config import load_yaml_config
+
+        load_yaml_config(argv[index + 1])
+
+
+_FUNCTIONS = {"demo": demo, "merge": merge, "memory": memory, "analyze": analyze, "quantize": quantize,
+              "generate": generate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("QLORA_LITE_DEBUG") == "1"
+    if "--debug" in argv:
+        argv.remove("--debug")
+    parser = build_parser()
+    try:
+        _check_run_file(argv)
+        args = parser.parse_args(argv)
+        command = args.command
+        sub = args[command].as_dict()
+        sub.pop("config", None)
+        if command == "train":
+            from .config import TrainConfig, config_from_dict
+
+            _train(config_from_dict(TrainConfig, sub))
+        else:
+            _FUNCTIONS[command](**sub)
+        return 0
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for what a user can fix; --debug for the rest
+        from .errors import QLoraLiteError
+
+        from jsonargparse import ArgumentError
+
+        if debug or not isinstance(exc, (QLoraLiteError, ValueError, FileNotFoundError, KeyError, OSError,
+                                         ArgumentError)):
+            raise
+        message = str(exc).strip().splitlines()
+        print(f"error: {' '.join(line.strip() for line in message)}", file=sys.stderr)
+        print("(run with --debug for the traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

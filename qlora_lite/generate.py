@@ -1,0 +1,25 @@
+"""Greedy or sampled answers from a (quantized) model, rendered with the training chat format."""
+
+from __future__ import annotations
+
+import torch
+
+from .data import render_chat
+
+__all__ = ["answer"]
+
+
+@torch.no_grad()
+def answer(model, tokenizer, question: str, max_new_tokens: int = 48, temperature: float = 0.0,
+           seed: int = 0) -> str:
+    """One assistant turn for `question`; temperature 0 is greedy (reproducible)."""
+    prompt = render_chat(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True)
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    torch.manual_seed(seed)
+    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                            use_cache=True, **sampling)
+    model.train(was_training)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
