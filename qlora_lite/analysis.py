@@ -53,33 +53,27 @@ def nf4_bytes(n: int, blocksize: int = 64) -> int:
     return -(-n // 2) + blocks + 4 * -(-blocks // 256) + 4
 
 
-def _safetensors_header(file: Path) -> dict:
-    """The JSON header of a safetensors file: {name: {dtype, shape, data_offsets}}; no tensor is read."""
-    try:
-        with open(file, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
-    except (OSError, struct.error, ValueError) as exc:
-        raise CheckpointError(f"{file}: unreadable safetensors header ({exc}); the file may be truncated") from None
-    header.pop("__metadata__", None)
-    return header
-
-
-def _base_shapes(base_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{tensor name: (logical shape, dtype)}; bnb-4bit weights report their unpacked shape."""
-    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+def _base_shapes(base_dir: Path) -> dict[str, tuple[int, ...]]:
+    """{tensor name: logical shape} from the safetensors headers (8-byte length + JSON); no tensor data
+    is read. bnb-4bit weights report their unpacked shape (from the small quant-state tensor)."""
+    shapes: dict[str, tuple[int, ...]] = {}
     for file in checkpoint_files(base_dir):
-        header = _safetensors_header(file)
+        try:
+            with open(file, "rb") as handle:
+                header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
+        except (OSError, struct.error, ValueError) as exc:
+            raise CheckpointError(f"{file}: unreadable safetensors header ({exc}); the file may be truncated") from None
         for name, info in header.items():
-            if ".weight." in name:  # bnb quant-state companions (absmax, quant_map, ...)
-                if name.endswith(".quant_state.bitsandbytes__nf4"):
-                    from safetensors import safe_open
-
-                    with safe_open(str(file), framework="pt") as handle:  # a few hundred bytes of JSON
-                        state = json.loads(bytes(handle.get_tensor(name).tolist()).decode())
-                    shapes[name.split(".weight.")[0] + ".weight"] = (tuple(state["shape"]), "NF4")
+            if name == "__metadata__":
                 continue
-            shapes.setdefault(name, (tuple(info["shape"]), info["dtype"]))
+            if name.endswith(".weight.quant_state.bitsandbytes__nf4"):
+                from safetensors import safe_open
+
+                with safe_open(str(file), framework="pt") as handle:
+                    state = json.loads(bytes(handle.get_tensor(name).tolist()).decode())
+                shapes[name.split(".weight.")[0] + ".weight"] = tuple(state["shape"])
+            elif ".weight." not in name:  # skips bnb companions (absmax, quant_map, ...)
+                shapes.setdefault(name, tuple(info["shape"]))
     return shapes
 
 
@@ -131,8 +125,8 @@ def account(adapter_dir_or_file: str | Path | AdapterFile, base_dir: str | Path 
         lora_optimizer_bytes=_ADAM_BYTES * trainable)
     if base_dir is not None:
         shapes = _base_shapes(Path(base_dir))
-        total = sum(math.prod(s) for s, _ in shapes.values())
-        linear = [math.prod(s) for n, (s, _) in shapes.items() if _is_linear(n, s)]
+        total = sum(math.prod(s) for s in shapes.values())
+        linear = [math.prod(s) for n, s in shapes.items() if _is_linear(n, s)]
         acc.total_params, acc.linear_params = total, sum(linear)
         acc.trainable_ratio = trainable / total if total else None
         acc.full_16bit_bytes = 2 * total
@@ -270,9 +264,10 @@ def amplification(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: fl
     delta_norm = float(S.double().norm())
     proj_delta = float(torch.linalg.norm(U.double().T @ W @ Vh.double().T))
     proj_random = float(torch.linalg.norm(u_rand.T @ W @ v_rand))
-    w_s = torch.linalg.svdvals(W)
-    return {"delta_fro": delta_norm, "w_fro": float(w_s.norm()), "proj_delta": proj_delta,
-            "proj_random": proj_random, "proj_w_top": float(w_s[:r].norm()),
+    gram = W.T @ W if W.shape[1] <= W.shape[0] else W @ W.T  # σ(W)² = eigenvalues of the smaller Gram matrix
+    top_energy = torch.linalg.eigvalsh(gram).flip(0)[:r].clamp_min(0).sum()
+    return {"delta_fro": delta_norm, "w_fro": float(W.norm()), "proj_delta": proj_delta,
+            "proj_random": proj_random, "proj_w_top": float(top_energy.sqrt()),
             "factor": delta_norm / proj_delta if proj_delta > 0 else math.inf,
             "factor_random": delta_norm / proj_random if proj_random > 0 else math.inf}
 
@@ -438,9 +433,9 @@ def _model_order(modules: list[str]) -> list[str]:
 
 def _by_kind(report: Report) -> dict[str, list[ModuleStats]]:
     kinds: dict[str, list[ModuleStats]] = {}
-    for m in report.modules:
+    for m in report.modules:  # model order, so kinds come q, k, v, o, gate, up, down
         kinds.setdefault(m.kind, []).append(m)
-    return dict(sorted(kinds.items(), key=lambda kv: (_KIND_RANK.get(kv[0], len(_KIND_RANK)), kv[0])))
+    return kinds
 
 
 def _size(n: float | None) -> str:

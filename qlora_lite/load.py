@@ -1,7 +1,7 @@
 """Streaming load of a Hugging Face causal LM into a quantized model with LoRA adapters.
 
     config.json ──► model skeleton on the meta device (no memory)
-    *.safetensors ──► one tensor at a time (memory-mapped):
+    *.safetensors ──► one tensor at a time (plain reads, shards.py; nothing stays mapped):
          target linear weight ──► NF4Weight.from_tensor on the target device ──► LoRALinear4bit
          bnb-4bit quant-state keys ──► NF4Weight.from_state_dict (no re-quantization)
          everything else ──► compute dtype, placed into the skeleton
@@ -12,6 +12,8 @@ The full 16-bit model never exists in memory: host peak ≈ the largest tensor +
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import logging
 from collections import defaultdict
@@ -25,8 +27,10 @@ from .errors import CheckpointError
 from .inject import find_targets, freeze_base, make_lora_layer, replace_module
 from .layers import DenseWeight
 from .nf4 import NF4Weight
+from .shards import ShardReader, read_header
 
-__all__ = ["load_model", "load_tokenizer", "checkpoint_files", "resolve_device", "read_safetensors_keys"]
+__all__ = ["load_model", "load_tokenizer", "checkpoint_files", "resolve_device", "read_safetensors_keys",
+           "release_free_memory"]
 
 logger = logging.getLogger(__name__)
 _QUANT_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
@@ -77,14 +81,7 @@ def checkpoint_files(path: str | Path) -> list[Path]:
 
 def read_safetensors_keys(file: Path) -> list[str]:
     """Tensor names of one shard; a truncated or corrupt file is a clear error."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            return list(handle.keys())
-    except Exception as exc:  # safetensors raises its own SafetensorError or OSError
-        raise CheckpointError(f"{file} is not a readable safetensors file ({exc}); it may be truncated or "
-                              "corrupt: re-download or re-save it") from None
+    return list(read_header(file))
 
 
 def load_tokenizer(path: str | Path):
@@ -161,21 +158,18 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, lora: LoraCon
 
         shard_iter = tqdm(files, desc="loading shards", unit="shard")
     for file in shard_iter:
-        keys = read_safetensors_keys(file)
-        from safetensors import safe_open
-
-        with safe_open(str(file), framework="pt", device="cpu") as handle:
-            for key in keys:
+        with ShardReader(file) as handle:
+            for key in handle.keys():
                 module_name, _, leaf = key.rpartition(".")
                 owner = _quant_owner(key)
                 if owner is not None and owner in quantized:
-                    pending_quant[owner][key] = handle.get_tensor(key).to(device)
+                    pending_quant[owner][key] = handle.get(key).to(device)
                     seen.add(f"{owner}.weight")
                     continue
                 if key not in expected:
                     unexpected.append(key)
                     continue
-                tensor = handle.get_tensor(key)
+                tensor = handle.get(key)
                 if leaf == "weight" and module_name in quantized and tensor.dtype == torch.uint8:
                     pending_quant[module_name][key] = tensor.to(device)
                     seen.add(key)
@@ -193,6 +187,8 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, lora: LoraCon
                 else:
                     _set_tensor(model, key, tensor.to(device=device, dtype=_target_dtype(tensor, compute_dtype)))
                 del tensor
+                release_free_memory()
+        release_free_memory()
         for owner in [o for o, t in pending_quant.items() if f"{o}.weight.quant_state.bitsandbytes__nf4" in t]:
             try:
                 bases[owner] = NF4Weight.from_state_dict(pending_quant.pop(owner), f"{owner}.weight",
@@ -224,6 +220,22 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, lora: LoraCon
     model.eval()
     model.config.use_cache = False
     return model, tokenizer
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them after large frees, so a streaming
+    load would otherwise show the whole checkpoint in RSS even though it never held it)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _quant_owner(key: str) -> str | None:

@@ -149,6 +149,7 @@ def _arch_from_json(config_json: str, model_type: str) -> _Arch:
     cfg = AutoConfig.for_model(model_type, **{k: v for k, v in json.loads(config_json).items() if k != "model_type"})
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(cfg)
+    model.tie_weights()  # init_empty_weights skips the tying that a real instantiation does
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     linears = {}
     for name in find_targets(model, "all-linear"):

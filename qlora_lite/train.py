@@ -36,7 +36,7 @@ from .errors import TrainingError
 from .fsutil import RunLock, atomic_directory, atomic_write_text
 from .inject import count_parameters, lora_layers
 from .load import load_model, resolve_device
-from .monitor import MemoryMonitor
+from .memory import MemoryMonitor
 
 __all__ = ["train", "TrainResult", "evaluate", "latest_checkpoint", "build_optimizer", "lr_lambda"]
 

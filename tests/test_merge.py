@@ -6,7 +6,7 @@ Tolerances stated here:
 - single layer, fp16 output: |Δy| <= 2^-11·(|x|·|W|ᵀ) + 1e-5, the bound one fp16 rounding of W allows.
 - tiny model: fp32 merge, logits within atol=1e-5 of the adapter model on the quantized base;
   fp16 merge within atol=2e-3 (logits of this random model are ~0.1-1).
-- embedded SmolLM2-135M, fp16 merge: top-1 agreement >= 99.9% on a fixed English text, max |Δlogit| < 0.5.
+- embedded SmolLM2-135M, fp16 merge: top-1 agreement >= 99.9% over ~1000 tokens of fixed text, max |Δlogit| < 0.5.
 - peak RSS of a streaming merge of a ~235 MB, 5-shard checkpoint: < 2x the largest input shard.
 """
 
@@ -38,14 +38,6 @@ from qlora_lite.merge import (MergeError, MergeOverflowError, VerificationError,
                               unmerge_adapter, verify_merge)
 from qlora_lite.nf4 import NF4Weight
 
-TEXT = (
-    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined movable "
-    "metal type, oil-based ink and a wooden press adapted from those used to make wine. Books, which had been copied "
-    "by hand for centuries, could now be produced quickly and cheaply. Within a few decades printing shops had opened "
-    "in most large European cities, and the spread of printed books helped to drive the Renaissance, the Reformation "
-    "and the scientific revolution. Newspapers followed in the seventeenth century, and by the nineteenth century "
-    "steam-powered presses could print thousands of pages an hour, making reading a part of everyday life."
-)
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
@@ -70,6 +62,15 @@ def adapter_model(base_dir: Path, adapter_dir: Path, seed: int = 1, std: float =
                 b.copy_(torch.randn(b.shape, generator=generator) * std)
     save_adapter(model, adapter_dir)
     return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """On the shared 2-core machine one thread is several times faster under contention (measured 4x)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +226,20 @@ def test_prequantized_bnb_base(tiny, tmp_path, caplog):
         merge(bnb, adapter_dir, tmp_path / "orig", base="original", progress=False)
 
 
+def test_merge_equals_peft_merge_and_unload_on_the_dequantized_base(tiny, tmp_path):
+    """Cross-check with PEFT: on the same (dequantized NF4) base, PEFT's fp32 merge gives the same weights."""
+    peft = pytest.importorskip("peft")
+    base_dir, adapter_dir, model = tiny
+    merge(base_dir, adapter_dir, tmp_path / "out", dtype="float32", progress=False)
+    base = tiny_model()
+    for path, layer in lora_layers(model).items():
+        base.get_submodule(path).weight.data = layer.base.dequantize(torch.float32).clone()
+    merged_by_peft = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    ours = read_dir(tmp_path / "out")
+    for key, value in merged_by_peft.state_dict().items():
+        torch.testing.assert_close(ours[key], value, atol=1e-6, rtol=0)
+
+
 @pytest.mark.slow
 def test_embedded_model_fp16_merge_agrees_with_adapter_model(embedded_dir, tmp_path, caplog):
     adapter_dir = tmp_path / "adapter"
@@ -243,10 +258,10 @@ def test_embedded_model_fp16_merge_agrees_with_adapter_model(embedded_dir, tmp_p
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}))
 
     report = merge(embedded_dir, adapter_dir, tmp_path / "out", dtype="float16", progress=False)
-    result = verify_merge(tmp_path / "out", embedded_dir, adapter_dir, prompts=[TEXT], min_top1_agreement=0.999,
-                          max_abs_logit_diff=0.5)
+    result = verify_merge(tmp_path / "out", embedded_dir, adapter_dir, min_top1_agreement=0.999,
+                          max_abs_logit_diff=0.5)  # DEFAULT_PROMPTS: ~1000 tokens of fixed English text and code
     print(f"\nembedded fp16 merge: {report.summary()}\n  verification: {result}")
-    assert report.merged_modules == 210 and result["positions"] >= 100 and result["top1_agreement"] >= 0.999
+    assert report.merged_modules == 210 and result["positions"] >= 1000 and result["top1_agreement"] >= 0.999
     out = tmp_path / "out"
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         assert (out / name).is_file(), name
@@ -298,7 +313,7 @@ def test_fp16_overflow_names_the_tensor(tiny, tmp_path):
     base_dir, adapter_dir, _ = tiny
     tensors = load_file(adapter_dir / "adapter_model.safetensors")
     key = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
-    tensors[key] = torch.full_like(tensors[key], 1e5)
+    tensors[key] = torch.full_like(tensors[key], 1e6)
     bad = tmp_path / "adapter"
     bad.mkdir()
     save_file(tensors, str(bad / "adapter_model.safetensors"), {"format": "pt"})
@@ -388,7 +403,9 @@ def test_in_memory_merge_refuses_nf4_bases():
 _RSS_SCRIPT = textwrap.dedent("""
     import json, sys, threading, time
     import psutil, torch
-    import transformers, safetensors, accelerate
+    torch.set_num_threads(1)
+    import accelerate, safetensors
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM  # the modeling code merge's planner imports
     from qlora_lite.merge import merge
     process = psutil.Process()
     baseline = peak = process.memory_info().rss

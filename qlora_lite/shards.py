@@ -1,0 +1,122 @@
+"""Read safetensors shards one tensor at a time, with plain reads instead of a memory map.
+
+safetensors' `safe_open` maps the whole file: every page a tensor touched stays resident (and
+counted in RSS) until the file is closed, and any tensor kept from it pins the mapping. Reading
+each tensor with `seek` + `readinto` bounds the transient memory of a streaming load or merge to
+one tensor. The header is validated first, so a truncated or corrupt file is a clear error
+before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError
+
+__all__ = ["TensorEntry", "read_header", "ShardReader"]
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_MAX_HEADER = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute file offsets
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(file: str | Path) -> dict[str, TensorEntry]:
+    """Parse and check a safetensors header: JSON, known dtypes, offsets inside the file, sizes that match."""
+    file = Path(file)
+    fix = "re-download or re-save it"
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{file} is {size} bytes, too short for a safetensors file; {fix}")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(_MAX_HEADER, size - 8):
+                raise CheckpointError(f"{file}: header length {header_len} exceeds the file ({size} bytes); "
+                                      f"the file is truncated or not safetensors; {fix}")
+            raw = handle.read(header_len)
+    except OSError as exc:
+        raise CheckpointError(f"{file} cannot be read ({exc})") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file}: corrupt safetensors header (not JSON: {exc}); {fix}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: corrupt safetensors header (not a JSON object); {fix}")
+    data_start = 8 + header_len
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(f"{file}: corrupt header entry for {name!r}; {fix}") from None
+        if dtype_name not in _DTYPES:
+            raise CheckpointError(f"{file}: tensor {name!r} has unknown dtype {dtype_name!r}; {fix}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise CheckpointError(f"{file}: tensor {name!r} has an invalid shape {shape!r}; {fix}")
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
+            raise CheckpointError(f"{file}: tensor {name!r} has invalid offsets {[begin, end]}; {fix}")
+        dtype = _DTYPES[dtype_name]
+        expected = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        if end - begin != expected:
+            raise CheckpointError(f"{file}: tensor {name!r} spans {end - begin} bytes but its shape needs "
+                                  f"{expected}; {fix}")
+        if data_start + end > size:
+            raise CheckpointError(f"{file}: tensor {name!r} ends at byte {data_start + end} but the file has "
+                                  f"{size}; the file is truncated; {fix}")
+        entries[name] = TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
+    return entries
+
+
+class ShardReader:
+    """`with ShardReader(file) as shard: shard.get(name)` — a fresh tensor per call, nothing mapped."""
+
+    def __init__(self, file: str | Path):
+        self.file = Path(file)
+        self.entries = read_header(self.file)
+        self._handle = None
+
+    def __enter__(self) -> ShardReader:
+        self._handle = open(self.file, "rb", buffering=0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.close()
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def get(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        out = torch.empty(entry.shape, dtype=entry.dtype)
+        if entry.nbytes:
+            view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            self._handle.seek(entry.start)
+            read = self._handle.readinto(view)
+            if read != entry.nbytes:
+                raise CheckpointError(f"{self.file}: tensor {name!r} is cut short ({read} of {entry.nbytes} bytes); "
+                                      "the file is truncated; re-download or re-save it")
+        return out

@@ -1,0 +1,281 @@
+"""Memory planner: exact parameter/NF4 accounting, the activation formula against what autograd
+saves, the peak against live tensor bytes and host RSS on CPU, fitting, errors, report and plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qlora_lite.config import LoraConfig, QuantConfig
+from qlora_lite.errors import ConfigError
+from qlora_lite.inject import count_parameters, inject_lora, lora_layers
+from qlora_lite.memory import (
+    GPU_MEMORY, GiB, MemoryBudgetError, MemoryEstimate, MemoryMonitor, _arch, _block_bytes_per_token,
+    builtin_configs, compare, estimate_memory, fit_to_budget, load_model_config, memory_report, nf4_nbytes,
+    parse_budget,
+)
+from qlora_lite.nf4 import NF4Weight
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    values = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256)
+    return LlamaConfig(**{**values, **overrides})
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("quant", [QuantConfig(), QuantConfig(blocksize=128, double_quant=False), None])
+def test_counts_and_bytes_equal_an_instantiated_model(tied, quant):
+    torch.manual_seed(0)
+    cfg = tiny_config(tie_word_embeddings=tied)
+    model = LlamaForCausalLM(cfg)
+    base_total = sum(p.numel() for p in model.parameters())
+    lora = LoraConfig(r=4)
+    inject_lora(model, lora, quant)
+    counted = count_parameters(model)
+    est = estimate_memory(cfg, seq_len=32, batch_size=1, lora=lora, quant=quant)
+    assert (est.params_total, est.params_quantized, est.params_trainable) == (
+        counted.total, counted.quantized, counted.trainable)
+    assert est.params_16bit == base_total - counted.quantized
+    bases = [m.base for m in lora_layers(model).values()]
+    nf4 = sum(b.nbytes for b in bases if isinstance(b, NF4Weight))
+    assert est.quantized_weights == nf4 and (nf4 > 0) == (quant is not None)
+    assert all(nf4_nbytes(b.numel, b.blocksize, b.double_quant) == b.nbytes for b in bases if isinstance(b, NF4Weight))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert est.lora_params == sum(p.numel() * p.element_size() for p in trainable)
+    assert est.weights_16bit == est.params_16bit * 2  # bf16
+    assert est.optimizer_states == 8 * est.params_trainable
+
+
+def _saved_bytes_of_layer(model, layer, ids) -> int:
+    """Bytes of the distinct storages autograd saves inside `layer` (parameters and RoPE tables excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    rope: set[int] = set()
+    model.model.rotary_emb.register_forward_hook(
+        lambda m, a, out: rope.update(t.untyped_storage().data_ptr() for t in out))
+    inside, saved = [False], {}
+    layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True))
+    layer.register_forward_hook(lambda *a: inside.__setitem__(0, False))
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if inside[0] and storage.data_ptr() not in params | rope:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("dtype,dropout,targets", [
+    (torch.bfloat16, 0.05, "all-linear"), (torch.float32, 0.0, "all-linear"),
+    (torch.bfloat16, 0.0, ["q_proj", "v_proj"]), (torch.float32, 0.05, ["q_proj", "v_proj"])])
+def test_block_formula_equals_what_autograd_saves(dtype, dropout, targets):
+    torch.manual_seed(0)
+    cfg = tiny_config(hidden_size=128, intermediate_size=352, vocab_size=512)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    lora = LoraConfig(r=8, lora_dropout=dropout, target_modules=targets)
+    names = inject_lora(model, lora, QuantConfig())
+    model.train()
+    batch, seq = 2, 32
+    measured = _saved_bytes_of_layer(model, model.model.layers[1], torch.randint(0, 512, (batch, seq)))
+    layer0 = [(n.rsplit(".", 1)[-1], model.get_submodule(n).in_features) for n in names if ".layers.0." in n]
+    b = dtype.itemsize  # torch's CPU dropout keeps its mask in the compute dtype
+    predicted = batch * seq * _block_bytes_per_token(_arch(cfg), layer0, b=b, mask=b, r=8, dropout=dropout)
+    assert predicted == measured
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """CPU stand-in for torch.cuda.max_memory_allocated: bytes of storages created inside and still alive."""
+
+    def __init__(self):
+        super().__init__()
+        self.current = self.peak = 0
+        self.live: dict[int, int] = {}
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key in self.live or key in inputs or storage.nbytes() == 0:
+                    continue
+                self.live[key] = storage.nbytes()
+                self.current += storage.nbytes()
+                weakref.finalize(storage, self._free, key)
+                self.peak = max(self.peak, self.current)
+        return out
+
+
+@pytest.mark.parametrize("vocab,phase,dtype", [(2048, "loss", torch.bfloat16), (32, "block", torch.float32)])
+def test_peak_matches_live_tensor_bytes(vocab, phase, dtype):
+    torch.manual_seed(0)
+    cfg = tiny_config(hidden_size=128, intermediate_size=352, num_hidden_layers=2, vocab_size=vocab)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    lora = LoraConfig(r=8, lora_dropout=0.05)
+    inject_lora(model, lora, QuantConfig())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(0, vocab, (2, 128))
+    model(input_ids=ids, labels=ids).loss.backward()  # warm-up
+    for p in model.parameters():
+        p.grad = None
+    tracker = LiveTensorBytes()
+    with tracker:
+        model(input_ids=ids, labels=ids).loss.backward()
+    est = estimate_memory(cfg, seq_len=128, batch_size=2, lora=lora, compute_dtype=dtype, device="cpu")
+    predicted = est.transient_bytes + est.lora_grads
+    print(f"\n{phase} phase, {dtype}: predicted {predicted / 2**20:.2f} MiB, live tensor peak {tracker.peak / 2**20:.2f} MiB")
+    assert est.peak_phase == phase
+    assert 0.9 < tracker.peak / predicted < 1.1
+
+
+RSS_SCRIPT = textwrap.dedent("""
+    import ctypes, gc, json, torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from qlora_lite.config import LoraConfig, QuantConfig
+    from qlora_lite.inject import inject_lora
+    from qlora_lite.memory import MemoryMonitor, estimate_memory
+    torch.manual_seed(0); torch.set_num_threads(2)
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=4, vocab_size=8192)
+    model = LlamaForCausalLM(cfg)
+    lora = LoraConfig(r=16, lora_dropout=0.05)
+    inject_lora(model, lora, QuantConfig())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(0, 8192, (4, 256))
+    model(input_ids=ids, labels=ids).loss.backward()  # warm-up: gradients exist from here on
+    gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)
+    monitor = MemoryMonitor("cpu")
+    before = monitor.mark("before")["rss_bytes"]
+    model(input_ids=ids, labels=ids).loss.backward()
+    growth = monitor.mark("step")["peak_rss_bytes"] - before
+    est = estimate_memory(cfg, seq_len=256, batch_size=4, lora=lora, compute_dtype="float32", device="cpu")
+    print(json.dumps({"growth": growth, "predicted": est.transient_bytes}))
+""")
+
+
+def test_host_rss_growth_of_a_step_matches_the_estimate(tmp_path):
+    """Fresh process; glibc told to mmap blocks >= 1 MiB so freed tensors leave RSS (see docs/memory.md)."""
+    script = tmp_path / "rss_step.py"
+    script.write_text(RSS_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    ratio = result["growth"] / result["predicted"]
+    print(f"\nhost RSS growth during a step {result['growth'] / 2**20:.1f} MiB, predicted activations+logits "
+          f"{result['predicted'] / 2**20:.1f} MiB, ratio {ratio:.2f}")
+    assert 0.5 < ratio < 2.0
+
+
+def test_grows_monotonically_with_seq_batch_and_rank():
+    def total(seq=1024, batch=1, r=16):
+        return estimate_memory("llama-2-7b", seq_len=seq, batch_size=batch, lora=LoraConfig(r=r)).total_bytes
+
+    assert total(seq=512) < total(seq=1024) < total(seq=2048) < total(seq=8192)
+    assert total(batch=1) < total(batch=2) < total(batch=8)
+    assert total(r=8) < total(r=16) < total(r=64)
+    no_ckpt = estimate_memory("llama-2-7b", seq_len=1024, batch_size=1, gradient_checkpointing=False)
+    assert no_ckpt.total_bytes > total()
+
+
+def test_per_rank_numbers_for_ddp_and_fsdp():
+    one = estimate_memory("llama-2-13b", seq_len=2048, batch_size=1)
+    ddp = estimate_memory("llama-2-13b", seq_len=2048, batch_size=1, world_size=4)
+    fsdp = estimate_memory("llama-2-13b", seq_len=2048, batch_size=1, world_size=4, fsdp=True)
+    assert ddp.quantized_weights == one.quantized_weights and ddp.lora_params == one.lora_params
+    assert one.quantized_weights / 4 < fsdp.quantized_weights < one.quantized_weights / 4 * 1.1
+    assert fsdp.lora_params == one.lora_params and fsdp.total_bytes < one.total_bytes
+
+
+def test_fit_to_budget_returns_the_largest_fitting_step():
+    budget = parse_budget("RTX4090")
+    by_batch = fit_to_budget("llama-2-7b", budget, seq_len=2048)
+    assert by_batch.varied == "batch_size" and by_batch.value >= 2
+    assert by_batch.estimate.total_bytes <= budget < by_batch.next_estimate.total_bytes
+    assert by_batch.next_estimate.batch_size == by_batch.value + 1
+    by_seq = fit_to_budget("llama-2-7b", "24GiB", batch_size=1)
+    assert by_seq.value % 64 == 0 and by_seq.value > 2048
+    assert by_seq.estimate.total_bytes <= budget < by_seq.next_estimate.total_bytes
+    assert by_seq.next_estimate.seq_len == by_seq.value + 64
+    with pytest.raises(ConfigError):
+        fit_to_budget("llama-2-7b", budget)
+
+
+def test_impossible_budget_and_unknown_gpu_are_clear_errors():
+    with pytest.raises(MemoryBudgetError) as info:
+        fit_to_budget("llama-2-13b", "8GiB", seq_len=2048)
+    message = str(info.value)
+    assert isinstance(info.value, ValueError) and "over the 8.00 GiB budget" in message
+    assert "FSDP over" in message, message
+    with pytest.raises(MemoryBudgetError, match="frozen weights alone"):
+        fit_to_budget("llama-2-13b", "2GB", batch_size=1)
+    with pytest.raises(ConfigError) as info:
+        parse_budget("RTX9090")
+    assert "RTX4090" in str(info.value) and isinstance(info.value, ValueError)
+    with pytest.raises(ConfigError, match="unit"):
+        parse_budget("24")
+    assert parse_budget("24GB") == 24 * 10**9 and parse_budget("24GiB") == 24 * GiB
+    assert parse_budget("a100-80gb") == GPU_MEMORY["A100-80GB"] == 80 * GiB
+
+
+def test_builtin_configs_and_the_worked_llama2_7b_example():
+    names = builtin_configs()
+    for name in ("llama-2-7b", "llama-2-13b", "llama-2-70b", "llama-3-8b", "llama-3-70b", "mistral-7b",
+                 "qwen2.5-7b", "qwen2.5-32b", "llama-33b", "llama-65b"):
+        assert name in names
+        cfg, _ = load_model_config(name)
+        assert cfg.hidden_size > 0 and cfg.num_hidden_layers > 0
+    assert load_model_config("llama-33b")[0].hidden_size == 6656
+    assert load_model_config(str(ROOT / "qlora_lite/configs/llama-65b.json"))[0].intermediate_size == 22016
+    est = estimate_memory("llama-2-7b", seq_len=2048, batch_size=1)
+    assert est.params_quantized == pytest.approx(6.476e9, rel=0.01)
+    assert est.quantized_weights == pytest.approx(3.34e9, rel=0.01)
+    assert est.params_16bit - 2 * 32 * 4096 - 4096 == pytest.approx(2 * 131e6, rel=0.01)  # minus the norms
+    assert est.weights_16bit == pytest.approx(0.52e9, rel=0.02)
+    assert est.params_trainable == pytest.approx(40.0e6, rel=0.01)
+    with pytest.raises(ConfigError, match="llama-2-7b"):
+        load_model_config("llama-9b")
+
+
+def test_report_json_table_and_plot(tmp_path):
+    png = tmp_path / "memory.png"
+    text = memory_report("llama-2-7b", seq_len=2048, gpu="RTX4090", plot=str(png))
+    assert "fits RTX4090" in text and "largest batch_size" in text and "largest seq_len" in text
+    assert png.is_file() and png.stat().st_size > 5000
+    data = json.loads(memory_report("llama-2-7b", gpu="T4", json_output=True))
+    assert data["fits"] is True and data["max_batch_size"] >= 1
+    est = MemoryEstimate(**{k: v for k, v in data["estimate"].items() if k not in ("total_bytes", "peak_breakdown")})
+    assert est.total_bytes == data["estimate"]["total_bytes"] == sum(est.peak_breakdown().values())
+    assert "total (peak per GPU)" in est.to_table()
+
+
+def test_monitor_and_compare():
+    monitor = MemoryMonitor("cpu")
+    record = monitor.mark("start")
+    assert record["rss_bytes"] > 0 and record["peak_rss_bytes"] >= record["rss_bytes"] * 0.5
+    assert "start" in monitor.summary()
+    est = estimate_memory(tiny_config(), seq_len=64, batch_size=1, device="cpu", compute_dtype="float32")
+    text = compare(est, {"rss_growth_bytes": est.transient_bytes * 2, "cuda_peak_allocated_bytes": est.total_bytes})
+    assert "2.00" in text and "1.00" in text
