@@ -69,7 +69,7 @@ def run_demo(out: str | None = None, steps: int = 30, seq_len: int = 128, batch_
     from .adapter import read_adapter
     from .embedded import embedded_model_dir
     from .merge import merge
-    from .memory import estimate_memory, plot_breakdown
+    from .memory import estimate_memory, plot_estimate
     from .train import train
 
     t_start = time.perf_counter()
@@ -103,7 +103,7 @@ def run_demo(out: str | None = None, steps: int = 30, seq_len: int = 128, batch_
     estimate = estimate_memory(model_dir, seq_len=seq_len, batch_size=batch_size, lora=lora, quant=quant,
                                optimizer="adamw", compute_dtype="float32", device="cpu")
     measured = result.memory.get("first_step", {}).get("peak_rss_bytes", 0)
-    plot_breakdown(estimate, out_dir / "memory.png")
+    plot_estimate(estimate, out_dir / "memory.png")
     _loss_plot(out_dir / "metrics.jsonl", out_dir / "loss_curve.png")
 
     say("[5/5] writing summary.md")

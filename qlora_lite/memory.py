@@ -40,7 +40,7 @@ from .errors import ConfigError, QLoraLiteError
 __all__ = [
     "GPU_MEMORY", "CUDA_OVERHEAD_BYTES", "MemoryEstimate", "FitResult", "MemoryBudgetError", "MemoryMonitor",
     "estimate_memory", "fit_to_budget", "parse_budget", "builtin_configs", "load_model_config", "nf4_nbytes",
-    "compare", "memory_report", "plot_breakdown",
+    "compare", "memory_report", "plot_estimate",
 ]
 
 GiB, GB = 1024**3, 10**9
@@ -120,7 +120,7 @@ class _Arch:
     head_dim: int
     vocab: int
     total: int  # base parameters, a tied embedding/head counted once
-    linears: dict[str, tuple[int, int, int]]  # every linear but the head: name -> (out, in, bias numel)
+    linears: dict[str, tuple[int, int]]  # every linear but the head: name -> (out, in)
     layer_params: int  # parameters inside decoder layer 0
     gated: bool
     targets: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -151,10 +151,8 @@ def _arch_from_json(config_json: str, model_type: str) -> _Arch:
         model = AutoModelForCausalLM.from_config(cfg)
     model.tie_weights()  # init_empty_weights skips the tying that a real instantiation does
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    linears = {}
-    for name in find_targets(model, "all-linear"):
-        module = model.get_submodule(name)
-        linears[name] = (module.out_features, module.in_features, 0 if module.bias is None else module.bias.numel())
+    linears = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features)
+               for n in find_targets(model, "all-linear")}
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
     layer0 = sum(p.numel() for n, p in model.named_parameters() if _layer_index(n) == 0)
     heads = text.num_attention_heads
@@ -290,12 +288,6 @@ class MemoryEstimate:
         return "\n".join(rows)
 
 
-def _compute_dtype(name: str | torch.dtype, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return resolve_dtype(name)
-
-
 def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraConfig = LoraConfig(),
                     quant: QuantConfig | None = QuantConfig(), optimizer: Optimizer = "paged_adamw_32bit",
                     gradient_checkpointing: bool = True, compute_dtype: str | torch.dtype = "bfloat16",
@@ -317,17 +309,18 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
         raise ConfigError(problems, "memory estimate")
     cfg, name = load_model_config(config)
     a = _arch(cfg)
-    dtype = _compute_dtype(compute_dtype, device)
+    dtype = resolve_dtype(compute_dtype) if compute_dtype != "auto" else (
+        torch.bfloat16 if device == "cuda" else torch.float32)
     b, lora_b = dtype.itemsize, resolve_dtype(lora.lora_dtype).itemsize
     targets = a.target_names(lora.target_modules)
 
     # weights
-    quantized_params = sum(o * i for o, i, _ in a.linears.values()) if quant else 0
+    quantized_params = sum(o * i for o, i in a.linears.values()) if quant else 0
     n16 = a.total - quantized_params
-    q_bytes = sum(nf4_nbytes(o * i, quant.blocksize, quant.double_quant) for o, i, _ in a.linears.values()) if quant else 0
+    q_bytes = sum(nf4_nbytes(o * i, quant.blocksize, quant.double_quant) for o, i in a.linears.values()) if quant else 0
     q_layer = sum(nf4_nbytes(o * i, quant.blocksize, quant.double_quant)
-                  for n, (o, i, _) in a.linears.items() if _layer_index(n) == 0) if quant else 0
-    layer16 = a.layer_params - sum(o * i for n, (o, i, _) in a.linears.items() if _layer_index(n) == 0 and quant)
+                  for n, (o, i) in a.linears.items() if _layer_index(n) == 0) if quant else 0
+    layer16 = a.layer_params - sum(o * i for n, (o, i) in a.linears.items() if _layer_index(n) == 0 and quant)
     root16 = n16 - a.layers * layer16  # embeddings, final norm, lm_head
     sharded = fsdp and world_size > 1
     if sharded:  # layers sharded + one gathered layer; the root unit (embeddings, head) is gathered for the loss
@@ -351,7 +344,7 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
     mask = 1 if device == "cuda" else b  # CUDA's native dropout keeps a bool mask
     block = tokens * _block_bytes_per_token(a, layer0, b=b, mask=mask, r=lora.r, dropout=lora.lora_dropout)
     rope = 2 * seq_len * a.head_dim * b
-    max_linear = max(o * i for o, i, _ in a.linears.values())
+    max_linear = max(o * i for o, i in a.linears.values())
     workspace = tokens * b * (h + BACKWARD_WORKSPACE_INTER * a.intermediate) + max_linear * b
     if gradient_checkpointing:
         saved = a.layers * tokens * h * b + rope
@@ -417,11 +410,6 @@ class FitResult:
     estimate: MemoryEstimate
     next_estimate: MemoryEstimate  # value + step: does not fit (unless `capped`)
     capped: bool = False
-
-    def __str__(self) -> str:
-        return (f"largest {self.varied} = {self.value}{' (search limit)' if self.capped else ''}: "
-                f"{self.estimate.total_bytes / GiB:.2f} GiB of {self.budget_bytes / GiB:.2f} GiB; "
-                f"{self.value + self.step} needs {self.next_estimate.total_bytes / GiB:.2f} GiB")
 
 
 def fit_to_budget(config: Any, budget_bytes: int | str, *, seq_len: int | None = None,
@@ -498,85 +486,69 @@ def _budget_error(config: Any, budget: int, first: MemoryEstimate, kwargs: dict[
 
 # ---- measurement -------------------------------------------------------------------------------
 
-def _proc_status_kib(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _reset_peak_rss() -> bool:
-    try:  # Linux >= 4.0: "5" resets the peak resident set size (VmHWM)
+    try:  # Linux >= 4.0: writing "5" resets the peak resident set size (VmHWM)
         Path("/proc/self/clear_refs").write_text("5")
         return True
     except OSError:
         return False
 
 
+def _peak_rss() -> int:
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return 0
+
+
 class MemoryMonitor:
-    """`mark(phase)` records host RSS (peak since the previous mark where Linux allows) and, on CUDA,
-    torch's peak allocated/reserved bytes since the previous mark (peak stats are reset after each)."""
+    """`mark(phase)` records host RSS (with its true peak since the previous mark on Linux) and, on CUDA,
+    torch's peak allocated/reserved bytes since the previous mark; peaks are reset after each mark."""
 
     def __init__(self, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
-        self.phases: dict[str, dict[str, Any]] = {}
-        self._t0 = time.perf_counter()
+        import psutil
+
+        self.device, self.phases, self._t0 = torch.device(device), {}, time.perf_counter()
+        self._process = psutil.Process()
+        self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        self._reset()
+
+    def _reset(self) -> None:
         self._hwm = _reset_peak_rss()
-        self.peak_rss = self._rss()
+        self.peak_rss = self._process.memory_info().rss
         if self._cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    @property
-    def _cuda(self) -> bool:
-        return self.device.type == "cuda" and torch.cuda.is_available()
-
-    @staticmethod
-    def _rss() -> int:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-
     def current(self) -> dict[str, int]:
-        rss = self._rss()
-        hwm = _proc_status_kib("VmHWM") if self._hwm else None
-        self.peak_rss = max(self.peak_rss, rss, hwm or 0)
+        rss = self._process.memory_info().rss
+        self.peak_rss = max(self.peak_rss, rss, _peak_rss() if self._hwm else 0)
         out = {"rss_bytes": rss, "peak_rss_bytes": self.peak_rss}
         if self._cuda:
-            out["cuda_allocated_bytes"] = torch.cuda.memory_allocated(self.device)
-            out["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
-            out["cuda_peak_reserved_bytes"] = torch.cuda.max_memory_reserved(self.device)
+            out.update(cuda_allocated_bytes=torch.cuda.memory_allocated(self.device),
+                       cuda_peak_allocated_bytes=torch.cuda.max_memory_allocated(self.device),
+                       cuda_peak_reserved_bytes=torch.cuda.max_memory_reserved(self.device))
         return out
 
     def mark(self, phase: str) -> dict[str, Any]:
         record = {**self.current(), "time_s": round(time.perf_counter() - self._t0, 3)}
         self.phases[phase] = record
-        self._hwm = _reset_peak_rss()
-        self.peak_rss = self._rss()
-        if self._cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
+        self._reset()
         return record
 
     def short(self) -> str:
-        if self._cuda:
-            return f"{torch.cuda.max_memory_allocated(self.device) / GiB:.2f}G"
-        return f"{self.current()['peak_rss_bytes'] / GiB:.2f}G rss"
+        now = self.current()
+        return f"{now.get('cuda_peak_allocated_bytes', now['peak_rss_bytes']) / GiB:.2f}G"
 
     def summary(self) -> dict[str, dict[str, Any]]:
         return dict(self.phases)
 
 
 def compare(estimate: MemoryEstimate, measured: dict[str, Any]) -> str:
-    """Predicted vs measured, one line per quantity found in `measured` (a `mark` record, a `summary()`
-    — maximum over phases — or a dict keyed by breakdown component names)."""
+    """Predicted vs measured with the ratio, for each quantity in `measured`: a `mark()` record, a
+    `summary()` (maximum over phases), or breakdown component names."""
     if measured and all(isinstance(v, dict) for v in measured.values()):
-        merged: dict[str, int] = {}
-        for record in measured.values():
-            for k, v in record.items():
-                merged[k] = max(merged.get(k, v), v)
-        measured = merged
+        measured = {k: max(r[k] for r in measured.values() if k in r) for r in measured.values() for k in r}
     total, peak = estimate.total_bytes, estimate.peak_breakdown()
     pairs = {"cuda_peak_allocated_bytes": ("CUDA peak allocated vs total - overhead", total - estimate.framework_overhead),
              "cuda_peak_reserved_bytes": ("CUDA peak reserved vs total", total),
@@ -585,51 +557,25 @@ def compare(estimate: MemoryEstimate, measured: dict[str, Any]) -> str:
              **{k: (_COMPONENTS[k], peak[k]) for k in _COMPONENTS}}
     lines = [f"{'quantity':<44}{'predicted':>12}{'measured':>12}{'ratio':>8}"]
     for key, (label, predicted) in pairs.items():
-        if key in measured and measured[key] is not None:
+        if measured.get(key) is not None:
             ratio = measured[key] / predicted if predicted else float("inf")
             lines.append(f"{label:<44}{predicted / GiB:>10.3f}Gi{measured[key] / GiB:>10.3f}Gi{ratio:>8.2f}")
-    if len(lines) == 1:
-        lines.append(f"(nothing to compare: measured keys {sorted(measured)})")
-    return "\n".join(lines)
+    return "\n".join(lines if len(lines) > 1 else lines + [f"(nothing to compare in {sorted(measured)})"])
 
 
-# ---- report and plot -----------------------------------------------------------------------------
+# ---- report -----------------------------------------------------------------------------------
 
-def plot_breakdown(estimate: MemoryEstimate, path: str | Path, capacity_bytes: int | None = None,
-                   capacity_label: str | None = None) -> Path:
-    """A stacked bar (GiB) of `peak_breakdown()`, the total labelled; a line at the GPU's capacity."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def plot_estimate(est: MemoryEstimate, path: str | Path, capacity_bytes: int | None = None,
+                  capacity_label: str = "capacity", title: str | None = None) -> list[Path]:
+    """A stacked bar of the peak breakdown (segments add up to the total), optionally against a capacity."""
+    from .plots import plot_memory_breakdown
 
-    fig = Figure(figsize=(6, 6), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    bottom, total = 0.0, estimate.total_bytes / GiB
-    colors = ["#4c72b0", "#55a868", "#c44e52", "#dd8452", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
-    for (key, value), color in zip(estimate.peak_breakdown().items(), colors):
-        if value <= 0:
-            continue
-        height = value / GiB
-        ax.bar(0, height, bottom=bottom, width=0.5, color=color, label=f"{_COMPONENTS[key]} {height:.2f}")
-        if height > 0.04 * max(total, 1e-9):
-            ax.text(0, bottom + height / 2, f"{height:.2f}", ha="center", va="center", color="white", fontsize=9)
-        bottom += height
-    ax.text(0, bottom, f"total {total:.2f} GiB", ha="center", va="bottom", fontweight="bold")
-    top = bottom * 1.12
-    if capacity_bytes:
-        cap = capacity_bytes / GiB
-        ax.axhline(cap, color="black", linestyle="--", label=f"{capacity_label or 'capacity'} {cap:.0f} GiB")
-        top = max(top, cap * 1.08)
-    ax.set_ylim(0, top)
-    ax.set_xlim(-0.8, 0.8)
-    ax.set_xticks([0], [f"{estimate.model}\nseq {estimate.seq_len} × batch {estimate.batch_size}, r={estimate.rank}"])
-    ax.set_ylabel("GiB per GPU")
-    ax.set_title(f"peak memory ({estimate.peak_phase} phase)")
-    ax.legend(loc="upper left", fontsize=8, bbox_to_anchor=(1.0, 1.0))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, bbox_inches="tight")
-    return path
+    segments = {_COMPONENTS[k]: v / GiB for k, v in est.peak_breakdown().items()}
+    where = "GPU" if est.device == "cuda" else "process"
+    return plot_memory_breakdown(
+        segments, path, title=title or f"peak memory per {where} ({est.peak_phase} phase)",
+        xlabel=f"{est.model}\nseq {est.seq_len} × batch {est.batch_size}, r={est.rank}",
+        capacity=capacity_bytes / GiB if capacity_bytes else None, capacity_label=capacity_label)
 
 
 def memory_report(model: str, seq_len: int = 2048, batch_size: int = 1, rank: int = 16, gpu: str | None = None,
@@ -649,18 +595,22 @@ def memory_report(model: str, seq_len: int = 2048, batch_size: int = 1, rank: in
                    else f"does NOT fit {gpu} ({capacity / GiB:.0f} GiB): {-margin / GiB:.2f} GiB over")
         result.update(gpu=gpu, capacity_bytes=capacity, fits=margin >= 0)
         lines.append(verdict)
+        positions = getattr(load_model_config(model)[0], "max_position_embeddings", None)
         for fixed, name in (({"seq_len": seq_len}, "batch_size"), ({"batch_size": batch_size}, "seq_len")):
+            (key, value), = fixed.items()
             try:
                 fit = fit_to_budget(model, capacity, **fixed, **kwargs)
             except MemoryBudgetError as exc:
                 result[f"max_{name}"] = None
-                lines.append(f"largest {name}: none fits ({exc})")
-                break
+                lines.append(f"largest {name} at {key} {value}: none fits. {exc}")
+                continue
             result[f"max_{name}"] = fit.value
-            (key, value), = fixed.items()
-            lines.append(f"largest {name} at {key} {value}: {fit.value}{' (search limit)' if fit.capped else ''} "
-                         f"({fit.estimate.total_bytes / GiB:.2f} GiB)")
+            beyond = name == "seq_len" and positions and fit.value > positions
+            lines.append(f"largest {name} at {key} {value}: {fit.value} ({fit.estimate.total_bytes / GiB:.2f} GiB)"
+                         + (" (search limit)" if fit.capped else "")
+                         + (f" (beyond the model's {positions} positions)" if beyond else ""))
     if plot:
-        result["plot"] = str(plot_breakdown(est, plot, capacity, gpu))
+        plot_estimate(est, plot, capacity_bytes=capacity, capacity_label=gpu or "capacity")
+        result["plot"] = str(plot)
         lines.append(f"plot written to {plot}")
     return json.dumps(result, indent=2) if json_output else "\n".join(lines)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from statistics import median
 
-__all__ = ["plot_spectra", "plot_truncation", "plot_amplification", "plot_similarity"]
+__all__ = ["plot_spectra", "plot_truncation", "plot_amplification", "plot_similarity", "plot_memory_breakdown"]
 
 DPI = 100
 KIND_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -152,4 +152,32 @@ def plot_similarity(comparison: dict, path: str | Path) -> list[Path]:
     if image is not None:
         fig.colorbar(image, ax=fig.axes, shrink=0.8, label="φ(i, j)")
     fig.suptitle(f"Subspace similarity φ(i, j): r={comparison['r1']} vs r={comparison['r2']}", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_memory_breakdown(segments: dict[str, float], path: str | Path, *, title: str = "peak memory",
+                          xlabel: str = "", capacity: float | None = None, capacity_label: str = "capacity",
+                          unit: str = "GiB") -> list[Path]:
+    """One stacked bar of `segments` (label -> size in `unit`, bottom-up; zeros skipped), its total written
+    above it, and a dashed line at `capacity` (a GPU's memory) when given. Used by `memory.memory_report`."""
+    fig = _figure(6.5, 6)
+    ax = fig.add_subplot()
+    parts = [(label, value) for label, value in segments.items() if value > 0]
+    total, bottom = sum(v for _, v in parts), 0.0
+    for index, (label, value) in enumerate(parts):
+        ax.bar(0, value, bottom=bottom, width=0.5, color=f"C{index}", label=f"{label}: {value:.2f} {unit}")
+        if value > 0.04 * total:
+            ax.text(0, bottom + value / 2, f"{value:.2f}", ha="center", va="center", color="white", fontsize=9)
+        bottom += value
+    ax.text(0, bottom, f"total {total:.2f} {unit}", ha="center", va="bottom", fontweight="bold")
+    top = bottom * 1.12 or 1.0
+    if capacity:
+        ax.axhline(capacity, color="black", linestyle="--", label=f"{capacity_label}: {capacity:.0f} {unit}")
+        top = max(top, capacity * 1.08)
+    ax.set_ylim(0, top)
+    ax.set_xlim(-0.8, 0.8)
+    ax.set_xticks([0], [xlabel])
+    ax.set_ylabel(unit)
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     return _save(fig, path)

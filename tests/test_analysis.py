@@ -171,6 +171,29 @@ def test_accounting_matches_hand_counts(base_dir, adapter_qv):
     assert alone.trainable_params == trainable and alone.total_params is None
 
 
+def test_prequantized_base_counts_unpacked_shapes(tmp_path, base_dir, adapter_qv):
+    """A bnb-4bit base (packed uint8 + quant state) is counted by its logical shapes and dequantized for W."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from qlora_lite.nf4 import NF4Weight
+
+    tensors = load_file(str(base_dir / "model.safetensors"))
+    out = {}
+    for key, value in tensors.items():
+        if value.dim() == 2 and "embed" not in key and "lm_head" not in key:
+            out |= NF4Weight.from_tensor(value, backend="torch").state_dict(prefix=key)
+        else:
+            out[key] = value
+    (tmp_path / "q").mkdir()
+    save_file({k: v.contiguous() for k, v in out.items()}, str(tmp_path / "q" / "model.safetensors"))
+    shutil.copy(base_dir / "config.json", tmp_path / "q" / "config.json")
+    assert an.account(adapter_qv, tmp_path / "q").total_params == an.account(adapter_qv, base_dir).total_params
+    report = an.analyze(adapter_qv, tmp_path / "q", out_dir=tmp_path / "out", plots=False)
+    assert all("nf4_error_rel" not in m.base and m.base["factor"] > 0 for m in report.modules)
+
+
 def test_nf4_bytes_matches_the_container():
     from qlora_lite.nf4 import NF4Weight
 

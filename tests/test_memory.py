@@ -30,6 +30,15 @@ from qlora_lite.nf4 import NF4Weight
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run ~30x faster on one thread when the 2 cores are shared (OpenMP oversubscription)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(**overrides) -> LlamaConfig:
     values = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=256)
@@ -126,6 +135,7 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # gradient_checkpointing_enable is deprecated in transformers 5
 @pytest.mark.parametrize("vocab,phase,dtype", [(2048, "loss", torch.bfloat16), (32, "block", torch.float32)])
 def test_peak_matches_live_tensor_bytes(vocab, phase, dtype):
     torch.manual_seed(0)
@@ -155,7 +165,7 @@ RSS_SCRIPT = textwrap.dedent("""
     from qlora_lite.config import LoraConfig, QuantConfig
     from qlora_lite.inject import inject_lora
     from qlora_lite.memory import MemoryMonitor, estimate_memory
-    torch.manual_seed(0); torch.set_num_threads(2)
+    torch.manual_seed(0); torch.set_num_threads(1)
     cfg = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=2, num_attention_heads=8,
                       num_key_value_heads=4, vocab_size=8192)
     model = LlamaForCausalLM(cfg)
@@ -230,7 +240,7 @@ def test_impossible_budget_and_unknown_gpu_are_clear_errors():
     assert isinstance(info.value, ValueError) and "over the 8.00 GiB budget" in message
     assert "FSDP over" in message, message
     with pytest.raises(MemoryBudgetError, match="frozen weights alone"):
-        fit_to_budget("llama-2-13b", "2GB", batch_size=1)
+        fit_to_budget("llama-2-13b", "1GB", batch_size=1)
     with pytest.raises(ConfigError) as info:
         parse_budget("RTX9090")
     assert "RTX4090" in str(info.value) and isinstance(info.value, ValueError)

@@ -7,7 +7,7 @@ Tolerances stated here:
 - tiny model: fp32 merge, logits within atol=1e-5 of the adapter model on the quantized base;
   fp16 merge within atol=2e-3 (logits of this random model are ~0.1-1).
 - embedded SmolLM2-135M, fp16 merge: top-1 agreement >= 99.9% over ~1000 tokens of fixed text, max |Δlogit| < 0.5.
-- peak RSS of a streaming merge of a ~235 MB, 5-shard checkpoint: < 2x the largest input shard.
+- peak RSS of a streaming merge of a ~340 MB, 4-shard checkpoint: < 2x the largest input shard and < 0.4x the model.
 """
 
 from __future__ import annotations
@@ -142,7 +142,9 @@ def test_single_layer_merge_algebra():
 def test_tiny_merge_loads_cleanly_and_matches_adapter_model(tiny, tmp_path, caplog, dtype, atol):
     base_dir, adapter_dir, model = tiny
     limit = 40_000
-    report = merge(base_dir, adapter_dir, tmp_path / "out", dtype=dtype, max_shard_size=limit, progress=False)
+    report = merge(base_dir, adapter_dir, tmp_path / "out", dtype=dtype, max_shard_size=limit, progress=False,
+                   verify=True)
+    assert report.verification["top1_agreement"] == 1.0 and report.verification["positions"] == 5 * 48
     out = tmp_path / "out"
     shards = sorted(out.glob("model-*.safetensors"))
     assert report.shards == len(shards) > 2 and report.merged_modules == 6 and report.dequantized_tensors == 8
@@ -170,7 +172,6 @@ def test_tiny_merge_loads_cleanly_and_matches_adapter_model(tiny, tmp_path, capl
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, model(input_ids=ids).logits, atol=atol, rtol=0)
-    assert verify_merge(out, base_dir, adapter_dir)["top1_agreement"] == 1.0
 
 
 def test_base_original_is_w0_plus_sba(tiny, tmp_path):
@@ -300,6 +301,18 @@ def test_crash_mid_merge_leaves_no_output(tiny, tmp_path, monkeypatch, existing)
     assert (digest(base_dir), digest(adapter_dir)) == before
 
 
+def test_failed_verification_publishes_nothing(tiny, tmp_path, monkeypatch):
+    base_dir, adapter_dir, _ = tiny
+
+    def reject(*args, **kwargs):
+        raise VerificationError("simulated disagreement")
+
+    monkeypatch.setattr(merge_mod, "verify_merge", reject)
+    with pytest.raises(VerificationError):
+        merge(base_dir, adapter_dir, tmp_path / "out", verify=True, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_existing_output_is_refused(tiny, tmp_path):
     base_dir, adapter_dir, _ = tiny
     (tmp_path / "out").mkdir()
@@ -406,7 +419,9 @@ _RSS_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     import accelerate, safetensors
     from transformers import AutoModelForCausalLM, LlamaForCausalLM  # the modeling code merge's planner imports
-    from qlora_lite.merge import merge
+    from qlora_lite.merge import _cast_checked, merge, merge_weight
+    # warm-up: first use of each kernel pages in ~25 MB of libtorch code, a one-off like an import
+    _cast_checked("warm-up", merge_weight(torch.randn(256, 256), torch.zeros(256, 256)), torch.float16, True)
     process = psutil.Process()
     baseline = peak = process.memory_info().rss
     done = threading.Event()
@@ -425,24 +440,27 @@ _RSS_SCRIPT = textwrap.dedent("""
 
 
 def test_peak_rss_of_streaming_merge_stays_near_one_shard(tmp_path):
-    """~235 MB fp32 checkpoint in 5 shards (hidden 1024, 4 layers); measured in a fresh process."""
+    """~340 MB fp32 checkpoint in 4 shards (hidden 1024, 6 layers); measured in a fresh process, RSS sampled
+    every 5 ms, growth over the RSS after imports and a kernel warm-up."""
     from transformers import LlamaConfig
 
-    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+    layers = 6
+    config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers, num_attention_heads=16,
                          num_key_value_heads=16, vocab_size=4096, tie_word_embeddings=False)
     base = tmp_path / "base"
     base.mkdir()
     config.save_pretrained(base)
     h, i, generator = 1024, 2816, torch.Generator().manual_seed(0)
     shapes = {"model.embed_tokens.weight": (4096, h), "model.norm.weight": (h,), "lm_head.weight": (4096, h)}
-    for layer in range(4):
+    for layer in range(layers):
         p = f"model.layers.{layer}"
         shapes |= {f"{p}.self_attn.{n}.weight": (h, h) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
         shapes |= {f"{p}.mlp.gate_proj.weight": (i, h), f"{p}.mlp.up_proj.weight": (i, h),
                    f"{p}.mlp.down_proj.weight": (h, i), f"{p}.input_layernorm.weight": (h,),
                    f"{p}.post_attention_layernorm.weight": (h,)}
     groups = [["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]]
-    groups += [[k for k in shapes if k.startswith(f"model.layers.{layer}.")] for layer in range(4)]
+    groups += [[k for k in shapes if k.startswith((f"model.layers.{i}.", f"model.layers.{i + 1}."))]
+               for i in range(0, layers, 2)]  # two layers per shard
     weight_map = {}
     for n, keys in enumerate(groups):
         name = f"model-{n + 1:05d}-of-{len(groups):05d}.safetensors"
@@ -470,7 +488,8 @@ def test_peak_rss_of_streaming_merge_stays_near_one_shard(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     stats = json.loads(run.stdout.strip().splitlines()[-1])
     growth = stats["peak"] - stats["baseline"]
-    print(f"\nstreaming merge of {total / 1e6:.0f} MB in 5 shards (largest {largest / 1e6:.0f} MB): peak RSS growth "
+    print(f"\nstreaming merge of {total / 1e6:.0f} MB in {len(groups)} shards (largest {largest / 1e6:.0f} MB): peak RSS growth "
           f"{growth / 1e6:.0f} MB, {stats['seconds']:.1f} s, {stats['written'] / 1e6:.0f} MB written")
-    assert growth < 2 * largest
+    assert len(groups) >= 4 and growth < 2 * largest
+    assert growth < 0.4 * total  # far from holding the model (it is not held: this measured ~0.25)
     assert stats["written"] == sum(2 * math.prod(s) for s in shapes.values())  # fp32 -> fp16, every tensor
