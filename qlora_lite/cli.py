@@ -146,7 +146,8 @@ def _train(cfg) -> None:
     result = train(cfg)
     if result.interrupted:
         raise SystemExit(130)
-    print(f"trained {result.steps} steps; adapter: {result.adapter_dir}; final loss {result.losses[-1]:.4f}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"trained {result.steps} steps; adapter: {result.adapter_dir}; final loss {result.losses[-1]:.4f}")
 
 
 def build_parser():

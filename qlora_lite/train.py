@@ -241,11 +241,17 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    state = {"losses": [], "eval_losses": [], "tokens": 0}
+    state = {"losses": [], "eval_losses": [], "tokens": 0, "world_size": accelerator.num_processes}
     start_step = 0
     if resume_from is not None:
         state = _load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
         start_step = state["step"]
+        saved_world = state.get("world_size", 1)
+        if saved_world != accelerator.num_processes:
+            raise TrainingError(
+                f"{resume_from} was written by a run on {saved_world} process(es) but this run has "
+                f"{accelerator.num_processes}; the data order and the per-process batch depend on it. Resume with "
+                f"{saved_world} process(es), or start a new run initialised from {resume_from / 'adapter'}")
         log(f"resumed from {resume_from} at step {start_step}")
     batches = batch_iterator(train_set, cfg.batch_size, seed=cfg.seed, start_step=start_step * cfg.grad_accum,
                              rank=accelerator.process_index, world_size=accelerator.num_processes)
@@ -291,6 +297,8 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
             step += 1
             if step == start_step + 1:
                 monitor.mark("first_step")
+            if accelerator.num_processes > 1:  # log the global mean, not rank 0's share
+                step_loss = accelerator.reduce(torch.tensor(step_loss, device=device), "mean").item()
             elapsed = time.perf_counter() - t0
             tokens_run += step_tokens * accelerator.num_processes
             state["losses"].append(step_loss)

@@ -491,5 +491,5 @@ def test_peak_rss_of_streaming_merge_stays_near_one_shard(tmp_path):
     print(f"\nstreaming merge of {total / 1e6:.0f} MB in {len(groups)} shards (largest {largest / 1e6:.0f} MB): peak RSS growth "
           f"{growth / 1e6:.0f} MB, {stats['seconds']:.1f} s, {stats['written'] / 1e6:.0f} MB written")
     assert len(groups) >= 4 and growth < 2 * largest
-    assert growth < 0.4 * total  # far from holding the model (it is not held: this measured ~0.25)
+    assert growth < 0.4 * total  # far from holding the model (measured 0.15-0.25 of it)
     assert stats["written"] == sum(2 * math.prod(s) for s in shapes.values())  # fp32 -> fp16, every tensor

@@ -1,0 +1,516 @@
+"""Training throughput and peak memory: qlora-lite vs transformers + bitsandbytes + PEFT (issue 8).
+
+    --shape (tiny | 1b | 7b | 13b | 70b): a Llama-shape config written in code
+        │ built on the meta device, written once as random bf16 safetensors, shard by shard
+        │ (host memory: one shard + one tensor), into --cache (default ~/.cache/qlora-lite/bench/<shape>)
+        ▼
+    one subprocess per side, same random tokens (fixed seed), same r / seq / batch / steps:
+      ours  load_model(QuantConfig(), LoraConfig(r, alpha=2r, dropout 0, "all-linear"))
+            + non-reentrant gradient checkpointing + qlora_lite.train.build_optimizer
+            (paged_adamw_32bit on CUDA, AdamW on CPU); compute dtype bf16 on CUDA, fp32 on CPU
+      peer  from_pretrained(BitsAndBytesConfig(nf4, double quant, compute dtype as ours))
+            + prepare_model_for_kbit_training (non-reentrant checkpointing) + PEFT LoRA on the seven
+            projections + bnb.optim.PagedAdamW32bit on CUDA / torch AdamW on CPU; bf16 autocast on CUDA
+      both  warmup_steps + steps of: forward (labels = inputs) → backward → clip 0.3 → optimizer →
+            LambdaLR(qlora_lite.train.lr_lambda) → zero_grad; the peer stays in train mode throughout
+        ▼
+    per side: median step time, tokens/s, peak memory (CUDA: allocated and reserved during the steps;
+    CPU: peak RSS sampled every 5 ms by a psutil thread), load + quantize time, first/last loss;
+    ratios ours/peer; the physical bound 6·N FLOPs per token (N = parameters in matmuls: every linear
+    and the LM head, not the embedding lookup; attention-score FLOPs are left out) at the device's
+    peak (bf16 table for GPUs; a measured fp32 matmul on CPU, the dtype the CPU runs compute in).
+
+Usage:
+
+    python benchmarks/bench_train.py --device cpu --shape tiny           # ~1-2 min on 2 idle cores
+    python benchmarks/bench_train.py --shape 7b --seq 2048 --batch 1      # the issue's H100 targets
+    python benchmarks/bench_train.py --shape 7b --seq 512 --batch 4 --json
+    python benchmarks/bench_train.py --shape 13b --seq 512 --batch 1
+    python benchmarks/bench_train.py --shape 70b --seq 512 --batch 1      # ~138 GB of bf16 on disk
+    python benchmarks/bench_train.py --shape tiny --device cpu --profile   # ours only: top ops of one step
+
+Internal: `--side ours|peer` runs one side in this process and prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES: dict[str, dict] = {
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=32000),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                num_key_value_heads=40, vocab_size=32000),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=32000),
+}
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Dense bf16 peak FLOP/s by device name (substring match, first hit wins).
+PEAK_BF16 = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("4090", 165e12)]
+DEFAULTS = {"cpu": dict(seq=128, batch=2, warmup=2, steps=5), "cuda": dict(seq=2048, batch=1, warmup=3, steps=10)}
+SHARD_BYTES = 2 * 10**9
+COMPLETE = ".complete"
+GiB = 1024**3
+
+
+# ---- the synthetic checkpoint --------------------------------------------------------------------
+
+def llama_config(shape: str):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                       dtype="bfloat16")
+
+
+def param_shapes(shape: str) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the state dict and its shape, from the model built on the meta device."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama_config(shape))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def build_checkpoint(shape: str, directory: Path, seed: int = 0, log=print) -> float:
+    """Write the random bf16 checkpoint once (temp dir + rename; a marker file says it is complete).
+
+    Linear weights and embeddings ~ N(0, 0.02²), norms = 1. Returns the seconds spent (0 if cached).
+    """
+    if (directory / COMPLETE).is_file():
+        return 0.0
+    from safetensors.torch import save_file
+
+    t0 = time.perf_counter()
+    shapes = param_shapes(shape)
+    total = sum(math.prod(s) * 2 for s in shapes.values())
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory.parent).free
+    if free < total * 1.02 + 2**30:
+        raise SystemExit(f"{shape}: the bf16 checkpoint needs {total / 1e9:.1f} GB but {directory.parent} has "
+                         f"{free / 1e9:.1f} GB free; pass --cache on a larger disk")
+    log(f"writing a random {shape} checkpoint ({total / 1e9:.2f} GB bf16) to {directory} ...")
+    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    llama_config(shape).save_pretrained(tmp)
+    groups, size = [[]], 0
+    for key, s in shapes.items():
+        nbytes = math.prod(s) * 2
+        if groups[-1] and size + nbytes > SHARD_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes
+    generator = torch.Generator().manual_seed(seed)
+    weight_map = {}
+    for n, keys in enumerate(groups):
+        name = f"model-{n + 1:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {}
+        for key in keys:
+            t = torch.empty(shapes[key], dtype=torch.bfloat16)
+            tensors[key] = t.fill_(1.0) if len(shapes[key]) == 1 else t.normal_(0.0, 0.02, generator=generator)
+        save_file(tensors, str(tmp / name), {"format": "pt"})
+        del tensors
+        weight_map |= dict.fromkeys(keys, name)
+    (tmp / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (tmp / COMPLETE).write_text(json.dumps({"shape": shape, "seed": seed, "bytes": total}))
+    shutil.rmtree(directory, ignore_errors=True)  # an incomplete earlier attempt
+    tmp.rename(directory)
+    return time.perf_counter() - t0
+
+
+# ---- one side, in its own process ------------------------------------------------------------------
+
+class PeakRss:
+    """Samples this process's RSS every `interval` seconds in a daemon thread; `reset()` ends a window.
+
+    Next to the sampled peak, `reset()` also reads the kernel's exact high-water mark (VmHWM, reset
+    through /proc/self/clear_refs on Linux) as a cross-check: a sampler can miss a peak shorter than
+    its interval.
+    """
+
+    def __init__(self, interval: float = 0.005):
+        import psutil
+
+        self._process = psutil.Process()
+        self.peak = self._process.memory_info().rss
+        self._hwm = self._reset_hwm()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _reset_hwm() -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            return True
+        except OSError:
+            return False
+
+    def _read_hwm(self) -> int | None:
+        if not self._hwm:
+            return None
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        return None
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def now(self) -> int:
+        return self._process.memory_info().rss
+
+    def reset(self) -> tuple[int, int | None]:
+        """(sampled peak, kernel high-water mark) of the window that ends now; a new window starts."""
+        peak, hwm = max(self.peak, self.now()), self._read_hwm()
+        self.peak, self._hwm = self.now(), self._reset_hwm()
+        return peak, hwm
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _load_ours(path: Path, opts, device: torch.device, compute: torch.dtype):
+    from qlora_lite.config import LoraConfig, QuantConfig, TrainConfig
+    from qlora_lite.load import load_model
+    from qlora_lite.train import build_optimizer, lr_lambda
+
+    model, _ = load_model(path, QuantConfig(), LoraConfig(r=opts.r, lora_alpha=2 * opts.r, lora_dropout=0.0,
+                                                          target_modules="all-linear"),
+                          device=device, compute_dtype=compute, with_tokenizer=False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    cfg = TrainConfig(max_steps=opts.warmup + opts.steps + 1, warmup_steps=min(opts.warmup, 10),
+                      optimizer="paged_adamw_32bit", learning_rate=2e-4, device=device.type, progress=False)
+    optimizer = build_optimizer(trainable, cfg, device, log=lambda msg: print(msg, file=sys.stderr))
+    return model, trainable, optimizer, lr_lambda(cfg), None
+
+
+def _load_peer(path: Path, opts, device: torch.device, compute: torch.dtype):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qlora_lite.config import TrainConfig
+    from qlora_lite.train import lr_lambda
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute)
+    device_map = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(str(path), quantization_config=quant, dtype=compute,
+                                                 device_map=device_map)
+    # Train mode from the start: bnb's Linear4bit.forward in eval mode with a no-grad input repacks the
+    # weight into a CPU-only layout on AVX512-BF16 CPUs, after which training is wrong.
+    model.train()
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=opts.r, lora_alpha=2 * opts.r, lora_dropout=0.0,
+                                             target_modules=PROJECTIONS, bias="none", task_type="CAUSAL_LM"))
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if device.type == "cuda":
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.PagedAdamW32bit(trainable, lr=2e-4, weight_decay=0.0)
+        autocast = compute  # HF Trainer's bf16=True: the upcast fp32 embeddings/head run under autocast
+    else:  # bnb's paged optimizers fall back to non-paged on CPU; torch AdamW is the like-for-like choice
+        optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0)
+        autocast = None
+    cfg = TrainConfig(max_steps=opts.warmup + opts.steps + 1, warmup_steps=min(opts.warmup, 10),
+                      learning_rate=2e-4, device=device.type, progress=False)
+    return model, trainable, optimizer, lr_lambda(cfg), autocast
+
+
+def _top_ops(prof, device: torch.device, limit: int) -> tuple[str, list[dict]]:
+    events = prof.key_averages()
+    cuda = device.type == "cuda"
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table = events.table(sort_by=key, row_limit=limit)
+    rows = sorted(events, key=lambda e: getattr(e, key, 0.0), reverse=True)[:limit]
+    top = [{"op": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3),
+            **({"self_device_ms": round(getattr(e, "self_device_time_total", 0.0) / 1e3, 3)} if cuda else {})}
+           for e in rows]
+    return table, top
+
+
+def run_side(opts) -> dict:
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    import bitsandbytes  # noqa: F401  (imports before the RSS baseline, same set for both sides)
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    import qlora_lite.load  # noqa: F401
+
+    device = torch.device(opts.device)
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(opts.seed)
+    rss = PeakRss()
+    baseline_rss = rss.now()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    loader = _load_ours if opts.side == "ours" else _load_peer
+    model, trainable, optimizer, factor, autocast = loader(Path(opts.cache), opts, device, compute)
+    _sync(device)
+    load_s = time.perf_counter() - t0
+    load_peak, load_hwm = rss.reset()
+    out = {"side": opts.side, "load_s": load_s, "baseline_rss_bytes": baseline_rss, "load_peak_rss_bytes": load_peak,
+           "load_peak_rss_hwm_bytes": load_hwm,
+           "trainable_params": sum(p.numel() for p in trainable), "threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        out.update(load_peak_allocated_bytes=torch.cuda.max_memory_allocated(device),
+                   after_load_allocated_bytes=torch.cuda.memory_allocated(device))
+        torch.cuda.reset_peak_memory_stats(device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    vocab = SHAPES[opts.shape]["vocab_size"]
+    total = opts.warmup + opts.steps + (1 if opts.profile else 0)
+    data = torch.randint(0, vocab, (total, opts.batch, opts.seq), generator=torch.Generator().manual_seed(opts.seed))
+
+    def step(ids: torch.Tensor) -> float:
+        ids = ids.to(device)
+        if autocast is not None:
+            with torch.autocast(device.type, dtype=autocast):
+                loss = model(input_ids=ids, labels=ids).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 0.3)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    times, losses = [], []
+    for i in range(opts.warmup + opts.steps):
+        _sync(device)
+        t = time.perf_counter()
+        losses.append(step(data[i]))
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    timed = times[opts.warmup:]
+    step_s = statistics.median(timed)
+    peak, hwm = rss.reset()
+    out.update(step_s=step_s, step_times_s=timed, warmup_times_s=times[:opts.warmup],
+               tokens_per_s=opts.batch * opts.seq / step_s, losses=losses, peak_rss_bytes=peak, peak_rss_hwm_bytes=hwm)
+    if device.type == "cuda":
+        out.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(device),
+                   peak_reserved_bytes=torch.cuda.max_memory_reserved(device))
+        out["peak_bytes"] = out["peak_allocated_bytes"]
+    else:
+        out["peak_bytes"] = out["peak_rss_bytes"]
+    rss.stop()
+    if opts.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            step(data[-1])
+            _sync(device)
+        table, top = _top_ops(prof, device, opts.profile_rows)
+        out.update(profile_table=table, profile_top=top)
+    return out
+
+
+# ---- the parent: both sides, ratios, the bound ---------------------------------------------------
+
+def device_peak(device: torch.device, threads: int) -> tuple[float, str]:
+    """Peak FLOP/s: the bf16 table for known GPUs; otherwise a measured matmul (fp32 on CPU, bf16 on CUDA)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in PEAK_BF16:
+            if key in name:
+                return flops, f"{name}: dense bf16 peak {flops / 1e12:.0f} TFLOP/s (table)"
+    if threads:
+        torch.set_num_threads(threads)
+    n = 1024 if device.type == "cpu" else 8192
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    best, deadline = math.inf, time.perf_counter() + (1.5 if device.type == "cpu" else 3.0)
+    a @ b
+    while time.perf_counter() < deadline:
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        _sync(device)
+        best = min(best, (time.perf_counter() - t) / 4)
+    flops = 2 * n**3 / best
+    return flops, (f"measured {dtype} {n}x{n} matmul, best of ~1.5 s: {flops / 1e9:.1f} GFLOP/s "
+                   f"({torch.get_num_threads()} threads)")
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "qlora-lite"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor() or platform.machine())
+    return f"CPU, {os.cpu_count()} cores ({model})"
+
+
+def _child(side: str, opts) -> dict:
+    args = [sys.executable, os.path.abspath(__file__), "--side", side, "--shape", opts.shape, "--cache", str(opts.cache),
+            "--device", str(opts.device), "--seq", str(opts.seq), "--batch", str(opts.batch), "--r", str(opts.r),
+            "--warmup", str(opts.warmup), "--steps", str(opts.steps), "--seed", str(opts.seed),
+            "--threads", str(opts.threads), "--profile-rows", str(opts.profile_rows)]
+    if opts.profile:
+        args.append("--profile")
+    done = subprocess.run(args, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{side} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _fmt_bytes(n: float | None) -> str:
+    return "-" if n is None else f"{n / GiB:.2f} GiB"
+
+
+def report(summary: dict) -> str:
+    c, lines = summary["config"], []
+    lines.append(f"{summary['shape']} Llama shape ({summary['n_params'] / 1e6:,.1f}M params, "
+                 f"{summary['n_matmul_params'] / 1e6:,.1f}M in matmuls) on {summary['device']}")
+    lines.append(f"seq {c['seq']} x batch {c['batch']}, LoRA r={c['r']} alpha={2 * c['r']} on 7 projections, "
+                 f"{c['warmup']} warm-up + {c['steps']} timed steps, load average {summary['load_average_before']} -> "
+                 f"{summary['load_average_after']}")
+    cuda = summary["device_type"] == "cuda"
+    mem_label = "peak alloc" if cuda else "peak RSS"
+    header = f"{'side':<6}{'step s':>9}{'tokens/s':>11}{mem_label:>13}"
+    header += f"{'reserved':>12}" if cuda else f"{'VmHWM':>12}{'RSS base':>12}"
+    header += f"{'load s':>9}{'loss first→last':>20}{'of bound':>10}"
+    lines += [header]
+    for side in ("ours", "peer"):
+        r = summary.get(side)
+        if r is None:
+            continue
+        row = f"{side:<6}{r['step_s']:>9.3f}{r['tokens_per_s']:>11.1f}{_fmt_bytes(r['peak_bytes']):>13}"
+        if cuda:
+            row += f"{_fmt_bytes(r.get('peak_reserved_bytes')):>12}"
+        else:
+            row += f"{_fmt_bytes(r.get('peak_rss_hwm_bytes')):>12}{_fmt_bytes(r['baseline_rss_bytes']):>12}"
+        row += f"{r['load_s']:>9.2f}{r['losses'][0]:>11.4f}→{r['losses'][-1]:<8.4f}{100 * r['bound_fraction']:>9.2f}%"
+        lines.append(row)
+    if summary.get("ratios"):
+        q = summary["ratios"]
+        lines.append(f"ours/peer: tokens/s {q['tokens_per_s']:.3f}, peak memory {q['peak_bytes']:.3f}, "
+                     f"load time {q['load_s']:.3f}")
+    lines.append(f"bound: 6·N = {summary['flops_per_token'] / 1e9:.3f} GFLOP/token at {summary['peak_source']} "
+                 f"-> {summary['bound_tokens_per_s']:,.0f} tokens/s")
+    if summary.get("ours", {}).get("profile_table"):
+        lines += ["", "profile of one step (ours), top ops by self time:", summary["ours"]["profile_table"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--cache", type=Path, help="checkpoint dir (default ~/.cache/qlora-lite/bench/<shape>)")
+    parser.add_argument("--seq", type=int, help="sequence length (default: 128 on CPU, 2048 on CUDA)")
+    parser.add_argument("--batch", type=int, help="batch size (default: 2 on CPU, 1 on CUDA)")
+    parser.add_argument("--r", type=int, default=16, help="LoRA rank (alpha = 2r, dropout 0)")
+    parser.add_argument("--warmup", type=int, help="untimed steps (default: 2 on CPU, 3 on CUDA)")
+    parser.add_argument("--steps", type=int, help="timed steps, the median is reported (default: 5 CPU, 10 CUDA)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per side (0: torch's default)")
+    parser.add_argument("--profile", action="store_true", help="ours only: torch.profiler on one extra step")
+    parser.add_argument("--profile-rows", type=int, default=15)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--side", choices=["ours", "peer"], help=argparse.SUPPRESS)
+    opts = parser.parse_args(argv)
+
+    if opts.device == "auto":
+        opts.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(opts.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    for key, value in DEFAULTS["cuda" if device.type == "cuda" else "cpu"].items():
+        if getattr(opts, key) is None:
+            setattr(opts, key, value)
+    opts.cache = (opts.cache or Path.home() / ".cache" / "qlora-lite" / "bench" / opts.shape).expanduser()
+
+    if opts.side:  # internal: one side, one JSON line on stdout
+        print(json.dumps(run_side(opts)))
+        return None
+
+    log = (lambda msg: print(msg, file=sys.stderr)) if opts.json else print
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    build_s = build_checkpoint(opts.shape, opts.cache, log=log)
+    shapes = param_shapes(opts.shape)
+    n_params = sum(math.prod(s) for s in shapes.values())
+    n_matmul = n_params - math.prod(shapes["model.embed_tokens.weight"])
+    peak_flops, peak_source = device_peak(device, opts.threads)
+    flops_per_token = 6 * n_matmul
+    bound = peak_flops / flops_per_token
+
+    summary = {
+        "shape": opts.shape, "llama_config": SHAPES[opts.shape], "n_params": n_params, "n_matmul_params": n_matmul,
+        "device": _device_name(device), "device_type": device.type, "versions": _versions(),
+        "config": {k: getattr(opts, k) for k in ("seq", "batch", "r", "warmup", "steps", "seed", "threads")},
+        "cache": str(opts.cache), "checkpoint_build_s": build_s, "load_average_before": load_before,
+        "peak_flops": peak_flops, "peak_source": peak_source, "flops_per_token": flops_per_token,
+        "bound_tokens_per_s": bound, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    }
+    sides = ["ours"] if opts.profile else ["ours", "peer"]
+    for side in sides:
+        log(f"running {side} ...")
+        result = _child(side, opts)
+        result["bound_fraction"] = result["tokens_per_s"] / bound
+        summary[side] = result
+    if "peer" in summary:
+        ours, peer = summary["ours"], summary["peer"]
+        summary["ratios"] = {k: ours[k] / peer[k] for k in ("tokens_per_s", "peak_bytes", "step_s", "load_s")}
+        if device.type == "cuda":
+            summary["ratios"]["peak_reserved_bytes"] = ours["peak_reserved_bytes"] / peer["peak_reserved_bytes"]
+        else:
+            growth = {s: summary[s]["peak_rss_bytes"] - summary[s]["baseline_rss_bytes"] for s in ("ours", "peer")}
+            summary["ratios"]["peak_rss_growth"] = growth["ours"] / growth["peer"]
+    summary["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    if opts.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(report(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
