@@ -113,7 +113,8 @@ def random_adapter(base: Path, directory: Path, rank: int = 16) -> int:
                 if key.rsplit(".", 2)[-2] in PROJECTIONS:
                     out_f, in_f = handle.get_slice(key).get_shape()
                     module = f"base_model.model.{key.removesuffix('.weight')}"
-                    tensors[f"{module}.lora_A.weight"] = (torch.rand(rank, in_f, generator=generator) * 2 - 1) / math.sqrt(in_f)
+                    a = (torch.rand(rank, in_f, generator=generator) * 2 - 1) / math.sqrt(in_f)
+                    tensors[f"{module}.lora_A.weight"] = a
                     tensors[f"{module}.lora_B.weight"] = torch.randn(out_f, rank, generator=generator) * 1e-3
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / "adapter_model.safetensors"), {"format": "pt"})
@@ -190,8 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
     if opts.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"{model_name}: {base_bytes / 1e6:.0f} MB base, LoRA r={opts.rank} on {modules} modules, -> {opts.dtype}, "
-              f"{summary['threads']} torch threads")
+        print(f"{model_name}: {base_bytes / 1e6:.0f} MB base, LoRA r={opts.rank} on {modules} modules, "
+              f"-> {opts.dtype}, {summary['threads']} torch threads")
         print(f"{'method':24} {'wall s':>8} {'GB/s':>7} {'peak RSS +MB':>13} {'time/PEFT':>10} {'mem/PEFT':>9}")
         for method, r in results.items():
             print(f"{method:24} {r['seconds']:8.2f} {r['gb_per_s']:7.3f} {r['peak_growth'] / 1e6:13.0f} "

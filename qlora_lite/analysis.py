@@ -319,9 +319,18 @@ def _kind_layer(module: str) -> tuple[str, int | None]:
     return module.rsplit(".", 1)[-1], int(numbers[-1]) if numbers else None
 
 
-def _mean(values) -> float | None:
+def _model_order(modules) -> list[str]:
+    """By layer, then q, k, v, o, gate, up, down (other kinds after, by name)."""
+    def key(module: str):
+        kind, layer = _kind_layer(module)
+        return (-1 if layer is None else layer, _KIND_RANK.get(kind, len(_KIND_RANK)), module)
+    return sorted(modules, key=key)
+
+
+def _stat(values, how: str = "mean") -> float | None:
+    """Mean or median of the finite values; None when there are none."""
     values = [v for v in values if v is not None and math.isfinite(v)]
-    return sum(values) / len(values) if values else None
+    return None if not values else median(values) if how == "median" else sum(values) / len(values)
 
 
 class _BaseWeights:
@@ -348,8 +357,8 @@ class _BaseWeights:
 def _module_stats(adapter: AdapterFile, module: str, top_k, base: _BaseWeights | None) -> ModuleStats:
     A, B = adapter.lora_A[module], adapter.lora_B[module]
     if A.shape[0] > min(A.shape[1], B.shape[0]):
-        raise CheckpointError(f"{adapter.path}: {module} has r={A.shape[0]} > min(in={A.shape[1]}, out={B.shape[0]});"
-                              " such an adapter wastes parameters and ΔW cannot reach rank r: retrain with a smaller r")
+        raise CheckpointError(f"{adapter.path}: {module} has r={A.shape[0]} > min(in={A.shape[1]}, "
+                              f"out={B.shape[0]}); ΔW cannot reach rank r and parameters are wasted: use a smaller r")
     S = delta_spectrum(A, B, adapter.scaling)
     kind, layer = _kind_layer(module)
     stats = ModuleStats(module, kind, layer, (B.shape[0], A.shape[1]), A.shape[0], [float(s) for s in S],
@@ -366,27 +375,25 @@ def _module_stats(adapter: AdapterFile, module: str, top_k, base: _BaseWeights |
 
 
 def _compare(a1: AdapterFile, a2: AdapterFile, kinds: tuple[str, ...]) -> dict:
-    """φ grids on the modules both adapters share (same input width); lists what was skipped."""
-    common = [m for m in a1.modules if m in a2.lora_A and a1.lora_A[m].shape[1] == a2.lora_A[m].shape[1]
-              and a1.lora_B[m].shape[0] == a2.lora_B[m].shape[0]]
-    skipped = {"only_in_adapter": sorted(set(a1.modules) - set(a2.modules)),
-               "only_in_compare": sorted(set(a2.modules) - set(a1.modules)),
-               "shape_mismatch": sorted(m for m in set(a1.modules) & set(a2.modules) if m not in common)}
+    """φ grids on the modules both adapters share (same shapes); lists what was skipped."""
+    def same(m: str) -> bool:
+        return a1.lora_A[m].shape[1] == a2.lora_A[m].shape[1] and a1.lora_B[m].shape[0] == a2.lora_B[m].shape[0]
+    shared = set(a1.modules) & set(a2.modules)
+    common = [m for m in _model_order(shared) if same(m)]
+    skipped = {"only_in_adapter": sorted(set(a1.modules) - shared), "only_in_compare": sorted(set(a2.modules) - shared),
+               "shape_mismatch": sorted(shared - set(common))}
     present = sorted({_kind_layer(m)[0] for m in common})
-    chosen = [k for k in kinds if k in present] or present[:2]
-    out = {"compare_to": str(a2.path), "r1": a1.r, "r2": a2.r, "common": len(common), "skipped": skipped,
-           "kinds": {}}
-    for kind in chosen:
+    out = {"compare_to": str(a2.path), "r1": a1.r, "r2": a2.r, "common": len(common), "skipped": skipped, "kinds": {}}
+    for kind in [k for k in kinds if k in present] or present[:2]:
         mods = [m for m in common if _kind_layer(m)[0] == kind]
         mid = len(mods) // 2
         svd1 = [delta_svd(a1.lora_A[m], a1.lora_B[m], a1.scaling) for m in mods]
         svd2 = [delta_svd(a2.lora_A[m], a2.lora_B[m], a2.scaling) for m in mods]
-        grids = {"A": [similarity_grid(a1.lora_A[m], a2.lora_A[m]) for m in mods],   # the paper's measure
-                 "delta_in": [basis_similarity_grid(x[2], y[2]) for x, y in zip(svd1, svd2)],  # ΔW's right vectors
+        grids = {"A": [similarity_grid(a1.lora_A[m], a2.lora_A[m]) for m in mods],  # the paper's measure
+                 "delta_in": [basis_similarity_grid(x[2], y[2]) for x, y in zip(svd1, svd2)],  # right vectors
                  "delta_out": [basis_similarity_grid(x[0].T, y[0].T) for x, y in zip(svd1, svd2)]}  # left vectors
         entry = {"modules": len(mods), "middle_module": mods[mid], "middle_layer": _kind_layer(mods[mid])[1],
-                 "chance_top1_in_all_in": a2.r / a1.lora_A[mods[mid]].shape[1],
-                 "chance_top1_in_all_out": a2.r / a1.lora_B[mods[mid]].shape[0]}
+                 "in_features": a1.lora_A[mods[mid]].shape[1], "out_features": a1.lora_B[mods[mid]].shape[0]}
         for name, values in grids.items():
             mean = torch.stack(values).mean(0)
             entry |= {f"grid_{name}_middle": values[mid].tolist(), f"grid_{name}_mean": mean.tolist(),
@@ -398,8 +405,9 @@ def _compare(a1: AdapterFile, a2: AdapterFile, kinds: tuple[str, ...]) -> dict:
 def analyze(adapter_dir: str | Path, base_dir: str | Path | None = None, compare_to: str | Path | None = None,
             out_dir: str | Path = "analysis", top_k: tuple[int, ...] = (1, 2, 4, 8),
             compare_kinds: tuple[str, ...] = ("q_proj", "v_proj"), plots: bool = True) -> Report:
-    """Every analysis on one adapter (optionally against its base and a second adapter); writes
-    report.md, report.json and PNG plots into `out_dir`."""
+    """Every analysis on one adapter, optionally against its base checkpoint (amplification, NF4
+    error) and a second adapter (subspace similarity on the modules both adapt, for `compare_kinds`);
+    writes report.md, report.json and PNG plots into `out_dir`."""
     from . import plots as plotting
 
     adapter = _as_adapter(adapter_dir)
@@ -424,52 +432,33 @@ def analyze(adapter_dir: str | Path, base_dir: str | Path | None = None, compare
     return report
 
 
-def _model_order(modules: list[str]) -> list[str]:
-    """By layer, then q, k, v, o, gate, up, down (other kinds after, by name)."""
-    def key(module: str):
-        kind, layer = _kind_layer(module)
-        return (-1 if layer is None else layer, _KIND_RANK.get(kind, len(_KIND_RANK)), module)
-    return sorted(modules, key=key)
-
-
-def _by_kind(report: Report) -> dict[str, list[ModuleStats]]:
-    kinds: dict[str, list[ModuleStats]] = {}
-    for m in report.modules:  # model order, so kinds come q, k, v, o, gate, up, down
-        kinds.setdefault(m.kind, []).append(m)
-    return kinds
+def headline(report: Report) -> list[str]:
+    """2–4 short lines for a demo summary."""
+    mods, acc, c = report.modules, report.accounting, report.comparison
+    e1, e4 = (_stat(m.energy.get(k) for m in mods) for k in (1, 4))
+    lines = [f"trainable {acc.trainable_params:,} params"
+             + (f" = {100 * acc.trainable_ratio:.2f}% of {acc.total_params:,}" if acc.trainable_ratio else "")
+             + f"; adapter {_size(acc.adapter_file_bytes)} on disk",
+             f"ΔW over {len(mods)} modules (r={mods[0].r}): "
+             f"mean effective rank {_stat(m.effective_rank for m in mods):.2f}"
+             + (f", energy in top-1 {100 * e1:.0f}%" if e1 is not None else "")
+             + (f", top-4 {100 * e4:.0f}%" if e4 is not None else "")]
+    if mods[0].base:
+        factor, vs_random, nf4 = (_stat((m.base.get(k) for m in mods), "median")
+                                  for k in ("factor", "vs_random", "nf4_error_over_delta"))
+        lines.append(f"median amplification ‖ΔW‖/‖UᵀWV‖ {factor:.2f}×; W along ΔW's directions "
+                     f"{vs_random:.1f}× random ones" + (f"; NF4 error of W0 = {nf4:.1f}× ‖ΔW‖" if nf4 else ""))
+    if c and c["kinds"]:
+        parts = [f"{k} A {v['phi_top1_A']:.2f}, ΔW out {v['phi_top1_delta_out']:.2f}" for k, v in c["kinds"].items()]
+        lines.append(f"top direction, r={c['r1']} vs r={c['r2']}: φ(1,1) " + "; ".join(parts) + " (random: ~1/dim)")
+    return lines
 
 
 def _size(n: float | None) -> str:
     if n is None:
         return "–"
-    for unit, factor in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= factor:
-            return f"{n / factor:,.1f} {unit}"
-    return f"{n:.0f} B"
-
-
-def headline(report: Report) -> list[str]:
-    """2–4 short lines for a demo summary."""
-    mods, acc = report.modules, report.accounting
-    e1 = _mean(m.energy.get(1) for m in mods)
-    e4 = _mean(m.energy.get(4) for m in mods)
-    lines = [f"trainable {acc.trainable_params:,} params"
-             + (f" = {100 * acc.trainable_ratio:.2f}% of {acc.total_params:,}" if acc.trainable_ratio else "")
-             + f"; adapter {_size(acc.adapter_file_bytes)} on disk",
-             f"ΔW over {len(mods)} modules (r={report.modules[0].r}): mean effective rank "
-             f"{_mean(m.effective_rank for m in mods):.2f}" + (f", energy in top-1 {100 * e1:.0f}%" if e1 is not None else "")
-             + (f", top-4 {100 * e4:.0f}%" if e4 is not None else "")]
-    if mods[0].base:
-        nf4 = _mean(m.base.get("nf4_error_over_delta") for m in mods)
-        lines.append(f"median amplification ‖ΔW‖/‖UᵀWV‖ {median(m.base['factor'] for m in mods):.2f}×; "
-                     f"W along ΔW's directions {median(m.base['vs_random'] for m in mods):.1f}× random ones"
-                     + (f"; NF4 error of W0 = {nf4:.1f}× ‖ΔW‖" if nf4 is not None else ""))
-    if report.comparison and report.comparison["kinds"]:
-        c = report.comparison
-        parts = [f"{k} {v['phi_top1_in_all_A']:.2f} (chance {v['chance_top1_in_all_in']:.2f})"
-                 for k, v in c["kinds"].items()]
-        lines.append(f"top-1 direction of A (r={c['r1']}) inside r={c['r2']}'s span, φ: " + ", ".join(parts))
-    return lines
+    unit, factor = next(((u, f) for u, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)) if n >= f), ("B", 1))
+    return f"{n / factor:,.1f} {unit}"
 
 
 def _fmt(value, spec: str = ".3f") -> str:
@@ -478,6 +467,29 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _kind_rows(report: Report) -> tuple[list[str], list[list[str]]]:
+    ks = sorted({k for m in report.modules for k in m.energy})
+    has_base = bool(report.modules[0].base)
+    head = ["kind", "modules", "r", "eff. rank"] + [f"energy top-{k}" for k in ks]
+    head += ["amplification", "with random U, V", "‖UᵀWV‖ ΔW dirs / random", "‖ΔW‖ / ‖W‖",
+             "NF4 err / ‖W0‖", "NF4 err / ‖ΔW‖"] if has_base else []
+    kinds: dict[str, list[ModuleStats]] = {}
+    for m in report.modules:  # model order: q, k, v, o, gate, up, down
+        kinds.setdefault(m.kind, []).append(m)
+    rows = []
+    for kind, mods in kinds.items():
+        row = [kind, str(len(mods)), str(mods[0].r), _fmt(_stat(m.effective_rank for m in mods), ".2f")]
+        row += [_fmt(_stat(m.energy.get(k) for m in mods)) for k in ks]
+        if has_base:
+            medians = [[m.base["factor"] for m in mods], [m.base["factor_random"] for m in mods],
+                       [m.base["vs_random"] for m in mods], [m.base["delta_fro"] / m.base["w_fro"] for m in mods]]
+            row += [_fmt(_stat(v, "median"), s) for v, s in zip(medians, (".2f", ".2f", ".2f", ".4f"))]
+            row += [_fmt(_stat(m.base.get("nf4_error_rel") for m in mods), ".4f"),
+                    _fmt(_stat((m.base.get("nf4_error_over_delta") for m in mods), "median"), ".2f")]
+        rows.append(row)
+    return head, rows
 
 
 def _markdown(report: Report) -> str:
@@ -493,34 +505,22 @@ def _markdown(report: Report) -> str:
         ["NF4 base (linears NF4, the rest 16-bit)", _size(acc.nf4_base_bytes)],
         ["Adam state (fp32 m + v), LoRA / full fine-tuning",
          f"{_size(acc.lora_optimizer_bytes)} / {_size(acc.full_ft_optimizer_bytes)}"]])
-    ks = sorted({k for m in report.modules for k in m.energy})
-    has_base = bool(report.modules[0].base)
-    head = ["kind", "modules", "r", "eff. rank"] + [f"energy top-{k}" for k in ks]
-    head += ["amplification", "with random U, V", "‖UᵀWV‖ ΔW dirs / random", "‖ΔW‖ / ‖W‖", "NF4 err / ‖W0‖",
-             "NF4 err / ‖ΔW‖"] if has_base else []
-    rows = []
-    for kind, mods in _by_kind(report).items():
-        row = [kind, str(len(mods)), str(mods[0].r), _fmt(_mean(m.effective_rank for m in mods), ".2f")]
-        row += [_fmt(_mean(m.energy.get(k) for m in mods)) for k in ks]
-        if has_base:
-            row += [_fmt(median(m.base[key] for m in mods), ".2f") for key in ("factor", "factor_random", "vs_random")]
-            row += [_fmt(median(m.base["delta_fro"] / m.base["w_fro"] for m in mods), ".4f")]
-            row += [_fmt(_mean(m.base.get(key) for m in mods), spec)
-                    for key, spec in (("nf4_error_rel", ".4f"), ("nf4_error_over_delta", ".2f"))]
-        rows.append(row)
-    lines += ["", "## Per module kind", "", "Means over layers; amplification columns are medians.", ""]
-    lines += _table(head, rows)
+    lines += ["", "## Per module kind", "",
+              "Means over layers; the amplification columns and NF4 err / ‖ΔW‖ are medians.", ""]
+    lines += _table(*_kind_rows(report))
     if c:
         skipped = ", ".join(f"{k} {len(v)} (e.g. {v[0]})" for k, v in c["skipped"].items() if v) or "none"
         lines += ["", f"## Subspace similarity with `{c['compare_to']}` (r={c['r1']} vs r={c['r2']})", "",
                   f"{c['common']} common modules; skipped: {skipped}.", "",
-                  "φ(1,1): top direction vs top direction; φ(1,r2): the top direction inside the whole r2 span "
-                  "(chance for random subspaces: r2/in for A and ΔW's in-space, r2/out for its out-space).", ""]
-        lines += _table(["kind", "A φ(1,1)", "A φ(1,r2)", "ΔW in φ(1,1)", "ΔW in φ(1,r2)", "ΔW out φ(1,1)",
-                         "ΔW out φ(1,r2)", "chance φ(1,r2) in / out"],
-                        [[kind] + [f"{v[f'phi_top1{part}_{n}']:.3f}" for n in ("A", "delta_in", "delta_out")
-                                   for part in ("", "_in_all")]
-                         + [f"{v['chance_top1_in_all_in']:.3f} / {v['chance_top1_in_all_out']:.3f}"]
+                  "φ(1,1): top direction vs top direction; φ(1,r2): the top direction inside the whole r2 span. "
+                  "Random subspaces score max(i, j)/dim on average: dim = in for A and ΔW's in-space "
+                  "(right singular vectors), out for ΔW's out-space (left).", ""]
+        head = ["kind", "in / out"] + [f"{n} φ(1,{j})" for n in ("A", "ΔW in", "ΔW out") for j in ("1", "r2")]
+        lines += _table(head + ["chance φ(1,1) / φ(1,r2), in", "out"],
+                        [[kind, f"{v['in_features']} / {v['out_features']}"]
+                         + [f"{v[f'phi_top1{p}_{n}']:.3f}" for n in ("A", "delta_in", "delta_out")
+                            for p in ("", "_in_all")]
+                         + [f"{1 / v[d]:.4f} / {c['r2'] / v[d]:.3f}" for d in ("in_features", "out_features")]
                          for kind, v in c["kinds"].items()])
     lines += ["", "## Plots", ""] + [f"![{f.stem}]({f.name})" for f in report.files if f.suffix == ".png"]
     lines += ["", "## GPT-3 175B, computed (the LoRA paper's setting)", "",

@@ -89,9 +89,11 @@ DEFAULT_PROMPTS = (  # ~1000 tokens in all, so one near-tie flip in fp16 still p
     "find every entry between two dates, or when you want guaranteed logarithmic time rather than good average time.",
     "def merge_sorted(left, right):\n    result = []\n    i = j = 0\n    while i < len(left) and j < len(right):\n"
     "        if left[i] <= right[j]:\n            result.append(left[i])\n            i += 1\n        else:\n"
-    "            result.append(right[j])\n            j += 1\n    result.extend(left[i:])\n    result.extend(right[j:])\n"
+    "            result.append(right[j])\n            j += 1\n"
+    "    result.extend(left[i:])\n    result.extend(right[j:])\n"
     "    return result\n\n\ndef merge_sort(items):\n    if len(items) <= 1:\n        return items\n"
-    "    middle = len(items) // 2\n    return merge_sorted(merge_sort(items[:middle]), merge_sort(items[middle:]))\n\n\n"
+    "    middle = len(items) // 2\n"
+    "    return merge_sorted(merge_sort(items[:middle]), merge_sort(items[middle:]))\n\n\n"
     "if __name__ == \"__main__\":\n    print(merge_sort([5, 3, 9, 1, 4, 8, 2, 7, 6]))\n",
     "Plants capture the energy of sunlight through photosynthesis. In the chloroplasts of their leaves, chlorophyll "
     "absorbs red and blue light, and that energy splits water into oxygen, which the plant releases, and hydrogen, "
@@ -106,8 +108,11 @@ DEFAULT_PROMPTS = (  # ~1000 tokens in all, so one near-tie flip in fp16 still p
     "Scientists are now studying how to make photosynthesis itself more efficient, since most plants convert only "
     "one or two percent of the sunlight that falls on them into stored chemical energy.",
 )
-# Default max |Δlogit| by the merged checkpoint's dtype (the merged weights carry one rounding to it).
+# Verification defaults by the merged checkpoint's dtype (its weights carry one rounding to it). Measured on
+# SmolLM2-135M over DEFAULT_PROMPTS: fp16 max |Δlogit| 0.035, top-1 1.000; bf16 (8 mantissa bits) 0.57 and
+# 0.991; a merge onto the wrong base (original instead of NF4) 21.8 and 0.740.
 _DEFAULT_MAX_DIFF = {torch.float32: 1e-2, torch.float16: 0.5, torch.bfloat16: 2.0}
+_DEFAULT_MIN_TOP1 = {torch.float32: 0.999, torch.float16: 0.999, torch.bfloat16: 0.98}
 
 
 class MergeError(QLoraLiteError, RuntimeError):
@@ -262,7 +267,10 @@ def _prequant_shapes(config: dict, catalog: dict, base_dir: Path) -> dict[str, t
                 raise CheckpointError(f"{file}: {key} is a 4-bit weight with {kind} quant state; only complete "
                                       "NF4 bitsandbytes checkpoints can be merged")
             with ShardReader(catalog[meta_key][0]) as reader:
-                shapes[key] = tuple(json.loads(bytes(reader.get(meta_key).numpy()))["shape"])
+                try:
+                    shapes[key] = tuple(json.loads(bytes(reader.get(meta_key).numpy()))["shape"])
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise CheckpointError(f"{file}: unreadable quant state {meta_key} ({exc}); re-save it") from None
     return shapes
 
 
@@ -275,7 +283,8 @@ def _validate_adapter(adapter: AdapterFile, catalog: dict, nf4_shapes: dict, con
         key, a, b = f"{module}.weight", adapter.lora_A[module], adapter.lora_B[module]
         shape = nf4_shapes.get(key, catalog[key][1] if key in catalog else None)
         if shape is None:
-            tied = " (tied to the input embeddings)" if module.endswith("lm_head") and config.get("tie_word_embeddings") else ""
+            tied = module.endswith("lm_head") and config.get("tie_word_embeddings")
+            tied = " (tied to the input embeddings)" if tied else ""
             problems.append(f"{module}: no weight {key} in the base checkpoint{tied}")
         elif len(shape) != 2:
             problems.append(f"{module}: base weight has shape {list(shape)}, not a 2-D linear weight")
@@ -300,7 +309,8 @@ def _linear_modules(base_dir: Path) -> set[str]:
         with init_empty_weights():
             skeleton = AutoModelForCausalLM.from_config(config)
     except (ValueError, OSError) as exc:
-        raise CheckpointError(f"{base_dir}/config.json: transformers cannot build a causal LM from it ({exc})") from None
+        raise CheckpointError(f"{base_dir}/config.json: transformers cannot build a causal LM from it ({exc})"
+                              ) from None
     return set(find_targets(skeleton, "all-linear"))
 
 
@@ -465,7 +475,8 @@ def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dt
     """Merge the adapter into the base checkpoint, streaming tensor by tensor, into a 16/32-bit HF checkpoint.
 
     base="quantized" (default) merges onto dequantize(quantize(W0)) with `quant`'s blocksize and double
-    quantization, the weights the adapter was trained against; base="original" onto W0 itself. Everything
+    quantization, the weights the adapter was trained against (always the pure-torch NF4 reference, which
+    reproduces bitsandbytes' CPU bytes; quant.backend is not used); base="original" onto W0 itself. Everything
     is validated before the first byte is written; `out_dir` appears only complete (temp dir, fsync,
     rename), and with verify=True only if its logits match base + adapter (see verify_merge).
     """
@@ -533,12 +544,14 @@ def _reference_model(base_dir: Path, adapter_dir: Path, quant: QuantConfig, base
 
 def verify_merge(merged_dir: str | Path, base_dir: str | Path, adapter_dir: str | Path,
                  prompts: list[str] | None = None, quant: QuantConfig = QuantConfig(),
-                 max_abs_logit_diff: float | None = None, min_top1_agreement: float = 0.999,
+                 max_abs_logit_diff: float | None = None, min_top1_agreement: float | None = None,
                  base: BaseKind = "quantized") -> dict[str, Any]:
     """Compare the merged checkpoint (plain transformers, fp32) with base + adapter (qlora_lite, fp32).
 
     Prompts default to DEFAULT_PROMPTS (fixed random token ids where the checkpoint has no tokenizer).
-    max_abs_logit_diff defaults by the merged dtype: 1e-2 (float32), 0.5 (float16), 2.0 (bfloat16).
+    Thresholds default by the merged dtype: max |Δlogit| 1e-2 / 0.5 / 2.0 and top-1 agreement 0.999 / 0.999 /
+    0.98 for float32 / float16 / bfloat16 (bf16 keeps 8 mantissa bits; an honest bf16 merge of SmolLM2-135M
+    agrees on 99.1% of tokens, a merge onto the wrong base on 74%).
     Raises VerificationError past either threshold, or if transformers reports missing/unexpected keys.
     """
     from transformers import AutoModelForCausalLM
@@ -549,7 +562,10 @@ def verify_merge(merged_dir: str | Path, base_dir: str | Path, adapter_dir: str 
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if bad:
         raise VerificationError(f"{merged_dir} does not load cleanly in transformers: {bad}")
-    limit = max_abs_logit_diff if max_abs_logit_diff is not None else _DEFAULT_MAX_DIFF[_OUT_DTYPES[saved]]
+    saved_dtype = _OUT_DTYPES.get(saved, torch.float32)
+    limit = max_abs_logit_diff if max_abs_logit_diff is not None else _DEFAULT_MAX_DIFF[saved_dtype]
+    if min_top1_agreement is None:
+        min_top1_agreement = _DEFAULT_MIN_TOP1[saved_dtype]
     reference = _reference_model(base_dir, adapter_dir, quant, base)
     texts = list(prompts or DEFAULT_PROMPTS)
     if any(merged_dir.glob("tokenizer*.json")) or any(merged_dir.glob("*.model")):
@@ -573,7 +589,8 @@ def verify_merge(merged_dir: str | Path, base_dir: str | Path, adapter_dir: str 
     if max_diff > limit or result["top1_agreement"] < min_top1_agreement:
         raise VerificationError(f"{merged_dir}: max |Δlogit| {max_diff:.4g} (limit {limit}), top-1 agreement "
                                 f"{result['top1_agreement']:.4f} (minimum {min_top1_agreement}) against base + "
-                                "adapter; the merge does not reproduce the adapter model (wrong base or quant settings?)")
+                                "adapter; the merge does not reproduce the adapter model (wrong base or quant "
+                                "settings?)")
     return result
 
 
@@ -597,7 +614,8 @@ def merge_adapter(model: nn.Module, name: str | None = None) -> list[str]:
                          "qlora_lite.merge.merge(base_dir, adapter_dir, out_dir) to write a 16-bit merged checkpoint")
     for path, layer in layers.items():
         adapter, w = name or layer.active_adapter, layer.base.weight
-        layer.base = DenseWeight(_cast_checked(f"{path}.weight", w.float() + layer.delta_weight(adapter), w.dtype, True))
+        merged = w.float() + layer.delta_weight(adapter)
+        layer.base = DenseWeight(_cast_checked(f"{path}.weight", merged, w.dtype, merged=True))
         layer.merged_adapter, layer.active_adapter = adapter, None
     return list(layers)
 

@@ -131,11 +131,11 @@ def plot_amplification(modules: Sequence, path: str | Path) -> list[Path]:
 
 
 def plot_similarity(comparison: dict, path: str | Path) -> list[Path]:
-    """φ(i, j) heat maps per module kind: A's right singular subspaces (a middle layer, the mean over
-    layers), and the mean for ΔW's right (in-space) and left (out-space) singular subspaces."""
+    """φ(i, j) heat maps per module kind, a middle layer and the mean over layers: A's right singular
+    subspaces (the paper's measure) and ΔW's left singular subspaces (out-space, where B lives)."""
     kinds = comparison["kinds"]
     panels = [("grid_A_middle", "A, layer {layer}"), ("grid_A_mean", "A, mean of {n} layers"),
-              ("grid_delta_in_mean", "ΔW in-space, mean"), ("grid_delta_out_mean", "ΔW out-space, mean")]
+              ("grid_delta_out_middle", "ΔW out-space, layer {layer}"), ("grid_delta_out_mean", "ΔW out-space, mean")]
     fig = _figure(3.0 * len(panels), 2.7 * len(kinds) + 0.5)
     image = None
     for row, (kind, data) in enumerate(kinds.items()):

@@ -119,7 +119,8 @@ def test_named_adapters_switch_disable_delete_without_touching_nf4(tmp_path):
     original.save_pretrained(tmp_path / "base")
     for name, seed, targets in [("a", 3, ["q_proj", "v_proj"]), ("b", 4, TARGETS)]:
         source = copy.deepcopy(original)
-        inject_lora(source, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets), quant=QuantConfig())
+        inject_lora(source, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets),
+                    quant=QuantConfig())
         randomize_b(source, seed)
         save_adapter(source, tmp_path / name)
 

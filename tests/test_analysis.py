@@ -249,7 +249,8 @@ def test_adapter_with_rank_above_width_is_rejected(tmp_path):
 
     (tmp_path / "bad").mkdir()
     save_file({"base_model.model.x.lora_A.weight": torch.randn(8, 4),
-               "base_model.model.x.lora_B.weight": torch.randn(16, 8)}, str(tmp_path / "bad" / "adapter_model.safetensors"))
+               "base_model.model.x.lora_B.weight": torch.randn(16, 8)},
+              str(tmp_path / "bad" / "adapter_model.safetensors"))
     (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 8}))
     with pytest.raises(CheckpointError, match="r=8 > min"):
         an.analyze(tmp_path / "bad", out_dir=tmp_path / "out", plots=False)

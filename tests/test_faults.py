@@ -137,7 +137,9 @@ def test_nf4_round_trip_bounds_on_random_shapes_and_values(rows, cols, dtype, sc
     absmax = flat.abs().amax(1, keepdim=True)
     err = torch.nn.functional.pad((deq - ref).abs().reshape(-1), (0, (-ref.numel()) % 64)).reshape(-1, 64)
     half_gap = ((NF4_CODE[1:] - NF4_CODE[:-1]).max() / 2).item()
-    assert (err <= half_gap * absmax * (1 + 1e-6) + 1e-45).all()
+    # Blocks whose absmax is below 1e-38 (subnormal) round to zero, as in bitsandbytes (it clamps
+    # the scale at 1e-38); their error is below 1e-38 in absolute terms.
+    assert (err <= half_gap * absmax * (1 + 1e-6) + 1e-38).all()
     assert torch.isfinite(NF4Weight.from_tensor(w, backend="torch").dequantize(torch.float32)).all()
 
 

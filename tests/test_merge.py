@@ -5,7 +5,7 @@ Tolerances stated here:
   (same weight, different summation order); the merged fp32 weight equals merged_weight() bit for bit.
 - single layer, fp16 output: |Δy| <= 2^-11·(|x|·|W|ᵀ) + 1e-5, the bound one fp16 rounding of W allows.
 - tiny model: fp32 merge, logits within atol=1e-5 of the adapter model on the quantized base;
-  fp16 merge within atol=2e-3 (logits of this random model are ~0.1-1).
+  fp16 merge within atol=2e-3, bf16 within 2e-2 (logits of this random model are ~0.1-1).
 - embedded SmolLM2-135M, fp16 merge: top-1 agreement >= 99.9% over ~1000 tokens of fixed text, max |Δlogit| < 0.5.
 - peak RSS of a streaming merge of a ~340 MB, 4-shard checkpoint: < 2x the largest input shard and < 0.4x the model.
 """
@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from qlora_lite import merge as merge_mod
-from qlora_lite.adapter import load_adapter, save_adapter
+from qlora_lite.adapter import save_adapter
 from qlora_lite.config import LoraConfig, QuantConfig
 from qlora_lite.errors import CheckpointError, QLoraLiteError
 from qlora_lite.fsutil import OutputExistsError
@@ -138,13 +138,14 @@ def test_single_layer_merge_algebra():
 
 # ---- the export format and agreement with the adapter model --------------------------------------
 
-@pytest.mark.parametrize("dtype, atol", [("float32", 1e-5), ("float16", 2e-3)])
-def test_tiny_merge_loads_cleanly_and_matches_adapter_model(tiny, tmp_path, caplog, dtype, atol):
+@pytest.mark.parametrize("dtype, atol, top1",
+                         [("float32", 1e-5, 1.0), ("float16", 2e-3, 1.0), ("bfloat16", 2e-2, 0.98)])
+def test_tiny_merge_loads_cleanly_and_matches_adapter_model(tiny, tmp_path, caplog, dtype, atol, top1):
     base_dir, adapter_dir, model = tiny
     limit = 40_000
     report = merge(base_dir, adapter_dir, tmp_path / "out", dtype=dtype, max_shard_size=limit, progress=False,
                    verify=True)
-    assert report.verification["top1_agreement"] == 1.0 and report.verification["positions"] == 5 * 48
+    assert report.verification["top1_agreement"] >= top1 and report.verification["positions"] == 5 * 48
     out = tmp_path / "out"
     shards = sorted(out.glob("model-*.safetensors"))
     assert report.shards == len(shards) > 2 and report.merged_modules == 6 and report.dequantized_tensors == 8
@@ -172,6 +173,9 @@ def test_tiny_merge_loads_cleanly_and_matches_adapter_model(tiny, tmp_path, capl
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, model(input_ids=ids).logits, atol=atol, rtol=0)
+        if dtype == "bfloat16":
+            merged_bf16 = load_clean(out, caplog, dtype=torch.bfloat16)
+            assert merged_bf16.model.norm.weight.dtype == torch.bfloat16
 
 
 def test_base_original_is_w0_plus_sba(tiny, tmp_path):
@@ -207,7 +211,8 @@ def test_prequantized_bnb_base(tiny, tmp_path, caplog):
     save_file({k: packed[k] for k in keys[:40]}, str(bnb / "model-00001-of-00002.safetensors"), {"format": "pt"})
     save_file({k: packed[k] for k in keys[40:]}, str(bnb / "model-00002-of-00002.safetensors"), {"format": "pt"})
     (bnb / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: f"model-0000{1 + (i >= 40)}-of-00002.safetensors" for i, k in enumerate(keys)}}))
+        {"metadata": {}, "weight_map": {k: f"model-0000{1 + (i >= 40)}-of-00002.safetensors"
+                                        for i, k in enumerate(keys)}}))
     config = json.loads((base_dir / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
                                      "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
@@ -251,7 +256,8 @@ def test_embedded_model_fp16_merge_agrees_with_adapter_model(embedded_dir, tmp_p
             if key.endswith("_proj.weight"):
                 out_f, in_f = handle.get_slice(key).get_shape()
                 module = f"base_model.model.{key.removesuffix('.weight')}"
-                tensors[f"{module}.lora_A.weight"] = (torch.rand(r, in_f, generator=generator) * 2 - 1) / math.sqrt(in_f)
+                bound = 1 / math.sqrt(in_f)
+                tensors[f"{module}.lora_A.weight"] = (torch.rand(r, in_f, generator=generator) * 2 - 1) * bound
                 tensors[f"{module}.lora_B.weight"] = torch.randn(out_f, r, generator=generator) * 1e-3
     save_file(tensors, str(adapter_dir / "adapter_model.safetensors"), {"format": "pt"})
     (adapter_dir / "adapter_config.json").write_text(json.dumps({
@@ -488,8 +494,8 @@ def test_peak_rss_of_streaming_merge_stays_near_one_shard(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     stats = json.loads(run.stdout.strip().splitlines()[-1])
     growth = stats["peak"] - stats["baseline"]
-    print(f"\nstreaming merge of {total / 1e6:.0f} MB in {len(groups)} shards (largest {largest / 1e6:.0f} MB): peak RSS growth "
-          f"{growth / 1e6:.0f} MB, {stats['seconds']:.1f} s, {stats['written'] / 1e6:.0f} MB written")
+    print(f"\nstreaming merge of {total / 1e6:.0f} MB in {len(groups)} shards (largest {largest / 1e6:.0f} MB): "
+          f"peak RSS growth {growth / 1e6:.0f} MB, {stats['seconds']:.1f} s, {stats['written'] / 1e6:.0f} MB written")
     assert len(groups) >= 4 and growth < 2 * largest
     assert growth < 0.4 * total  # far from holding the model (measured 0.15-0.25 of it)
     assert stats["written"] == sum(2 * math.prod(s) for s in shapes.values())  # fp32 -> fp16, every tensor
