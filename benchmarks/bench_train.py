@@ -63,7 +63,8 @@ SHAPES: dict[str, dict] = {
 }
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Dense bf16 peak FLOP/s by device name (substring match, first hit wins).
-PEAK_BF16 = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("4090", 165e12)]
+PEAK_BF16 = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("A100", 312e12),
+             ("4090", 165e12)]
 DEFAULTS = {"cpu": dict(seq=128, batch=2, warmup=2, steps=5), "cuda": dict(seq=2048, batch=1, warmup=3, steps=10)}
 SHARD_BYTES = 2 * 10**9
 COMPLETE = ".complete"
@@ -271,6 +272,11 @@ def run_side(opts) -> dict:
 
     device = torch.device(opts.device)
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gpu = {}
+    if device.type == "cuda":  # measured here, not in the parent, which never creates a CUDA context
+        peak_flops, peak_source = device_peak(device, opts.threads)
+        gpu = {"device_name": torch.cuda.get_device_name(device), "peak_flops": peak_flops, "peak_source": peak_source}
+        torch.cuda.empty_cache()
     torch.manual_seed(opts.seed)
     rss = PeakRss()
     baseline_rss = rss.now()
@@ -284,11 +290,12 @@ def run_side(opts) -> dict:
     load_peak, load_hwm = rss.reset()
     out = {"side": opts.side, "load_s": load_s, "baseline_rss_bytes": baseline_rss, "load_peak_rss_bytes": load_peak,
            "load_peak_rss_hwm_bytes": load_hwm,
-           "trainable_params": sum(p.numel() for p in trainable), "threads": torch.get_num_threads()}
+           "trainable_params": sum(p.numel() for p in trainable), "threads": torch.get_num_threads(), **gpu}
     if device.type == "cuda":
         out.update(load_peak_allocated_bytes=torch.cuda.max_memory_allocated(device),
                    after_load_allocated_bytes=torch.cuda.memory_allocated(device))
         torch.cuda.reset_peak_memory_stats(device)
+    out["load_peak_bytes"] = out.get("load_peak_allocated_bytes", load_peak)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     vocab = SHAPES[opts.shape]["vocab_size"]
@@ -432,7 +439,7 @@ def report(summary: dict) -> str:
     if summary.get("ratios"):
         q = summary["ratios"]
         lines.append(f"ours/peer: tokens/s {q['tokens_per_s']:.3f}, peak memory {q['peak_bytes']:.3f}, "
-                     f"load time {q['load_s']:.3f}")
+                     f"load time {q['load_s']:.3f}, peak memory while loading {q['load_peak_bytes']:.3f}")
     lines.append(f"bound: 6·N = {summary['flops_per_token'] / 1e9:.3f} GFLOP/token at {summary['peak_source']} "
                  f"-> {summary['bound_tokens_per_s']:,.0f} tokens/s")
     if summary.get("ours", {}).get("profile_table"):
@@ -478,27 +485,31 @@ def main(argv: list[str] | None = None) -> dict | None:
     shapes = param_shapes(opts.shape)
     n_params = sum(math.prod(s) for s in shapes.values())
     n_matmul = n_params - math.prod(shapes["model.embed_tokens.weight"])
-    peak_flops, peak_source = device_peak(device, opts.threads)
     flops_per_token = 6 * n_matmul
-    bound = peak_flops / flops_per_token
-
     summary = {
         "shape": opts.shape, "llama_config": SHAPES[opts.shape], "n_params": n_params, "n_matmul_params": n_matmul,
-        "device": _device_name(device), "device_type": device.type, "versions": _versions(),
+        "device": _device_name(device) if device.type == "cpu" else opts.device, "device_type": device.type,
+        "versions": _versions(),
         "config": {k: getattr(opts, k) for k in ("seq", "batch", "r", "warmup", "steps", "seed", "threads")},
         "cache": str(opts.cache), "checkpoint_build_s": build_s, "load_average_before": load_before,
-        "peak_flops": peak_flops, "peak_source": peak_source, "flops_per_token": flops_per_token,
-        "bound_tokens_per_s": bound, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "flops_per_token": flops_per_token, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }
+    if device.type == "cpu":  # measured before the runs, so nothing of ours competes with it
+        summary["peak_flops"], summary["peak_source"] = device_peak(device, opts.threads)
     sides = ["ours"] if opts.profile else ["ours", "peer"]
     for side in sides:
         log(f"running {side} ...")
-        result = _child(side, opts)
-        result["bound_fraction"] = result["tokens_per_s"] / bound
-        summary[side] = result
+        summary[side] = _child(side, opts)
+    if device.type == "cuda":
+        ours = summary["ours"]
+        summary.update(device=ours["device_name"], peak_flops=ours["peak_flops"], peak_source=ours["peak_source"])
+    summary["bound_tokens_per_s"] = bound = summary["peak_flops"] / flops_per_token
+    for side in sides:
+        summary[side]["bound_fraction"] = summary[side]["tokens_per_s"] / bound
     if "peer" in summary:
         ours, peer = summary["ours"], summary["peer"]
-        summary["ratios"] = {k: ours[k] / peer[k] for k in ("tokens_per_s", "peak_bytes", "step_s", "load_s")}
+        summary["ratios"] = {k: ours[k] / peer[k] for k in ("tokens_per_s", "peak_bytes", "step_s", "load_s",
+                                                                  "load_peak_bytes")}
         if device.type == "cuda":
             summary["ratios"]["peak_reserved_bytes"] = ours["peak_reserved_bytes"] / peer["peak_reserved_bytes"]
         else:

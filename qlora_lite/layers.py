@@ -70,7 +70,12 @@ class AdapterSpec:
 
 
 class _LoRABaseMatmul(torch.autograd.Function):
-    """y = x·W0ᵀ + b (+ s·x_lora·Aᵀ·Bᵀ). Saves x_lora and x_lora·Aᵀ, never a dense W0."""
+    """y = x·W0ᵀ + b (+ s·x_lora·Aᵀ·Bᵀ). Saves x_lora and x_lora·Aᵀ, never a dense W0.
+
+    The scaling s is applied to the r-wide factors, never to a full activation, and the LoRA
+    terms are accumulated into the base results in place (addmm), so the adapter adds two thin
+    matmuls per pass and no full-size temporaries.
+    """
 
     @staticmethod
     def forward(ctx, x, x_lora, lora_A, lora_B, bias, base, scaling):
@@ -79,31 +84,35 @@ class _LoRABaseMatmul(torch.autograd.Function):
         del weight
         ctx.base, ctx.scaling, ctx.has_lora = base, scaling, lora_A is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.lora_input_is_input = x_lora is x
         if ctx.has_lora:
             a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
-            xa = x_lora @ a.t()
-            y = y + scaling * (xa @ b.t())
+            xa = x_lora @ a.t()  # (..., r)
+            y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), (scaling * b).t())
             ctx.save_for_backward(x_lora, xa, lora_A, lora_B)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         grad_x = grad_x_lora = grad_A = grad_B = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ ctx.base.dequantize(grad_y.dtype)
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
-            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0).to(ctx.bias_dtype)
+        s = ctx.scaling
+        flat_g = grad_y.reshape(-1, grad_y.shape[-1])
         if ctx.has_lora:
             x_lora, xa, lora_A, lora_B = ctx.saved_tensors
-            s = ctx.scaling
-            gb = grad_y @ lora_B.to(grad_y.dtype)  # (..., r)
-            if ctx.needs_input_grad[1]:
-                grad_x_lora = s * (gb @ lora_A.to(grad_y.dtype))
+            gb = flat_g @ lora_B.to(grad_y.dtype)  # (tokens, r)
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ ctx.base.dequantize(grad_y.dtype)
+            if ctx.has_lora and ctx.lora_input_is_input and ctx.needs_input_grad[1]:
+                grad_x.view(-1, grad_x.shape[-1]).addmm_(gb, s * lora_A.to(grad_y.dtype))
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
+            grad_bias = flat_g.sum(0).to(ctx.bias_dtype)
+        if ctx.has_lora:
+            if ctx.needs_input_grad[1] and not ctx.lora_input_is_input:
+                grad_x_lora = (gb @ (s * lora_A.to(grad_y.dtype))).view(x_lora.shape)
             if ctx.needs_input_grad[2]:
-                grad_A = (s * gb.reshape(-1, gb.shape[-1]).t() @ x_lora.reshape(-1, x_lora.shape[-1])).to(lora_A.dtype)
+                grad_A = ((s * gb).t() @ x_lora.reshape(-1, x_lora.shape[-1])).to(lora_A.dtype)
             if ctx.needs_input_grad[3]:
-                flat_g = grad_y.reshape(-1, grad_y.shape[-1])
-                grad_B = (s * flat_g.t() @ xa.reshape(-1, xa.shape[-1])).to(lora_B.dtype)
+                grad_B = (flat_g.t() @ (s * xa.reshape(-1, xa.shape[-1]))).to(lora_B.dtype)
         return grad_x, grad_x_lora, grad_A, grad_B, grad_bias, None, None
 
 
@@ -149,7 +158,9 @@ class LoRALinear4bit(nn.Module):
             raise ValueError(f"init_lora_weights={init_lora_weights!r} must be 'kaiming' or 'gaussian'")
         self.lora_A[name] = nn.Parameter(lora_A)
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
-        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        # A module added later starts in training mode; follow the layer's mode (an adapter loaded
+        # into an eval-mode model must not apply dropout).
+        self.lora_dropout[name] = (nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()).train(self.training)
         self.adapters[name] = AdapterSpec(r, float(lora_alpha), float(lora_dropout), use_rslora)
         if activate:
             self.set_adapter(name)

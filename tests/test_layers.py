@@ -185,3 +185,38 @@ def test_cuda_gradient_parity(dtype):
     y_ref.backward(g)
     torch.testing.assert_close(layer.lora_A["default"].grad, A.grad, atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(x.grad, x_ref.grad, atol=3e-2, rtol=3e-2)
+
+
+def test_dropout_path_gradients_match_reference():
+    torch.manual_seed(0)
+    layer = LoRALinear4bit(NF4Weight.from_tensor(torch.randn(48, 64) * 0.1), None, r=4, lora_alpha=8,
+                           lora_dropout=0.5)
+    with torch.no_grad():
+        layer.lora_B["default"].normal_(0, 0.1)
+    x = torch.randn(5, 64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(1)
+    y = layer(x)
+    torch.manual_seed(1)
+    dropped = torch.nn.functional.dropout(x_ref, 0.5, training=True)
+    A = layer.lora_A["default"].detach().clone().requires_grad_(True)
+    B = layer.lora_B["default"].detach().clone().requires_grad_(True)
+    y_ref = x_ref @ layer.base.dequantize(torch.float32).t() + layer.scaling * (dropped @ A.t()) @ B.t()
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.lora_A["default"].grad, A.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.lora_B["default"].grad, B.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_added_to_an_eval_model_applies_no_dropout():
+    layer = _layer(bias=False)
+    layer.eval()
+    layer.add_adapter("late", r=4, lora_alpha=8, lora_dropout=0.5)
+    with torch.no_grad():
+        layer.lora_B["late"].normal_(0, 0.1)
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(layer(x), layer(x))  # deterministic: no dropout in eval mode
+    torch.testing.assert_close(layer(x), x @ layer.merged_weight("late").t(), atol=1e-5, rtol=1e-5)

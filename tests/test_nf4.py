@@ -172,3 +172,12 @@ def test_cuda_backend_packed_bytes_equal_cpu_reference():
                                atol=0.02, rtol=0)
     ours_on_cuda = NF4Weight.from_tensor(w.cuda(), backend="torch")
     assert torch.equal(ours_on_cuda.packed.cpu(), cpu.packed)
+
+
+def test_large_weight_absmax_codes_match_bitsandbytes_exactly():
+    """An llama-7B MLP shape: ~700k absmax codes, where a division instead of bitsandbytes'
+    reciprocal multiply would already differ in one code (measured)."""
+    w = torch.randn(4096, 11008, generator=torch.Generator().manual_seed(5))
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    ours = NF4Weight.from_tensor(w, backend="torch")
+    assert torch.equal(ours.absmax, state.absmax) and torch.equal(ours.packed, packed)
