@@ -574,7 +574,7 @@ def plot_estimate(est: MemoryEstimate, path: str | Path, capacity_bytes: int | N
     where = "GPU" if est.device == "cuda" else "process"
     return plot_memory_breakdown(
         segments, path, title=title or f"peak memory per {where} ({est.peak_phase} phase)",
-        xlabel=f"{est.model}\nseq {est.seq_len} × batch {est.batch_size}, r={est.rank}",
+        xlabel=f"{Path(est.model).name or est.model}\nseq {est.seq_len} × batch {est.batch_size}, r={est.rank}",
         capacity=capacity_bytes / GiB if capacity_bytes else None, capacity_label=capacity_label)
 
 

@@ -179,7 +179,9 @@ def _quantize_blockwise_8bit(values: torch.Tensor, blocksize: int) -> tuple[torc
     absmax = _blockwise_absmax(values, blocksize)
     scale = absmax.repeat_interleave(blocksize)[: values.numel()]
     # x * (1/absmax), not x / absmax: the two differ in the last bit, and bitsandbytes multiplies.
-    normed = torch.where(scale > 0, values * (1.0 / scale), torch.zeros_like(values)).clamp(-1, 1)
+    normed = torch.where(scale > 0, values * (1.0 / scale), torch.zeros_like(values))
+    # A subnormal scale has an infinite reciprocal (0·inf = NaN): keep such blocks in range.
+    normed = torch.nan_to_num(normed, nan=0.0, posinf=1.0, neginf=-1.0).clamp(-1, 1)
     slot = torch.floor((normed * 0.5 + 0.5) * 65535 + 0.5).long()
     codes = _dynamic_lookup_table().to(values.device)[slot]
     # An all-zero block is 0/0 in bitsandbytes' kernel, which lands on code 0; any code decodes to 0 there.
