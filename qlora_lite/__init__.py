@@ -1,32 +1,25 @@
-"""qlora-lite: QLoRA fine-tuning with an NF4 base, LoRA adapters, a streaming merge and a memory planner.
-
-Heavy modules (transformers, accelerate) load lazily, so `import qlora_lite` is cheap.
-"""
+"""qlora-lite: QLoRA fine-tuning with an NF4 base, LoRA adapters, a streaming merge and a memory planner."""
 
 from __future__ import annotations
 
-import importlib
+# Bound eagerly: `train` and `merge` share their names with their modules, and a lazy attribute
+# would be shadowed by the submodule as soon as anything imported it.
+from .adapter import delete_adapter, disable_adapters, load_adapter, save_adapter, set_adapter
+from .analysis import analyze
+from .config import LoraConfig, QuantConfig, TrainConfig
+from .errors import QLoraLiteError
+from .inject import count_parameters, find_targets, inject_lora
+from .layers import LoRALinear4bit
+from .load import load_model
+from .memory import estimate_memory, fit_to_budget
+from .merge import merge
+from .nf4 import NF4Weight
+from .train import train
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    "QuantConfig": "config", "LoraConfig": "config", "TrainConfig": "config",
-    "NF4Weight": "nf4",
-    "LoRALinear4bit": "layers",
-    "inject_lora": "inject", "find_targets": "inject", "count_parameters": "inject",
-    "load_model": "load",
-    "train": "train",
-    "save_adapter": "adapter", "load_adapter": "adapter", "set_adapter": "adapter",
-    "disable_adapters": "adapter", "delete_adapter": "adapter",
-    "merge": "merge",
-    "estimate_memory": "memory", "fit_to_budget": "memory",
-    "analyze": "analysis",
-    "QLoraLiteError": "errors",
-}
-__all__ = sorted(_EXPORTS) + ["__version__"]
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module 'qlora_lite' has no attribute {name!r}")
+__all__ = [
+    "LoRALinear4bit", "LoraConfig", "NF4Weight", "QLoraLiteError", "QuantConfig", "TrainConfig", "analyze",
+    "count_parameters", "delete_adapter", "disable_adapters", "estimate_memory", "find_targets", "fit_to_budget",
+    "inject_lora", "load_adapter", "load_model", "merge", "save_adapter", "set_adapter", "train", "__version__",
+]
