@@ -2,7 +2,9 @@
 
 import os
 
-from qlora_lite import LoraConfig, QuantConfig, TrainConfig, load_model, merge, train
+from qlora_lite import LoraConfig, QuantConfig, TrainConfig, load_model
+from qlora_lite.merge import merge
+from qlora_lite.train import train
 from qlora_lite.embedded import embedded_model_dir
 from qlora_lite.generate import answer
 
