@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from _env import device_name, versions  # benchmarks/ is on sys.path when run as a script
 
 DEFAULT_SHAPES = ("4096x4096", "11008x4096")
 
@@ -77,24 +76,6 @@ def bench_shape(shape: tuple[int, int], device: torch.device, dtype: torch.dtype
     return row
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "bitsandbytes", "qlora-lite"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor() or platform.machine())
-    return f"CPU, {os.cpu_count()} cores ({model})"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -119,8 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     load_before = [round(x, 2) for x in os.getloadavg()]
     rows = [bench_shape(shape, device, dtype, repeats, opts.seed) for shape in shapes]
-    summary = {"device": _device_name(device), "device_type": device.type, "threads": torch.get_num_threads(),
-               "repeats": repeats, "versions": _versions(), "load_average_before": load_before,
+    summary = {"device": device_name(device), "device_type": device.type, "threads": torch.get_num_threads(),
+               "repeats": repeats, "versions": versions(("torch", "bitsandbytes", "qlora-lite")), "load_average_before": load_before,
                "load_average_after": [round(x, 2) for x in os.getloadavg()], "results": rows}
     if opts.json:
         print(json.dumps(summary, indent=2))

@@ -38,7 +38,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -48,6 +47,7 @@ import time
 from pathlib import Path
 
 import torch
+from _env import device_name, versions  # benchmarks/ is on sys.path when run as a script
 
 SHAPES: dict[str, dict] = {
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
@@ -275,7 +275,7 @@ def run_side(opts) -> dict:
     gpu = {}
     if device.type == "cuda":  # measured here, not in the parent, which never creates a CUDA context
         peak_flops, peak_source = device_peak(device, opts.threads)
-        gpu = {"device_name": torch.cuda.get_device_name(device), "peak_flops": peak_flops, "peak_source": peak_source}
+        gpu = {"device_name": torch.cuda.getdevice_name(device), "peak_flops": peak_flops, "peak_source": peak_source}
         torch.cuda.empty_cache()
     torch.manual_seed(opts.seed)
     rss = PeakRss()
@@ -352,7 +352,7 @@ def run_side(opts) -> dict:
 def device_peak(device: torch.device, threads: int) -> tuple[float, str]:
     """Peak FLOP/s: the bf16 table for known GPUs; otherwise a measured matmul (fp32 on CPU, bf16 on CUDA)."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
+        name = torch.cuda.getdevice_name(device)
         for key, flops in PEAK_BF16:
             if key in name:
                 return flops, f"{name}: dense bf16 peak {flops / 1e12:.0f} TFLOP/s (table)"
@@ -375,24 +375,6 @@ def device_peak(device: torch.device, threads: int) -> tuple[float, str]:
                    f"({torch.get_num_threads()} threads)")
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "qlora-lite"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor() or platform.machine())
-    return f"CPU, {os.cpu_count()} cores ({model})"
 
 
 def _child(side: str, opts) -> dict:
@@ -488,8 +470,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     flops_per_token = 6 * n_matmul
     summary = {
         "shape": opts.shape, "llama_config": SHAPES[opts.shape], "n_params": n_params, "n_matmul_params": n_matmul,
-        "device": _device_name(device) if device.type == "cpu" else opts.device, "device_type": device.type,
-        "versions": _versions(),
+        "device": device_name(device) if device.type == "cpu" else opts.device, "device_type": device.type,
+        "versions": versions(("torch", "transformers", "peft", "bitsandbytes", "accelerate", "qlora-lite")),
         "config": {k: getattr(opts, k) for k in ("seq", "batch", "r", "warmup", "steps", "seed", "threads")},
         "cache": str(opts.cache), "checkpoint_build_s": build_s, "load_average_before": load_before,
         "flops_per_token": flops_per_token, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
