@@ -6,7 +6,8 @@
         ▼
     one subprocess per side, same random tokens (fixed seed), same r / seq / batch / steps:
       ours  load_model(QuantConfig(), LoraConfig(r, alpha=2r, dropout 0, "all-linear"))
-            + non-reentrant gradient checkpointing + qlora_lite.train.build_optimizer
+            + non-reentrant gradient checkpointing + the chunked loss (--loss-chunk-tokens, as train)
+            + qlora_lite.train.build_optimizer
             (paged_adamw_32bit on CUDA, AdamW on CPU); compute dtype bf16 on CUDA, fp32 on CPU
       peer  from_pretrained(BitsAndBytesConfig(nf4, double quant, compute dtype as ours))
             + prepare_model_for_kbit_training (non-reentrant checkpointing) + PEFT LoRA on the seven
@@ -200,12 +201,15 @@ def _sync(device: torch.device) -> None:
 def _load_ours(path: Path, opts, device: torch.device, compute: torch.dtype):
     from qlora_lite.config import LoraConfig, QuantConfig, TrainConfig
     from qlora_lite.load import load_model
-    from qlora_lite.train import build_optimizer, lr_lambda
+    from qlora_lite.loss import install_chunked_loss
+    from qlora_lite.train import build_optimizer, enable_checkpointing, lr_lambda
 
     model, _ = load_model(path, QuantConfig(), LoraConfig(r=opts.r, lora_alpha=2 * opts.r, lora_dropout=0.0,
                                                           target_modules="all-linear"),
                           device=device, compute_dtype=compute, with_tokenizer=False)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
+    if opts.loss_chunk_tokens:
+        install_chunked_loss(model, opts.loss_chunk_tokens)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     cfg = TrainConfig(max_steps=opts.warmup + opts.steps + 1, warmup_steps=min(opts.warmup, 10),
@@ -275,7 +279,7 @@ def run_side(opts) -> dict:
     gpu = {}
     if device.type == "cuda":  # measured here, not in the parent, which never creates a CUDA context
         peak_flops, peak_source = device_peak(device, opts.threads)
-        gpu = {"device_name": torch.cuda.getdevice_name(device), "peak_flops": peak_flops, "peak_source": peak_source}
+        gpu = {"device_name": torch.cuda.get_device_name(device), "peak_flops": peak_flops, "peak_source": peak_source}
         torch.cuda.empty_cache()
     torch.manual_seed(opts.seed)
     rss = PeakRss()
@@ -352,7 +356,7 @@ def run_side(opts) -> dict:
 def device_peak(device: torch.device, threads: int) -> tuple[float, str]:
     """Peak FLOP/s: the bf16 table for known GPUs; otherwise a measured matmul (fp32 on CPU, bf16 on CUDA)."""
     if device.type == "cuda":
-        name = torch.cuda.getdevice_name(device)
+        name = torch.cuda.get_device_name(device)
         for key, flops in PEAK_BF16:
             if key in name:
                 return flops, f"{name}: dense bf16 peak {flops / 1e12:.0f} TFLOP/s (table)"
@@ -381,7 +385,8 @@ def _child(side: str, opts) -> dict:
     args = [sys.executable, os.path.abspath(__file__), "--side", side, "--shape", opts.shape, "--cache", str(opts.cache),
             "--device", str(opts.device), "--seq", str(opts.seq), "--batch", str(opts.batch), "--r", str(opts.r),
             "--warmup", str(opts.warmup), "--steps", str(opts.steps), "--seed", str(opts.seed),
-            "--threads", str(opts.threads), "--profile-rows", str(opts.profile_rows)]
+            "--threads", str(opts.threads), "--profile-rows", str(opts.profile_rows),
+            "--loss-chunk-tokens", str(opts.loss_chunk_tokens)]
     if opts.profile:
         args.append("--profile")
     done = subprocess.run(args, capture_output=True, text=True)
@@ -398,7 +403,9 @@ def report(summary: dict) -> str:
     c, lines = summary["config"], []
     lines.append(f"{summary['shape']} Llama shape ({summary['n_params'] / 1e6:,.1f}M params, "
                  f"{summary['n_matmul_params'] / 1e6:,.1f}M in matmuls) on {summary['device']}")
+    chunk = c.get("loss_chunk_tokens", 0)
     lines.append(f"seq {c['seq']} x batch {c['batch']}, LoRA r={c['r']} alpha={2 * c['r']} on 7 projections, "
+                 f"ours: {f'loss in chunks of {chunk} tokens' if chunk else 'full logits'}, "
                  f"{c['warmup']} warm-up + {c['steps']} timed steps, load average {summary['load_average_before']} -> "
                  f"{summary['load_average_after']}")
     cuda = summary["device_type"] == "cuda"
@@ -440,6 +447,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--warmup", type=int, help="untimed steps (default: 2 on CPU, 3 on CUDA)")
     parser.add_argument("--steps", type=int, help="timed steps, the median is reported (default: 5 CPU, 10 CUDA)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--loss-chunk-tokens", type=int, default=1024,
+                        help="ours: cross-entropy this many tokens at a time (train's default); 0: full logits")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per side (0: torch's default)")
     parser.add_argument("--profile", action="store_true", help="ours only: torch.profiler on one extra step")
     parser.add_argument("--profile-rows", type=int, default=15)
@@ -472,7 +481,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "shape": opts.shape, "llama_config": SHAPES[opts.shape], "n_params": n_params, "n_matmul_params": n_matmul,
         "device": device_name(device) if device.type == "cpu" else opts.device, "device_type": device.type,
         "versions": versions(("torch", "transformers", "peft", "bitsandbytes", "accelerate", "qlora-lite")),
-        "config": {k: getattr(opts, k) for k in ("seq", "batch", "r", "warmup", "steps", "seed", "threads")},
+        "config": {k: getattr(opts, k) for k in ("seq", "batch", "r", "warmup", "steps", "seed", "threads", "loss_chunk_tokens")},
         "cache": str(opts.cache), "checkpoint_build_s": build_s, "load_average_before": load_before,
         "flops_per_token": flops_per_token, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }

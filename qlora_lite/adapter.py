@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .fsdp import full_tensor
 from .fsutil import atomic_directory
 from .inject import lora_layers
 from .layers import DEFAULT_ADAPTER, LoRALinear4bit
@@ -72,13 +73,16 @@ class AdapterFile:
 
 
 def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
-    """The adapter `name` (default: the active one) as PEFT-keyed tensors."""
+    """The adapter `name` (default: the active one) as PEFT-keyed tensors.
+
+    Under FSDP the factors are sharded: every rank must call this (it all-gathers them).
+    """
     out: dict[str, torch.Tensor] = {}
     for path, layer in lora_layers(model).items():
         key = name or layer.active_adapter
         if key in layer.adapters:
-            out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[key].detach().contiguous()
-            out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[key].detach().contiguous()
+            out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = full_tensor(layer.lora_A[key].detach()).contiguous()
+            out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = full_tensor(layer.lora_B[key].detach()).contiguous()
     if not out:
         raise CheckpointError(f"the model has no adapter named {name!r} to save; loaded: {list_adapters(model)}")
     return out
@@ -95,11 +99,15 @@ def _target_spec(model: nn.Module, adapted: list[str]) -> list[str] | str:
 
 
 def save_adapter(model: nn.Module, directory: str | Path, name: str | None = None,
-                 base_model_name_or_path: str | None = None, overwrite: bool = True) -> Path:
-    """Write one adapter in PEFT's format, atomically (temp dir, fsync, rename)."""
+                 base_model_name_or_path: str | None = None, overwrite: bool = True,
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write one adapter in PEFT's format, atomically (temp dir, fsync, rename).
+
+    `tensors`: the `adapter_state_dict` already gathered (under FSDP every rank gathers, one writes).
+    """
     from safetensors.torch import save_file
 
-    tensors = adapter_state_dict(model, name)
+    tensors = adapter_state_dict(model, name) if tensors is None else tensors
     layers = lora_layers(model)
     adapted = [p for p, l in layers.items() if (name or l.active_adapter) in l.adapters]
     spec = layers[adapted[0]].adapters[name or layers[adapted[0]].active_adapter]

@@ -141,9 +141,16 @@ def generate(prompt: str, model: str = "embedded", adapter: str | None = None, m
 
 
 def _train(cfg) -> None:
+    import torch.distributed as dist
+
     from .train import train
 
     result = train(cfg)
+    if dist.is_available() and dist.is_initialized():
+        # the process is ours: leave the group together, so no rank's gloo/nccl threads see a peer vanish
+        # (on an error we just exit; the launcher stops the other ranks)
+        dist.barrier()
+        dist.destroy_process_group()
     if result.interrupted:
         raise SystemExit(130)
     if os.environ.get("RANK", "0") == "0":
@@ -188,8 +195,38 @@ _FUNCTIONS = {"demo": demo, "merge": merge, "memory": memory, "analyze": analyze
               "generate": generate}
 
 
+def _bool_flags(command: str) -> set[str]:
+    import dataclasses
+    import inspect
+
+    from .config import LoraConfig, QuantConfig, TrainConfig
+
+    if command == "train":
+        return {prefix + f.name for prefix, cls in (("", TrainConfig), ("lora.", LoraConfig), ("quant.", QuantConfig))
+                for f in dataclasses.fields(cls) if f.type == "bool"}
+    fn = _FUNCTIONS.get(command)
+    return {n for n, p in inspect.signature(fn).parameters.items() if p.annotation in ("bool", bool)} if fn else set()
+
+
+def normalize_flags(argv: list[str]) -> list[str]:
+    """Accept the spellings people type: `--world-size 2` is `--world_size 2`, a bare `--fsdp` is `--fsdp true`."""
+    flags = _bool_flags(argv[0]) if argv else set()
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg[2:].partition("=")
+            name = name.replace("-", "_")
+            arg = f"--{name}{eq}{value}"
+            following = argv[i + 1] if i + 1 < len(argv) else None
+            if not eq and name in flags and (following is None or following.startswith("--")):
+                out += [arg, "true"]
+                continue
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = normalize_flags(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in argv or os.environ.get("QLORA_LITE_DEBUG") == "1"
     if "--debug" in argv:
         argv.remove("--debug")

@@ -165,7 +165,8 @@ class TrainConfig:
     data: str = "embedded"
     out_dir: str = "runs/train"
     seq_len: int = 256
-    batch_size: int = 2
+    batch_size: int = 2  # per process
+    global_batch_size: int | None = None  # if set: batch_size = global / (processes × grad_accum)
     grad_accum: int = 1
     max_steps: int = 100
     learning_rate: float = 2e-4
@@ -175,6 +176,7 @@ class TrainConfig:
     max_grad_norm: float = 0.3
     optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw"] = "paged_adamw_32bit"
     gradient_checkpointing: bool = True
+    loss_chunk_tokens: int = 1024  # cross-entropy this many tokens at a time, never the full logits; 0: off
     packing: bool = False
     truncation: Literal["truncate", "error"] = "truncate"
     eval_fraction: float = 0.1
@@ -185,6 +187,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+    fsdp: bool = False  # shard the NF4 base, LoRA and optimizer over the processes (FSDP2)
     progress: bool = True
     quant: QuantConfig | None = field(default_factory=QuantConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -203,6 +206,13 @@ class TrainConfig:
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
                 problems.append(f"{name}={value!r} must be a positive integer")
+        if not _is_int(self.loss_chunk_tokens) or self.loss_chunk_tokens < 0:
+            problems.append(f"loss_chunk_tokens={self.loss_chunk_tokens!r} must be a non-negative integer (0: off)")
+        if self.global_batch_size is not None and (not _is_int(self.global_batch_size) or self.global_batch_size <= 0):
+            problems.append(f"global_batch_size={self.global_batch_size!r} must be a positive integer or null")
+        for name in ("fsdp", "resume", "progress", "gradient_checkpointing", "packing"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name}={getattr(self, name)!r} must be true or false")
         if not isinstance(self.learning_rate, (int, float)) or isinstance(self.learning_rate, bool) or not (
             math.isfinite(self.learning_rate) and self.learning_rate > 0
         ):
@@ -232,6 +242,18 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def per_process_batch(self, world_size: int) -> int:
+        """Sequences per process per micro-step: `batch_size`, or `global_batch_size` split evenly."""
+        if self.global_batch_size is None:
+            return self.batch_size
+        share = world_size * self.grad_accum
+        if self.global_batch_size % share:
+            raise ConfigError([f"global_batch_size={self.global_batch_size} does not divide into {world_size} "
+                               f"process(es) x grad_accum {self.grad_accum}; use a multiple of {share} (e.g. "
+                               f"{share * max(1, round(self.global_batch_size / share))}) or set batch_size per process"],
+                              "TrainConfig")
+        return self.global_batch_size // share
 
 
 def config_from_dict(cls: type, values: dict[str, Any]) -> Any:

@@ -218,7 +218,8 @@ class LoRALinear4bit(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination.update(self.base.state_dict(prefix + "weight"))
+        if not isinstance(self.base, nn.Module):  # FSDP storage (fsdp.NF4Parameters) saves itself
+            destination.update(self.base.state_dict(prefix + "weight"))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -126,15 +126,18 @@ def _build_skeleton(path: Path, compute_dtype: torch.dtype):
 
 def load_model(path: str | Path, quant: QuantConfig | None = None, lora: LoraConfig | None = None,
                device: str | torch.device = "auto", compute_dtype: str | torch.dtype = "auto",
-               with_tokenizer: bool = True, progress: bool = False):
+               with_tokenizer: bool = True, progress: bool = False, storage_device: str | torch.device | None = None):
     """Load `path` with every linear but the head in NF4 and LoRA adapters on `lora`'s targets.
 
     `quant=None` keeps linears in the compute dtype (plain LoRA, the same code path).
     `lora=None` loads the quantized base without adapters. Returns `(model, tokenizer)`.
+    `storage_device`: where the loaded model is kept, when not `device` (quantize on the GPU, keep
+    the bytes in host memory until FSDP moves each rank's shard onto its GPU).
     """
     path = Path(path)
     quant = QuantConfig() if quant is None and lora is None else quant
     device = resolve_device(device)
+    storage = device if storage_device is None else torch.device(storage_device)
     compute_dtype = resolve_dtype(quant.compute_dtype if quant and compute_dtype == "auto" else compute_dtype, device)
     files = checkpoint_files(path)
     tokenizer = load_tokenizer(path) if with_tokenizer else None
@@ -163,7 +166,7 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, lora: LoraCon
                 module_name, _, leaf = key.rpartition(".")
                 owner = _quant_owner(key)
                 if owner is not None and owner in quantized:
-                    pending_quant[owner][key] = handle.get(key).to(device)
+                    pending_quant[owner][key] = handle.get(key).to(storage)
                     seen.add(f"{owner}.weight")
                     continue
                 if key not in expected:
@@ -171,7 +174,7 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, lora: LoraCon
                     continue
                 tensor = handle.get(key)
                 if leaf == "weight" and module_name in quantized and tensor.dtype == torch.uint8:
-                    pending_quant[module_name][key] = tensor.to(device)
+                    pending_quant[module_name][key] = tensor.to(storage)
                     seen.add(key)
                     continue
                 target_shape = expected[key].shape
@@ -181,11 +184,11 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, lora: LoraCon
                 seen.add(key)
                 if leaf == "weight" and module_name in quantized:
                     bases[module_name] = NF4Weight.from_tensor(tensor.to(device), quant.blocksize, quant.double_quant,
-                                                               quant.backend, name=key)
+                                                               quant.backend, name=key).to(storage)
                 elif leaf == "weight" and module_name in kept_dense:
-                    bases[module_name] = DenseWeight(tensor.to(device=device, dtype=compute_dtype))
+                    bases[module_name] = DenseWeight(tensor.to(device=storage, dtype=compute_dtype))
                 else:
-                    _set_tensor(model, key, tensor.to(device=device, dtype=_target_dtype(tensor, compute_dtype)))
+                    _set_tensor(model, key, tensor.to(device=storage, dtype=_target_dtype(tensor, compute_dtype)))
                 del tensor
                 release_free_memory()
         release_free_memory()
@@ -215,7 +218,7 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, lora: LoraCon
     if missing:
         raise CheckpointError(f"{path}: the checkpoint lacks {len(missing)} tensors the config needs, e.g. "
                               f"{missing[:5]}; the files are incomplete or belong to another model")
-    model.to(device)
+    model.to(storage)
     freeze_base(model)
     model.eval()
     model.config.use_cache = False

@@ -8,8 +8,11 @@
                    + activations         L · batch·seq·hidden·2   (checkpointed block inputs)
                                          + ONE of the two transients below, the larger:
                         block phase:  a recomputed block's saved tensors + backward workspace
-                        loss phase:   final norm + logits 12 B/(token·vocab) (fp32 log-softmax
-                                      output, its gradient, the gradient of its input)
+                        loss phase:   final norm + the loss through the LM head: chunked (loss.py,
+                                      the default) one chunk's fp32 logits (+ a compute-dtype copy
+                                      when 16-bit) + the hidden state's gradient; unchunked,
+                                      12 B/(token·vocab) (fp32 log-softmax output, its gradient,
+                                      the gradient of its input)
                    + framework overhead  CUDA context + allocator slack (a constant, default 1 GiB)
 
 The per-block formula is in `_block_bytes_per_token`; every term there was checked against the
@@ -27,7 +30,6 @@ import json
 import math
 import os
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -38,9 +40,9 @@ from .config import LoraConfig, QuantConfig, resolve_dtype
 from .errors import ConfigError, QLoraLiteError
 
 __all__ = [
-    "GPU_MEMORY", "CUDA_OVERHEAD_BYTES", "MemoryEstimate", "FitResult", "MemoryBudgetError", "MemoryMonitor",
+    "GPU_MEMORY", "CUDA_OVERHEAD_BYTES", "MemoryEstimate", "FitResult", "MemoryBudgetError",
     "estimate_memory", "fit_to_budget", "parse_budget", "builtin_configs", "load_model_config", "nf4_nbytes",
-    "compare", "memory_report", "plot_estimate",
+    "memory_report", "plot_estimate",
 ]
 
 GiB, GB = 1024**3, 10**9
@@ -219,6 +221,7 @@ class MemoryEstimate:
     quantized: bool
     optimizer: str
     gradient_checkpointing: bool
+    loss_chunk_tokens: int
     compute_dtype: str
     world_size: int
     fsdp: bool
@@ -292,7 +295,7 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
                     quant: QuantConfig | None = QuantConfig(), optimizer: Optimizer = "paged_adamw_32bit",
                     gradient_checkpointing: bool = True, compute_dtype: str | torch.dtype = "bfloat16",
                     world_size: int = 1, fsdp: bool = False, device: Literal["cuda", "cpu"] = "cuda",
-                    overhead_bytes: int | None = None) -> MemoryEstimate:
+                    overhead_bytes: int | None = None, loss_chunk_tokens: int = 1024) -> MemoryEstimate:
     """Peak memory per rank of one training step; `batch_size` is per device.
 
     `device="cpu"` estimates host memory (torch's CPU dropout keeps its mask in the compute dtype;
@@ -329,14 +332,18 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
     else:
         w16_bytes = n16 * b
 
-    # LoRA and optimizer (replicated on every rank; DDP adds a gradient bucket copy)
+    # LoRA and optimizer: replicated under DDP (plus a gradient bucket copy); under FSDP sharded
+    # 1/N like the base, with one block's factors and gradients gathered while it computes
     lora_tensors = [n for t in targets for n in (lora.r * a.linears[t][1], a.linears[t][0] * lora.r)]
     n_lora = sum(lora_tensors)
-    grads = n_lora * lora_b * (2 if world_size > 1 and not fsdp else 1)
+    n_lora_layer = sum(lora.r * (a.linears[t][0] + a.linears[t][1]) for t in targets if _layer_index(t) == 0)
+    lora_resident = -(-n_lora // world_size) + n_lora_layer if sharded else n_lora
+    grads = lora_resident * lora_b * (2 if world_size > 1 and not fsdp else 1)
     if optimizer == "paged_adamw_8bit":  # bitsandbytes: tensors under 4096 values stay 32-bit
         opt = sum(8 * n if n < 4096 else 2 * n + 8 * -(-n // 256) for n in lora_tensors)
     else:
         opt = 8 * n_lora
+    opt = -(-opt // world_size) if sharded else opt
 
     # activations
     tokens, h = seq_len * batch_size, a.hidden
@@ -353,7 +360,11 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
         saved, block = a.layers * block + rope, 0
     block_phase = block + workspace
     final_norm = tokens * (4 * h + 4)
-    logits = tokens * a.vocab * 12
+    if loss_chunk_tokens:  # loss.py: one chunk's logits at a time, plus the gradient of the hidden state
+        chunk = min(tokens, loss_chunk_tokens)
+        logits = chunk * a.vocab * (4 if b == 4 else 4 + b) + tokens * h * b
+    else:
+        logits = tokens * a.vocab * 12
     phase = "loss" if final_norm + logits >= block_phase else "block"
     overhead = (CUDA_OVERHEAD_BYTES if device == "cuda" else 0) if overhead_bytes is None else overhead_bytes
     detail = {"saved_block_inputs": saved, "recomputed_block": block, "backward_workspace": workspace,
@@ -361,10 +372,10 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
     return MemoryEstimate(
         model=name, seq_len=seq_len, batch_size=batch_size, rank=lora.r, target_modules=lora.target_modules,
         lora_dropout=lora.lora_dropout, quantized=quant is not None, optimizer=optimizer,
-        gradient_checkpointing=gradient_checkpointing, compute_dtype=str(dtype).removeprefix("torch."),
+        gradient_checkpointing=gradient_checkpointing, loss_chunk_tokens=loss_chunk_tokens, compute_dtype=str(dtype).removeprefix("torch."),
         world_size=world_size, fsdp=fsdp, device=device, params_total=a.total + n_lora,
         params_quantized=quantized_params, params_16bit=n16, params_trainable=n_lora, quantized_weights=q_bytes,
-        weights_16bit=w16_bytes, lora_params=n_lora * lora_b, lora_grads=grads, optimizer_states=opt,
+        weights_16bit=w16_bytes, lora_params=lora_resident * lora_b, lora_grads=grads, optimizer_states=opt,
         optimizer_pageable=opt if optimizer.startswith("paged") else 0, activations=saved + block_phase,
         logits=logits, framework_overhead=overhead, peak_phase=phase, detail=detail)
 
@@ -482,85 +493,6 @@ def _budget_error(config: Any, budget: int, first: MemoryEstimate, kwargs: dict[
     message = (f"{first.model} needs {first.total_bytes / GiB:.2f} GiB at seq_len {first.seq_len} × batch "
                f"{first.batch_size}, {over / GiB:.2f} GiB over the {budget / GiB:.2f} GiB budget. What would fit: {advice}")
     return MemoryBudgetError(message, first.total_bytes, budget, ideas)
-
-
-# ---- measurement -------------------------------------------------------------------------------
-
-def _reset_peak_rss() -> bool:
-    try:  # Linux >= 4.0: writing "5" resets the peak resident set size (VmHWM)
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss() -> int:
-    try:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
-        return int(line.split()[1]) * 1024
-    except (OSError, StopIteration):
-        return 0
-
-
-class MemoryMonitor:
-    """`mark(phase)` records host RSS (with its true peak since the previous mark on Linux) and, on CUDA,
-    torch's peak allocated/reserved bytes since the previous mark; peaks are reset after each mark."""
-
-    def __init__(self, device: torch.device | str = "cpu"):
-        import psutil
-
-        self.device, self.phases, self._t0 = torch.device(device), {}, time.perf_counter()
-        self._process = psutil.Process()
-        self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
-        self._reset()
-
-    def _reset(self) -> None:
-        self._hwm = _reset_peak_rss()
-        self.peak_rss = self._process.memory_info().rss
-        if self._cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def current(self) -> dict[str, int]:
-        rss = self._process.memory_info().rss
-        self.peak_rss = max(self.peak_rss, rss, _peak_rss() if self._hwm else 0)
-        out = {"rss_bytes": rss, "peak_rss_bytes": self.peak_rss}
-        if self._cuda:
-            out.update(cuda_allocated_bytes=torch.cuda.memory_allocated(self.device),
-                       cuda_peak_allocated_bytes=torch.cuda.max_memory_allocated(self.device),
-                       cuda_peak_reserved_bytes=torch.cuda.max_memory_reserved(self.device))
-        return out
-
-    def mark(self, phase: str) -> dict[str, Any]:
-        record = {**self.current(), "time_s": round(time.perf_counter() - self._t0, 3)}
-        self.phases[phase] = record
-        self._reset()
-        return record
-
-    def short(self) -> str:
-        now = self.current()
-        return f"{now.get('cuda_peak_allocated_bytes', now['peak_rss_bytes']) / GiB:.2f}G"
-
-    def summary(self) -> dict[str, dict[str, Any]]:
-        return dict(self.phases)
-
-
-def compare(estimate: MemoryEstimate, measured: dict[str, Any]) -> str:
-    """Predicted vs measured with the ratio, for each quantity in `measured`: a `mark()` record, a
-    `summary()` (maximum over phases), or breakdown component names."""
-    if measured and all(isinstance(v, dict) for v in measured.values()):
-        measured = {k: max(r[k] for r in measured.values() if k in r) for r in measured.values() for k in r}
-    total, peak = estimate.total_bytes, estimate.peak_breakdown()
-    pairs = {"cuda_peak_allocated_bytes": ("CUDA peak allocated vs total - overhead", total - estimate.framework_overhead),
-             "cuda_peak_reserved_bytes": ("CUDA peak reserved vs total", total),
-             "peak_rss_bytes": ("host peak RSS vs total", total),
-             "rss_growth_bytes": ("RSS growth in a step vs activations+logits", estimate.transient_bytes),
-             **{k: (_COMPONENTS[k], peak[k]) for k in _COMPONENTS}}
-    lines = [f"{'quantity':<44}{'predicted':>12}{'measured':>12}{'ratio':>8}"]
-    for key, (label, predicted) in pairs.items():
-        if measured.get(key) is not None:
-            ratio = measured[key] / predicted if predicted else float("inf")
-            lines.append(f"{label:<44}{predicted / GiB:>10.3f}Gi{measured[key] / GiB:>10.3f}Gi{ratio:>8.2f}")
-    return "\n".join(lines if len(lines) > 1 else lines + [f"(nothing to compare in {sorted(measured)})"])
 
 
 # ---- report -----------------------------------------------------------------------------------

@@ -2,8 +2,11 @@
 
     TrainConfig ──► load_model (NF4 base + LoRA) ──► build_dataset ──► split train / eval
         │
-        ▼  accelerate.Accelerator (CPU, one GPU, or N processes under `accelerate launch`)
-    for step: grad_accum × (batch ─► forward ─► loss/accum ─► backward)   [per-block checkpointing]
+        ▼  accelerate.Accelerator (CPU, one GPU, or N processes under `accelerate launch` / torchrun)
+        │  N processes: DDP (each holds the base; LoRA grads all-reduced), or fsdp=true: FSDP2 shards
+        │  the NF4 bytes, LoRA and optimizer state 1/N per process (fsdp.py)
+    for step: grad_accum × (batch ─► forward ─► loss/accum ─► backward)   [per-block checkpointing;
+              the loss chunk by chunk through the LM head (loss.py), never the full logits]
               non-finite loss? stop, keep the last good checkpoint
               clip (max norm 0.3) ─► paged AdamW step ─► warmup + cosine schedule
               log metrics.jsonl + progress bar; eval every N; checkpoint every N and on SIGINT/SIGTERM
@@ -29,16 +32,20 @@ from pathlib import Path
 
 import torch
 
-from .adapter import save_adapter
+from .adapter import adapter_state_dict, save_adapter
 from .config import TrainConfig, resolve_dtype
 from .data import batch_iterator, build_dataset, collate, embedded_dataset_path, load_records, split_train_eval
 from .errors import TrainingError
+from .fsdp import (copy_into_parameter, full_tensor, load_sharded_optimizer_state, resident_base_bytes, shard_model,
+                   sharded_optimizer_state)
 from .fsutil import RunLock, atomic_directory, atomic_write_text
 from .inject import count_parameters, lora_layers
 from .load import load_model, resolve_device
-from .memory import MemoryMonitor
+from .loss import install_chunked_loss, supports_chunked_loss
+from .monitor import MemoryMonitor
 
-__all__ = ["train", "TrainResult", "evaluate", "latest_checkpoint", "build_optimizer", "lr_lambda"]
+__all__ = ["train", "TrainResult", "evaluate", "latest_checkpoint", "build_optimizer", "lr_lambda",
+           "enable_checkpointing"]
 
 CHECKPOINTS = "checkpoints"
 
@@ -84,6 +91,15 @@ def build_optimizer(params, cfg: TrainConfig, device: torch.device, log=print) -
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
 
+def enable_checkpointing(model) -> None:
+    """Per-block non-reentrant activation checkpointing (transformers 5.2x renamed the switch)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -105,11 +121,19 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def _save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, state: dict, keep_last: int) -> Path:
+def _gather_training_state(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
+    """(adapter tensors, optimizer state), whole. Every rank calls it: under FSDP it all-gathers."""
+    optimizer_state = sharded_optimizer_state(model, optimizer) if fsdp else optimizer.state_dict()
+    return adapter_state_dict(model), optimizer_state
+
+
+def _save_checkpoint(out_dir: Path, step: int, model, gathered: tuple[dict, dict], scheduler, state: dict,
+                     keep_last: int) -> Path:
     target = out_dir / CHECKPOINTS / f"step-{step:06d}"
+    adapter_tensors, optimizer_state = gathered
     with atomic_directory(target, overwrite=True) as tmp:
-        save_adapter(model, tmp / "adapter")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+        save_adapter(model, tmp / "adapter", tensors=adapter_tensors)
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _rng_state()},
                    tmp / "training_state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2))
     old = sorted(p for p in (out_dir / CHECKPOINTS).glob("step-*") if p != target)
@@ -120,20 +144,27 @@ def _save_checkpoint(out_dir: Path, step: int, model, optimizer, scheduler, stat
     return target
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def _load_checkpoint(path: Path, model, optimizer, scheduler, fsdp: bool) -> dict:
     from .adapter import read_adapter
 
+    state = json.loads((path / "trainer_state.json").read_text())
+    if state.get("fsdp", False) != fsdp:
+        raise TrainingError(f"{path} was written with fsdp={str(state.get('fsdp', False)).lower()} and this run has "
+                            f"fsdp={str(fsdp).lower()}; the optimizer state is stored differently. Resume with the "
+                            f"same setting, or start a new run initialised from {path / 'adapter'}")
     adapter = read_adapter(path / "adapter")
     layers = lora_layers(model)
-    with torch.no_grad():
-        for module in adapter.modules:
-            layers[module].lora_A[layers[module].active_adapter].copy_(adapter.lora_A[module])
-            layers[module].lora_B[layers[module].active_adapter].copy_(adapter.lora_B[module])
+    for module in adapter.modules:
+        copy_into_parameter(layers[module].lora_A[layers[module].active_adapter], adapter.lora_A[module])
+        copy_into_parameter(layers[module].lora_B[layers[module].active_adapter], adapter.lora_B[module])
     blob = torch.load(path / "training_state.pt", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
+    if fsdp:
+        load_sharded_optimizer_state(model, optimizer, blob["optimizer"])
+    else:
+        optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     _set_rng_state(blob["rng"])
-    return json.loads((path / "trainer_state.json").read_text())
+    return state
 
 
 @torch.no_grad()
@@ -221,7 +252,10 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
     model_path, data = _resolve_paths(cfg)
     compute_dtype = resolve_dtype(cfg.quant.compute_dtype if cfg.quant else "auto", device)
     if loaded is None:
-        loaded = load_model(model_path, cfg.quant, cfg.lora, device=device, compute_dtype=compute_dtype)
+        # under FSDP on GPUs: quantize on the GPU, keep the bytes on the host until each rank moves its shard
+        storage = torch.device("cpu") if cfg.fsdp and device.type == "cuda" else None
+        loaded = load_model(model_path, cfg.quant, cfg.lora, device=device, compute_dtype=compute_dtype,
+                            storage_device=storage)
     model, tokenizer = loaded
     params = count_parameters(model)
     log(f"model {model_path}: {params}")
@@ -234,33 +268,49 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
     log(f"data: {train_set.summary()}")
 
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model.train()
+    if cfg.loss_chunk_tokens:
+        why_not = supports_chunked_loss(model)
+        if why_not is None:
+            install_chunked_loss(model, cfg.loss_chunk_tokens)
+        else:
+            log(f"note: the loss uses the full logits: {why_not}")
+    world = accelerator.num_processes
+    batch_size = cfg.per_process_batch(world)
+    if cfg.fsdp:  # FSDP2 replaces the parameters with shards: build the optimizer on those
+        model = shard_model(model, device)
+        unwrap = lambda m: m  # noqa: E731 (an FSDP2 model is the model itself)
+        log(f"fsdp: {world} process(es); this one holds {resident_base_bytes(model) / 2**20:.1f} MiB of the "
+            f"quantized base")
+    else:
+        unwrap = accelerator.unwrap_model
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, cfg, device, log)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not cfg.fsdp:
+        model, optimizer = accelerator.prepare(model, optimizer)
 
-    state = {"losses": [], "eval_losses": [], "tokens": 0, "world_size": accelerator.num_processes}
+    state = {"losses": [], "eval_losses": [], "tokens": 0, "world_size": world, "fsdp": cfg.fsdp}
     start_step = 0
     if resume_from is not None:
-        state = _load_checkpoint(resume_from, accelerator.unwrap_model(model), optimizer, scheduler)
+        state = _load_checkpoint(resume_from, unwrap(model), optimizer, scheduler, cfg.fsdp)
         start_step = state["step"]
         saved_world = state.get("world_size", 1)
-        if saved_world != accelerator.num_processes:
+        if saved_world != world:
             raise TrainingError(
                 f"{resume_from} was written by a run on {saved_world} process(es) but this run has "
-                f"{accelerator.num_processes}; the data order and the per-process batch depend on it. Resume with "
+                f"{world}; the data order and the per-process batch depend on it. Resume with "
                 f"{saved_world} process(es), or start a new run initialised from {resume_from / 'adapter'}")
         log(f"resumed from {resume_from} at step {start_step}")
-    batches = batch_iterator(train_set, cfg.batch_size, seed=cfg.seed, start_step=start_step * cfg.grad_accum,
-                             rank=accelerator.process_index, world_size=accelerator.num_processes)
+    batches = batch_iterator(train_set, batch_size, seed=cfg.seed, start_step=start_step * cfg.grad_accum,
+                             rank=accelerator.process_index, world_size=world)
     metrics_file = out_dir / "metrics.jsonl"
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     pad_id = tokenizer.pad_token_id
     if eval_set is not None and start_step == 0:  # the baseline every later eval is compared with
-        baseline = evaluate(model, eval_set, cfg.batch_size, pad_id, device)
+        baseline = evaluate(model, eval_set, batch_size, pad_id, device)
         state["eval_losses"].append([0, baseline])
         log(f"eval loss before training: {baseline:.4f}")
         if is_main:
@@ -289,25 +339,27 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
                 accelerator.backward(loss / cfg.grad_accum)
                 step_loss += loss.item() / cfg.grad_accum
                 step_tokens += int(batch["attention_mask"].sum())
-            grad_norm = (accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm) if cfg.max_grad_norm > 0
-                         else torch.tensor(float("nan")))
+            grad_norm = torch.tensor(float("nan"))
+            if cfg.max_grad_norm > 0:  # torch's clip handles FSDP's sharded grads (a DTensor norm)
+                clip = torch.nn.utils.clip_grad_norm_ if cfg.fsdp else accelerator.clip_grad_norm_
+                grad_norm = full_tensor(clip(trainable, cfg.max_grad_norm))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if step == start_step + 1:
                 monitor.mark("first_step")
-            if accelerator.num_processes > 1:  # log the global mean, not rank 0's share
+            if world > 1:  # log the global mean, not rank 0's share
                 step_loss = accelerator.reduce(torch.tensor(step_loss, device=device), "mean").item()
             elapsed = time.perf_counter() - t0
-            tokens_run += step_tokens * accelerator.num_processes
+            tokens_run += step_tokens * world
             state["losses"].append(step_loss)
-            state["tokens"] += step_tokens * accelerator.num_processes
+            state["tokens"] += step_tokens * world
             record = {"step": step, "loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0],
                       "grad_norm": round(float(grad_norm), 6), "tokens_per_s": round(step_tokens / elapsed, 1),
                       "step_s": round(elapsed, 4), **monitor.current()}
             if eval_set is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                eval_loss = evaluate(model, eval_set, cfg.batch_size, pad_id, device)
+                eval_loss = evaluate(model, eval_set, batch_size, pad_id, device)
                 state["eval_losses"].append([step, eval_loss])
                 record.update(eval_loss=round(eval_loss, 6), eval_ppl=round(math.exp(min(eval_loss, 50)), 3))
             if is_main:
@@ -319,10 +371,10 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
                 progress.update(1)
             stop_now = stop.received is not None
             if step % cfg.save_every == 0 or step == cfg.max_steps or stop_now:
-                accelerator.wait_for_everyone()
+                gathered = _gather_training_state(unwrap(model), optimizer, cfg.fsdp)
                 if is_main:
-                    _save_checkpoint(out_dir, step, accelerator.unwrap_model(model), optimizer, scheduler, state,
-                                     cfg.keep_last)
+                    _save_checkpoint(out_dir, step, unwrap(model), gathered, scheduler, state, cfg.keep_last)
+                accelerator.wait_for_everyone()
             if stop_now:
                 interrupted = True
                 log(f"received signal {stop.received}: checkpoint saved at step {step}; "
@@ -331,11 +383,26 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
     if progress:
         progress.close()
     monitor.mark("steady_state")
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = unwrap(model)
     adapter_dir = None
-    if is_main and not interrupted:
-        adapter_dir = save_adapter(unwrapped, out_dir / "adapter", base_model_name_or_path=str(model_path))
-        atomic_write_text(out_dir / "memory.json", json.dumps(monitor.summary(), indent=2))
+    summary = {**monitor.summary(), "base_bytes_per_process": _gather_ints(resident_base_bytes(unwrapped), world)}
+    if not interrupted:
+        tensors = adapter_state_dict(unwrapped)  # every rank: under FSDP this all-gathers
+        if is_main:
+            adapter_dir = save_adapter(unwrapped, out_dir / "adapter", base_model_name_or_path=str(model_path),
+                                       tensors=tensors)
+            atomic_write_text(out_dir / "memory.json", json.dumps(summary, indent=2))
     total_s = time.perf_counter() - t_start
     return TrainResult(out_dir, step, interrupted, state["losses"], [tuple(x) for x in state["eval_losses"]],
-                       adapter_dir, tokens_run / total_s if total_s else 0.0, str(params), monitor.summary())
+                       adapter_dir, tokens_run / total_s if total_s else 0.0, str(params), summary)
+
+
+def _gather_ints(value: int, world: int) -> list[int]:
+    """`value` from every process, in rank order (gloo/nccl through torch.distributed)."""
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    values: list = [None] * world
+    dist.all_gather_object(values, value)
+    return values

@@ -1,5 +1,6 @@
-"""Data parallel on CPU (gloo, 2 processes via torchrun): the adapter equals a single-process run
-with the same global batch, and the launch command in docs/distributed.md runs as written."""
+"""Data parallel and FSDP on CPU (gloo, 2 processes via torchrun): the adapter equals a
+single-process run with the same global batch, FSDP halves each process's quantized base, resume
+is exact, and the launch commands in docs/distributed.md run as written."""
 
 from __future__ import annotations
 
@@ -37,22 +38,91 @@ def _cli(args, cwd, nproc=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([*prefix, "-m", "qlora_lite.cli", *args], capture_output=True, text=True, timeout=900,
                          cwd=cwd, env=env)
+    if out.returncode != 0 and nproc:
+        import time
+        Path(f"/tmp/fs/fail-{time.time()}.log").write_text(out.stderr)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
 
 
-def test_two_process_ddp_equals_single_process_global_batch(run_yaml):
-    _cli(["train", "--config", str(run_yaml / "run.yaml"), "--out_dir", str(run_yaml / "ddp")], run_yaml, nproc=2)
+@pytest.fixture(scope="module")
+def single(run_yaml):
+    """The reference: one process with the global batch (2 per process x 2 processes)."""
     _cli(["train", "--config", str(run_yaml / "run.yaml"), "--out_dir", str(run_yaml / "single"), "--batch_size", "4"],
          run_yaml)
-    ddp, single = read_adapter(run_yaml / "ddp" / "adapter"), read_adapter(run_yaml / "single" / "adapter")
-    assert any(b.abs().max() > 1e-3 for b in single.lora_B.values())
-    for module in single.modules:
-        torch.testing.assert_close(ddp.lora_A[module], single.lora_A[module], atol=1e-5, rtol=1e-4)
-        torch.testing.assert_close(ddp.lora_B[module], single.lora_B[module], atol=1e-5, rtol=1e-4)
-    losses_ddp = [json.loads(l)["loss"] for l in (run_yaml / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    losses_single = [json.loads(l)["loss"] for l in (run_yaml / "single" / "metrics.jsonl").read_text().splitlines()]
-    assert losses_ddp == pytest.approx(losses_single, rel=1e-4)  # rank 0 logs the global mean
+    return run_yaml / "single"
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_adapter(got_dir: Path, want_dir: Path, atol: float = 1e-5, rtol: float = 1e-4) -> None:
+    got, want = read_adapter(got_dir / "adapter"), read_adapter(want_dir / "adapter")
+    assert got.modules == want.modules and any(b.abs().max() > 1e-3 for b in want.lora_B.values())
+    for module in want.modules:
+        torch.testing.assert_close(got.lora_A[module], want.lora_A[module], atol=atol, rtol=rtol)
+        torch.testing.assert_close(got.lora_B[module], want.lora_B[module], atol=atol, rtol=rtol)
+
+
+def _documented(marker: str) -> list[str]:
+    doc = (ROOT / "docs" / "distributed.md").read_text()
+    return shlex.split(re.search(rf"<!-- {marker} -->\s*```bash\n(.*?)```", doc, flags=re.S).group(1).strip())
+
+
+def _run_documented(argv: list[str], run_yaml: Path, out: Path) -> None:
+    assert argv[:2] == ["torchrun", "--nproc_per_node"]
+    args = [a.replace("run.yaml", str(run_yaml / "run.yaml")) for a in argv[argv.index("qlora_lite.cli") + 1:]]
+    _cli([*args, "--out_dir", str(out)], run_yaml, nproc=int(argv[2]))
+
+
+def test_two_process_ddp_equals_single_process_global_batch(run_yaml, single):
+    _cli(["train", "--config", str(run_yaml / "run.yaml"), "--out_dir", str(run_yaml / "ddp")], run_yaml, nproc=2)
+    _assert_same_adapter(run_yaml / "ddp", single)
+    assert _losses(run_yaml / "ddp") == pytest.approx(_losses(single), rel=1e-4)  # rank 0 logs the global mean
+
+
+def test_documented_fsdp_command_equals_single_process_and_halves_the_base(run_yaml, single):
+    argv = _documented("cpu-launch-fsdp")
+    assert "--fsdp" in argv and argv[2] == "2"
+    _run_documented(argv, run_yaml, run_yaml / "fsdp")
+    _assert_same_adapter(run_yaml / "fsdp", single)
+    assert _losses(run_yaml / "fsdp") == pytest.approx(_losses(single), rel=1e-4)
+    whole = json.loads((single / "memory.json").read_text())["base_bytes_per_process"]
+    shards = json.loads((run_yaml / "fsdp" / "memory.json").read_text())["base_bytes_per_process"]
+    assert len(whole) == 1 and len(shards) == 2
+    # every NF4 tensor is split in two; FSDP pads a shard by < 1 element of each tensor
+    padding = 4 * 4 * len(read_adapter(single / "adapter").modules)
+    assert whole[0] <= sum(shards) <= whole[0] + padding
+    assert all(abs(s - whole[0] / 2) <= padding for s in shards), (shards, whole)
+
+
+def test_fsdp_resume_continues_exactly(run_yaml, single):
+    import shutil
+
+    done = run_yaml / "fsdp"
+    if not (done / "adapter").is_dir():
+        pytest.skip("needs the FSDP run of the previous test")
+    resumed = run_yaml / "fsdp_resumed"
+    shutil.copytree(done, resumed)
+    shutil.rmtree(resumed / "adapter")
+    last = sorted((resumed / "checkpoints").glob("step-*"))
+    assert [p.name for p in last] == ["step-000002", "step-000004"]
+    shutil.rmtree(last[-1])  # as if the run had died after step 2's checkpoint
+    _cli(["train", "--config", str(run_yaml / "run.yaml"), "--out_dir", str(resumed), "--fsdp", "--resume"], run_yaml,
+         nproc=2)
+    _assert_same_adapter(resumed, done, atol=0.0, rtol=0.0)
+    out = subprocess.run([sys.executable, "-m", "qlora_lite.cli", "train", "--config", str(run_yaml / "run.yaml"),
+                          "--out_dir", str(resumed), "--resume", "--max_steps", "6"], capture_output=True, text=True,
+                         cwd=run_yaml, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert out.returncode == 2 and "written with fsdp=true and this run has fsdp=false" in out.stderr
+
+
+def test_single_process_fsdp_equals_a_plain_run(run_yaml, single):
+    """One process, FSDP on a private process group: the one-GPU smoke-test path."""
+    _cli(["train", "--config", str(run_yaml / "run.yaml"), "--out_dir", str(run_yaml / "fsdp1"), "--batch_size", "4",
+          "--fsdp"], run_yaml)
+    _assert_same_adapter(run_yaml / "fsdp1", single)
 
 
 def test_resume_with_another_world_size_is_explained(run_yaml):
@@ -62,11 +132,40 @@ def test_resume_with_another_world_size_is_explained(run_yaml):
 
 
 def test_documented_cpu_launch_command_runs(run_yaml):
-    doc = (ROOT / "docs" / "distributed.md").read_text()
-    command = re.search(r"<!-- cpu-launch -->\s*```bash\n(.*?)```", doc, flags=re.S).group(1).strip()
-    argv = shlex.split(command)
-    assert argv[:2] == ["torchrun", "--nproc_per_node"]
-    nproc = int(argv[2])
-    args = [a.replace("run.yaml", str(run_yaml / "run.yaml")) for a in argv[argv.index("qlora_lite.cli") + 1:]]
-    _cli([*args, "--out_dir", str(run_yaml / "documented")], run_yaml, nproc=nproc)
+    _run_documented(_documented("cpu-launch"), run_yaml, run_yaml / "documented")
     assert (run_yaml / "documented" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_global_batch_that_does_not_divide_is_explained():
+    from qlora_lite.config import TrainConfig
+    from qlora_lite.errors import ConfigError
+
+    cfg = TrainConfig(global_batch_size=12, grad_accum=2)
+    assert cfg.per_process_batch(3) == 2 and cfg.per_process_batch(1) == 6
+    with pytest.raises(ConfigError, match=r"does not divide into 4 process\(es\) x grad_accum 2; use a multiple of 8"):
+        cfg.per_process_batch(4)
+
+
+def test_nf4_parameters_compute_what_the_nf4_weight_computes():
+    from qlora_lite.fsdp import NF4Parameters, resident_base_bytes
+    from qlora_lite.layers import LoRALinear4bit
+    from qlora_lite.nf4 import NF4Weight
+
+    torch.manual_seed(0)
+    weight = NF4Weight.from_tensor(torch.randn(48, 96), backend="torch")
+    layer = LoRALinear4bit(weight, r=4)
+    torch.nn.init.normal_(layer.lora_B["default"])
+    x = torch.randn(3, 96, requires_grad=True)
+    want = layer(x)
+    (want_grad,) = torch.autograd.grad(want.sum(), x)
+    layer.base = NF4Parameters(weight)
+    assert not any(p.requires_grad for p in layer.base.parameters())
+    got = layer(x)
+    (got_grad,) = torch.autograd.grad(got.sum(), x)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    torch.testing.assert_close(got_grad, want_grad, atol=0, rtol=0)
+    assert resident_base_bytes(layer) == weight.nbytes
+    layer.half()  # a dtype cast of the model never re-casts the bytes or the scales
+    assert layer.base.packed.dtype == torch.uint8 and layer.base.nested_absmax.dtype == torch.float32
+    assert layer.lora_A["default"].dtype == torch.float16
+

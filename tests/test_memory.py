@@ -21,11 +21,13 @@ from qlora_lite.config import LoraConfig, QuantConfig
 from qlora_lite.errors import ConfigError
 from qlora_lite.inject import count_parameters, inject_lora, lora_layers
 from qlora_lite.memory import (
-    GPU_MEMORY, GiB, MemoryBudgetError, MemoryEstimate, MemoryMonitor, _arch, _block_bytes_per_token,
-    builtin_configs, compare, estimate_memory, fit_to_budget, load_model_config, memory_report, nf4_nbytes,
-    parse_budget,
+    GPU_MEMORY, GiB, MemoryBudgetError, MemoryEstimate, _arch, _block_bytes_per_token, builtin_configs,
+    estimate_memory, fit_to_budget, load_model_config, memory_report, nf4_nbytes, parse_budget,
 )
+from qlora_lite.loss import install_chunked_loss
+from qlora_lite.monitor import MemoryMonitor, compare
 from qlora_lite.nf4 import NF4Weight
+from qlora_lite.train import enable_checkpointing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,15 +137,18 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
-@pytest.mark.filterwarnings("ignore::FutureWarning")  # gradient_checkpointing_enable is deprecated in transformers 5
-@pytest.mark.parametrize("vocab,phase,dtype", [(2048, "loss", torch.bfloat16), (32, "block", torch.float32)])
-def test_peak_matches_live_tensor_bytes(vocab, phase, dtype):
+@pytest.mark.parametrize("vocab,chunk,phase,dtype", [(2048, 0, "loss", torch.bfloat16), (32, 0, "block", torch.float32),
+                                                     (16384, 64, "loss", torch.bfloat16),
+                                                     (32768, 64, "loss", torch.float32)])
+def test_peak_matches_live_tensor_bytes(vocab, chunk, phase, dtype):
     torch.manual_seed(0)
     cfg = tiny_config(hidden_size=128, intermediate_size=352, num_hidden_layers=2, vocab_size=vocab)
     model = LlamaForCausalLM(cfg).to(dtype)
     lora = LoraConfig(r=8, lora_dropout=0.05)
     inject_lora(model, lora, QuantConfig())
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
+    if chunk:
+        assert install_chunked_loss(model, chunk)
     model.train()
     ids = torch.randint(0, vocab, (2, 128))
     model(input_ids=ids, labels=ids).loss.backward()  # warm-up
@@ -152,9 +157,10 @@ def test_peak_matches_live_tensor_bytes(vocab, phase, dtype):
     tracker = LiveTensorBytes()
     with tracker:
         model(input_ids=ids, labels=ids).loss.backward()
-    est = estimate_memory(cfg, seq_len=128, batch_size=2, lora=lora, compute_dtype=dtype, device="cpu")
+    est = estimate_memory(cfg, seq_len=128, batch_size=2, lora=lora, compute_dtype=dtype, device="cpu",
+                          loss_chunk_tokens=chunk)
     predicted = est.transient_bytes + est.lora_grads
-    print(f"\n{phase} phase, {dtype}: predicted {predicted / 2**20:.2f} MiB, live tensor peak {tracker.peak / 2**20:.2f} MiB")
+    print(f"\n{phase} phase, {dtype}, loss chunk {chunk}: predicted {predicted / 2**20:.2f} MiB, live tensor peak {tracker.peak / 2**20:.2f} MiB")
     assert est.peak_phase == phase
     assert 0.9 < tracker.peak / predicted < 1.1
 
@@ -164,14 +170,16 @@ RSS_SCRIPT = textwrap.dedent("""
     from transformers import LlamaConfig, LlamaForCausalLM
     from qlora_lite.config import LoraConfig, QuantConfig
     from qlora_lite.inject import inject_lora
-    from qlora_lite.memory import MemoryMonitor, estimate_memory
+    from qlora_lite.memory import estimate_memory
+    from qlora_lite.monitor import MemoryMonitor
+    from qlora_lite.train import enable_checkpointing
     torch.manual_seed(0); torch.set_num_threads(1)
     cfg = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=2, num_attention_heads=8,
                       num_key_value_heads=4, vocab_size=8192)
     model = LlamaForCausalLM(cfg)
     lora = LoraConfig(r=16, lora_dropout=0.05)
     inject_lora(model, lora, QuantConfig())
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     model.train()
     ids = torch.randint(0, 8192, (4, 256))
     model(input_ids=ids, labels=ids).loss.backward()  # warm-up: gradients exist from here on
@@ -216,7 +224,8 @@ def test_per_rank_numbers_for_ddp_and_fsdp():
     fsdp = estimate_memory("llama-2-13b", seq_len=2048, batch_size=1, world_size=4, fsdp=True)
     assert ddp.quantized_weights == one.quantized_weights and ddp.lora_params == one.lora_params
     assert one.quantized_weights / 4 < fsdp.quantized_weights < one.quantized_weights / 4 * 1.1
-    assert fsdp.lora_params == one.lora_params and fsdp.total_bytes < one.total_bytes
+    assert one.lora_params / 4 < fsdp.lora_params < one.lora_params / 4 + one.lora_params / 40 * 1.01  # + one block of 40
+    assert fsdp.optimizer_states == -(-one.optimizer_states // 4) and fsdp.total_bytes < one.total_bytes
 
 
 def test_fit_to_budget_returns_the_largest_fitting_step():

@@ -1,0 +1,183 @@
+"""The quantized base sharded across processes with PyTorch's FSDP2 (`fully_shard`).
+
+    LoRALinear4bit.base = NF4Weight (plain tensors, a Python container)
+        │ as_fsdp_storage: the same bytes become frozen nn.Parameters of a small module
+        ▼
+    NF4Parameters   packed uint8 (n/2, 1) · absmax codes uint8 · nested absmax fp32 · offset fp32 (1,)
+        │ fully_shard(every decoder block), fully_shard(root)
+        ▼
+    every parameter a DTensor sharded on dim 0: rank k keeps ~1/N of each tensor (bytes, scales, LoRA)
+        forward / backward of a block: FSDP all-gathers its bytes ─► dequantize ─► matmul ─► frees them
+
+Why plain uint8 parameters rather than bitsandbytes' `quant_storage` or a tensor subclass:
+FSDP2 shards each parameter on its own and all-gathers mixed dtypes through one uint8 buffer, so
+the bytes need not be disguised as bf16 (FSDP1's flat parameters had to be of one dtype, which is
+why QLoRA+FSDP1 stored NF4 in the compute dtype), and no subclass has to teach FSDP ~40 tensor ops
+(torchao's NF4Tensor). The quantization metadata (shape, dtype, block size) are Python attributes
+of the module, and the absmax tensors are sharded too, so a rank keeps 1/N of all 4.127 bits.
+
+No communication is written here: FSDP2 all-gathers and reduce-scatters; the helpers below only
+gather the small LoRA tensors and the optimizer state for checkpoints, through DTensor / DCP.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+from torch import nn
+
+from .errors import TrainingError
+from .inject import lora_layers
+from .nf4 import NF4Weight
+
+__all__ = ["NF4Parameters", "shard_model", "resident_base_bytes", "full_tensor", "ensure_process_group",
+           "sharded_optimizer_state", "load_sharded_optimizer_state", "copy_into_parameter"]
+
+
+class NF4Parameters(nn.Module):
+    """An `NF4Weight`'s bytes as frozen parameters, with the `NF4Weight` interface the layer uses.
+
+    Outside a forward/backward under FSDP the parameters are local shards; inside, FSDP has put
+    the all-gathered tensors in their place, which is when `dequantize` is called.
+    """
+
+    def __init__(self, weight: NF4Weight):
+        super().__init__()
+        self.shape, self.dtype, self.blocksize, self.backend = weight.shape, weight.dtype, weight.blocksize, weight.backend
+        self.packed = nn.Parameter(weight.packed, requires_grad=False)
+        self.absmax = nn.Parameter(weight.absmax, requires_grad=False)
+        self.double_quant = weight.double_quant
+        if self.double_quant:  # 1-D: FSDP shards on dim 0 and cannot shard a 0-d tensor
+            self.nested_absmax = nn.Parameter(weight.nested_absmax, requires_grad=False)
+            self.offset = nn.Parameter(weight.offset.reshape(1), requires_grad=False)
+
+    def weight(self) -> NF4Weight:
+        return NF4Weight(self.packed, self.absmax, self.shape, self.dtype, self.blocksize,
+                         self.nested_absmax if self.double_quant else None,
+                         self.offset.reshape(()) if self.double_quant else None, self.backend)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.weight().dequantize(dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def _apply(self, fn, recurse=True):
+        # Device moves only: a dtype cast of the model (`.half()`) must never touch the bytes.
+        probe = fn(torch.empty(0, device=self.device))
+        for name, param in self._parameters.items():
+            if param.device != probe.device:
+                self._parameters[name] = nn.Parameter(param.to(probe.device), requires_grad=False)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}"
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """FSDP needs a process group; a single process (a one-GPU smoke run) gets a private one."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise TrainingError("fsdp=true needs torch.distributed, which this PyTorch build lacks; install a build "
+                            "with distributed support or train without fsdp")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    available = dist.is_nccl_available() if backend == "nccl" else dist.is_gloo_available()
+    if not available:
+        raise TrainingError(f"fsdp=true on {device.type} needs the {backend} backend, which this PyTorch build "
+                            f"lacks; use device={'cpu' if backend == 'nccl' else 'cuda'} or a build with {backend}")
+    if dist.is_initialized():
+        if dist.get_backend() not in (backend, f"cpu:gloo,cuda:{backend}", f"cuda:{backend},cpu:gloo"):
+            raise TrainingError(f"the process group uses backend {dist.get_backend()!r} but the model is on "
+                                f"{device.type}, which needs {backend!r}; launch with a matching device")
+        return
+    store = os.path.join(tempfile.mkdtemp(prefix="qlora-lite-pg-"), "store")
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+
+
+def _block_classes(model: nn.Module) -> tuple[type, ...]:
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    classes = tuple({type(m) for m in model.modules() if type(m).__name__ in names})
+    if not classes:
+        raise TrainingError(f"{type(model).__name__} does not name its transformer blocks (_no_split_modules); "
+                            "FSDP needs them to shard block by block")
+    return classes
+
+
+def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Turn every NF4 base into `NF4Parameters` and shard the model with FSDP2 over all ranks.
+
+    Each transformer block is one FSDP unit (all-gathered for its forward and again for its
+    backward, freed in between); the root unit holds embeddings, final norm and head.
+    """
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    ensure_process_group(device)
+    for layer in lora_layers(model).values():
+        if isinstance(layer.base, NF4Weight):
+            layer.base = NF4Parameters(layer.base)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for module in [m for m in model.modules() if isinstance(m, _block_classes(model))]:
+        fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on every rank (collective for a sharded DTensor; a no-op otherwise)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def copy_into_parameter(param: torch.Tensor, value: torch.Tensor) -> None:
+    """param ← value, where `param` may be this rank's shard of a DTensor and `value` the whole tensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    with torch.no_grad():
+        if isinstance(param, DTensor):
+            value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
+        param.copy_(value)
+
+
+def resident_base_bytes(model: nn.Module) -> int:
+    """Bytes of the quantized base this rank holds (its shards under FSDP; everything otherwise)."""
+    total = 0
+    for layer in lora_layers(model).values():
+        base = layer.base
+        if isinstance(base, NF4Parameters):
+            total += sum(_local(p).numel() * p.element_size() for p in base.parameters())
+        else:
+            total += base.nbytes
+    return total
+
+
+def sharded_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The whole optimizer state, keyed by parameter name, on rank 0 (collective; others get {})."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer,
+                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_sharded_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Scatter a whole optimizer state (from `sharded_optimizer_state`) onto this rank's shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                             options=StateDictOptions(full_state_dict=True))

@@ -1,0 +1,95 @@
+"""Measuring memory during a run, and comparing it with the planner's prediction (memory.py).
+
+`MemoryMonitor.mark(phase)` records host RSS with its true peak since the previous mark (Linux
+VmHWM, reset through /proc/self/clear_refs) and, on CUDA, torch's peak allocated/reserved bytes;
+the training loop marks after_load, first_step and steady_state and writes them to memory.json.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .memory import _COMPONENTS, GiB, MemoryEstimate
+
+__all__ = ["MemoryMonitor", "compare"]
+
+
+def _reset_peak_rss() -> bool:
+    try:  # Linux >= 4.0: writing "5" resets the peak resident set size (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int:
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return 0
+
+
+class MemoryMonitor:
+    """`mark(phase)` records host RSS (with its true peak since the previous mark on Linux) and, on CUDA,
+    torch's peak allocated/reserved bytes since the previous mark; peaks are reset after each mark."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        import psutil
+
+        self.device, self.phases, self._t0 = torch.device(device), {}, time.perf_counter()
+        self._process = psutil.Process()
+        self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._hwm = _reset_peak_rss()
+        self.peak_rss = self._process.memory_info().rss
+        if self._cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def current(self) -> dict[str, int]:
+        rss = self._process.memory_info().rss
+        self.peak_rss = max(self.peak_rss, rss, _peak_rss() if self._hwm else 0)
+        out = {"rss_bytes": rss, "peak_rss_bytes": self.peak_rss}
+        if self._cuda:
+            out.update(cuda_allocated_bytes=torch.cuda.memory_allocated(self.device),
+                       cuda_peak_allocated_bytes=torch.cuda.max_memory_allocated(self.device),
+                       cuda_peak_reserved_bytes=torch.cuda.max_memory_reserved(self.device))
+        return out
+
+    def mark(self, phase: str) -> dict[str, Any]:
+        record = {**self.current(), "time_s": round(time.perf_counter() - self._t0, 3)}
+        self.phases[phase] = record
+        self._reset()
+        return record
+
+    def short(self) -> str:
+        now = self.current()
+        return f"{now.get('cuda_peak_allocated_bytes', now['peak_rss_bytes']) / GiB:.2f}G"
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        return dict(self.phases)
+
+
+def compare(estimate: MemoryEstimate, measured: dict[str, Any]) -> str:
+    """Predicted vs measured with the ratio, for each quantity in `measured`: a `mark()` record, a
+    `summary()` (maximum over phases), or breakdown component names."""
+    if measured and all(isinstance(v, dict) for v in measured.values()):
+        measured = {k: max(r[k] for r in measured.values() if k in r) for r in measured.values() for k in r}
+    total, peak = estimate.total_bytes, estimate.peak_breakdown()
+    pairs = {"cuda_peak_allocated_bytes": ("CUDA peak allocated vs total - overhead", total - estimate.framework_overhead),
+             "cuda_peak_reserved_bytes": ("CUDA peak reserved vs total", total),
+             "peak_rss_bytes": ("host peak RSS vs total", total),
+             "rss_growth_bytes": ("RSS growth in a step vs activations+logits", estimate.transient_bytes),
+             **{k: (_COMPONENTS[k], peak[k]) for k in _COMPONENTS}}
+    lines = [f"{'quantity':<44}{'predicted':>12}{'measured':>12}{'ratio':>8}"]
+    for key, (label, predicted) in pairs.items():
+        if measured.get(key) is not None:
+            ratio = measured[key] / predicted if predicted else float("inf")
+            lines.append(f"{label:<44}{predicted / GiB:>10.3f}Gi{measured[key] / GiB:>10.3f}Gi{ratio:>8.2f}")
+    return "\n".join(lines if len(lines) > 1 else lines + [f"(nothing to compare in {sorted(measured)})"])

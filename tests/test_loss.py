@@ -1,0 +1,75 @@
+"""Chunked cross-entropy through the LM head equals transformers' loss and its gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qlora_lite.config import LoraConfig, QuantConfig
+from qlora_lite.inject import inject_lora, lora_layers
+from qlora_lite.loss import chunked_cross_entropy, install_chunked_loss, supports_chunked_loss
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_loss_and_hidden_gradient_equal_the_full_logits(dtype, tol, chunk):
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 32, dtype=dtype, requires_grad=True)
+    weight = torch.randn(300, 32, dtype=dtype) / 4
+    labels = torch.randint(0, 300, (50,))
+    labels[::5] = -100
+    want = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight).float(), labels)
+    (want_grad,) = torch.autograd.grad(want, hidden)
+    got = chunked_cross_entropy(hidden, weight, labels, chunk)
+    (got_grad,) = torch.autograd.grad(got * 3.0, hidden)  # the incoming gradient scales it
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_grad, 3.0 * want_grad, atol=tol * want_grad.abs().max().item(), rtol=tol)
+
+
+def test_bad_use_is_refused():
+    with pytest.raises(ValueError, match="chunk_tokens=0"):
+        chunked_cross_entropy(torch.randn(2, 4), torch.randn(5, 4), torch.tensor([1, 2]), 0)
+    with pytest.raises(ValueError, match="freeze it"):
+        chunked_cross_entropy(torch.randn(2, 4), torch.randn(5, 4, requires_grad=True), torch.tensor([1, 2]))
+
+
+def _tiny_qlora(**overrides):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=500, **overrides)
+    model = LlamaForCausalLM(cfg)
+    inject_lora(model, LoraConfig(r=4, lora_dropout=0.0), QuantConfig(backend="torch"))
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B["default"], std=0.02)
+    return model
+
+
+def test_installed_loss_equals_the_model_loss_and_lora_gradients():
+    model = _tiny_qlora()
+    ids = torch.randint(0, 500, (3, 40))
+    labels = ids.clone()
+    labels[:, :10] = -100  # a masked prompt
+    want = model(input_ids=ids, labels=labels).loss
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+
+    assert supports_chunked_loss(model) is None and install_chunked_loss(model, chunk_tokens=16)
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is None
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, want, atol=1e-6, rtol=1e-6)
+    for name, grad in want_grads.items():
+        got = dict(model.named_parameters())[name].grad
+        torch.testing.assert_close(got, grad, atol=1e-6 * max(1.0, grad.abs().max().item()), rtol=1e-4)
+    logits = model(input_ids=ids).logits  # without labels: the model's own forward, logits as before
+    assert logits.shape == (3, 40, 500)
+
+
+def test_models_with_transformed_logits_keep_their_own_loss():
+    model = _tiny_qlora()
+    model.config.final_logit_softcapping = 30.0
+    assert "final_logit_softcapping" in supports_chunked_loss(model)
+    assert not install_chunked_loss(model)
+    assert "forward" not in vars(model)
