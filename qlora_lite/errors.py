@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["QLoraLiteError", "ConfigError", "CheckpointError", "DataError", "TrainingError"]
+__all__ = ["QLoraLiteError", "ConfigError", "CheckpointError", "DataError", "TrainingError", "MergeError",
+           "MergeOverflowError", "VerificationError"]
 
 
 class QLoraLiteError(Exception):
@@ -28,3 +29,15 @@ class DataError(QLoraLiteError, ValueError):
 
 class TrainingError(QLoraLiteError, RuntimeError):
     """Training cannot continue (non-finite loss, ...)."""
+
+
+class MergeError(QLoraLiteError, RuntimeError):
+    """The merge cannot produce a correct checkpoint (non-finite values, refused in-memory merge)."""
+
+
+class MergeOverflowError(MergeError, OverflowError):
+    """A merged value does not fit the output dtype (float16 tops out at ±65504)."""
+
+
+class VerificationError(MergeError):
+    """The merged checkpoint's logits disagree with the base + adapter model beyond the thresholds."""

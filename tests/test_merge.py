@@ -35,7 +35,8 @@ from qlora_lite.inject import inject_lora, lora_layers
 from qlora_lite.layers import LoRALinear4bit
 from qlora_lite.load import load_model
 from qlora_lite.merge import (MergeError, MergeOverflowError, VerificationError, merge, merge_adapter, merge_weight,
-                              unmerge_adapter, verify_merge)
+                              unmerge_adapter)
+from qlora_lite.verify import verify_merge
 from qlora_lite.nf4 import NF4Weight
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
