@@ -183,7 +183,7 @@ class TrainConfig:
     eval_every: int = 50
     save_every: int = 50
     keep_last: int = 2
-    log_every: int = 1
+    log_every: int = 1  # a metrics.jsonl line every N steps (and at every eval and the last step)
     seed: int = 0
     device: str = "auto"
     resume: bool = False

@@ -9,7 +9,8 @@
               the loss chunk by chunk through the LM head (loss.py), never the full logits]
               non-finite loss? stop, keep the last good checkpoint
               clip (max norm 0.3) ─► paged AdamW step ─► warmup + cosine schedule
-              log metrics.jsonl + progress bar; eval every N; checkpoint every N and on SIGINT/SIGTERM
+              metrics.jsonl every log_every steps + progress bar; eval every N; checkpoint every N and on
+              SIGINT/SIGTERM
         │
         ▼
     out_dir/adapter (PEFT format), out_dir/metrics.jsonl, out_dir/checkpoints/step-XXXXXX
@@ -356,13 +357,14 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
             state["losses"].append(step_loss)
             state["tokens"] += step_tokens * world
             record = {"step": step, "loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": round(float(grad_norm), 6), "tokens_per_s": round(step_tokens / elapsed, 1),
+                      "grad_norm": round(float(grad_norm), 6),
+                      "tokens_per_s": round(step_tokens * world / elapsed, 1),  # all processes together
                       "step_s": round(elapsed, 4), **monitor.current()}
             if eval_set is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
                 eval_loss = evaluate(model, eval_set, batch_size, pad_id, device)
                 state["eval_losses"].append([step, eval_loss])
                 record.update(eval_loss=round(eval_loss, 6), eval_ppl=round(math.exp(min(eval_loss, 50)), 3))
-            if is_main:
+            if is_main and (step % cfg.log_every == 0 or "eval_loss" in record or step == cfg.max_steps):
                 with open(metrics_file, "a") as handle:
                     handle.write(json.dumps(record) + "\n")
             if progress:

@@ -51,6 +51,15 @@ def test_training_lowers_loss_and_moves_only_lora(tiny_model_dir, memorize_data,
     assert any(b.abs().sum() > 0 for b in adapter.lora_B.values())  # B started at zero and moved
 
 
+def test_log_every_thins_the_metrics_but_keeps_evals_and_the_last_step(tiny_model_dir, memorize_data, tmp_path):
+    result = train(_cfg(tiny_model_dir, memorize_data, tmp_path / "run", max_steps=7, log_every=3, eval_every=5,
+                        save_every=7))
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [0, 3, 5, 6, 7]
+    assert [l["step"] for l in lines if "eval_loss" in l] == [0, 5, 7]
+    assert len(result.losses) == 7  # every step's loss is still kept (and checkpointed)
+
+
 def test_trainable_count_is_r_times_in_plus_out(tiny_model_dir):
     model, _ = load_model(tiny_model_dir, QuantConfig(backend="torch"), LoraConfig(r=8), device="cpu",
                           with_tokenizer=False)
