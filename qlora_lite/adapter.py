@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,7 @@ class AdapterFile:
 
     @property
     def scaling(self) -> float:
+        """The scaling of modules without a rank/alpha pattern; `scaling_for(module)` in general."""
         alpha = float(self.config.get("lora_alpha", self.r))
         return alpha / (self.r ** 0.5 if self.config.get("use_rslora") else self.r)
 
@@ -67,9 +69,28 @@ class AdapterFile:
     def modules(self) -> list[str]:
         return sorted(self.lora_A)
 
+    def _pattern_value(self, field: str, module: str):
+        # PEFT's rule (peft.utils.other.get_pattern_key): the first key matching the end of the path
+        patterns = self.config.get(field) or {}
+        key = next((k for k in patterns if re.match(rf"(.*\.)?({k})$", module)), None)
+        return None if key is None else patterns[key]
+
+    def rank_for(self, module: str) -> int:
+        value = self._pattern_value("rank_pattern", module)
+        return self.r if value is None else int(value)
+
+    def alpha_for(self, module: str) -> float:
+        value = self._pattern_value("alpha_pattern", module)
+        return float(self.config.get("lora_alpha", self.r) if value is None else value)
+
+    def scaling_for(self, module: str) -> float:
+        """α/r of this module (α/√r with rsLoRA), honouring PEFT's rank_pattern and alpha_pattern."""
+        r = self.rank_for(module)
+        return self.alpha_for(module) / (r ** 0.5 if self.config.get("use_rslora") else r)
+
     def delta_weight(self, module: str) -> torch.Tensor:
         """s·B·A in fp32 for one module."""
-        return self.scaling * (self.lora_B[module].float() @ self.lora_A[module].float())
+        return self.scaling_for(module) * (self.lora_B[module].float() @ self.lora_A[module].float())
 
 
 def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
@@ -110,15 +131,21 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     tensors = adapter_state_dict(model, name) if tensors is None else tensors
     layers = lora_layers(model)
     adapted = [p for p, l in layers.items() if (name or l.active_adapter) in l.adapters]
-    spec = layers[adapted[0]].adapters[name or layers[adapted[0]].active_adapter]
+    specs = {p: layers[p].adapters[name or layers[p].active_adapter] for p in adapted}
+    # the most common rank and alpha are the defaults; modules that differ go into PEFT's patterns
+    r = Counter(s.r for s in specs.values()).most_common(1)[0][0]
+    alpha = Counter(s.lora_alpha for s in specs.values()).most_common(1)[0][0]
+    spec = specs[adapted[0]]
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
-        "r": spec.r,
-        "lora_alpha": spec.lora_alpha,
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": {p: s.r for p, s in specs.items() if s.r != r},
+        "alpha_pattern": {p: s.lora_alpha for p, s in specs.items() if s.lora_alpha != alpha},
         "lora_dropout": spec.lora_dropout,
         "target_modules": _target_spec(model, adapted),
         "use_rslora": spec.use_rslora,
@@ -169,14 +196,16 @@ def read_adapter(directory: str | Path) -> AdapterFile:
     if set(lora_A) != set(lora_B) or not lora_A:
         raise CheckpointError(f"{weights_file}: every module needs both lora_A and lora_B "
                               f"(A only: {sorted(set(lora_A) - set(lora_B))[:3]}, B only: {sorted(set(lora_B) - set(lora_A))[:3]})")
-    r = int(config["r"])
     for module in lora_A:
         a, b = lora_A[module], lora_B[module]
         if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
             raise CheckpointError(f"{weights_file}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}; shapes do not chain")
-        if a.shape[0] != r and str(module) not in (config.get("rank_pattern") or {}):
-            raise CheckpointError(f"{weights_file}: {module} has rank {a.shape[0]} but adapter_config.json says r={r}")
-    return AdapterFile(config, lora_A, lora_B, directory)
+    adapter = AdapterFile(config, lora_A, lora_B, directory)
+    for module in lora_A:
+        if lora_A[module].shape[0] != adapter.rank_for(module):
+            raise CheckpointError(f"{weights_file}: {module} has rank {lora_A[module].shape[0]} but adapter_config.json "
+                                  f"says r={adapter.rank_for(module)} for it (r, rank_pattern)")
+    return adapter
 
 
 def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT_ADAPTER,
@@ -198,7 +227,7 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT_AD
         layer = layers[module]
         a, b = adapter.lora_A[module], adapter.lora_B[module]
         dtype = next(iter(layer.lora_A.values())).dtype if len(layer.lora_A) else torch.float32
-        layer.add_adapter(name, a.shape[0], float(adapter.config.get("lora_alpha", a.shape[0])),
+        layer.add_adapter(name, a.shape[0], adapter.alpha_for(module),
                           float(adapter.config.get("lora_dropout", 0.0)), bool(adapter.config.get("use_rslora", False)),
                           dtype=dtype, activate=False)
         with torch.no_grad():

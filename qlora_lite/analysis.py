@@ -359,7 +359,7 @@ def _module_stats(adapter: AdapterFile, module: str, top_k, base: _BaseWeights |
     if A.shape[0] > min(A.shape[1], B.shape[0]):
         raise CheckpointError(f"{adapter.path}: {module} has r={A.shape[0]} > min(in={A.shape[1]}, "
                               f"out={B.shape[0]}); ΔW cannot reach rank r and parameters are wasted: use a smaller r")
-    S = delta_spectrum(A, B, adapter.scaling)
+    S = delta_spectrum(A, B, adapter.scaling_for(module))
     kind, layer = _kind_layer(module)
     stats = ModuleStats(module, kind, layer, (B.shape[0], A.shape[1]), A.shape[0], [float(s) for s in S],
                         effective_rank(S), {k: energy_share(S, k) for k in top_k if k <= len(S)},
@@ -368,7 +368,7 @@ def _module_stats(adapter: AdapterFile, module: str, top_k, base: _BaseWeights |
         W, prequantized = base.get(module)
         if tuple(W.shape) != stats.shape:
             raise CheckpointError(f"{module}: base weight {tuple(W.shape)} but the adapter expects {stats.shape}")
-        stats.base = amplification(W, A, B, adapter.scaling)
+        stats.base = amplification(W, A, B, adapter.scaling_for(module))
         if not prequantized:
             stats.base.update(quantization_error(W, stats.base["delta_fro"]))
     return stats
@@ -387,8 +387,8 @@ def _compare(a1: AdapterFile, a2: AdapterFile, kinds: tuple[str, ...]) -> dict:
     for kind in [k for k in kinds if k in present] or present[:2]:
         mods = [m for m in common if _kind_layer(m)[0] == kind]
         mid = len(mods) // 2
-        svd1 = [delta_svd(a1.lora_A[m], a1.lora_B[m], a1.scaling) for m in mods]
-        svd2 = [delta_svd(a2.lora_A[m], a2.lora_B[m], a2.scaling) for m in mods]
+        svd1 = [delta_svd(a1.lora_A[m], a1.lora_B[m], a1.scaling_for(m)) for m in mods]
+        svd2 = [delta_svd(a2.lora_A[m], a2.lora_B[m], a2.scaling_for(m)) for m in mods]
         grids = {"A": [similarity_grid(a1.lora_A[m], a2.lora_A[m]) for m in mods],  # the paper's measure
                  "delta_in": [basis_similarity_grid(x[2], y[2]) for x, y in zip(svd1, svd2)],  # right vectors
                  "delta_out": [basis_similarity_grid(x[0].T, y[0].T) for x, y in zip(svd1, svd2)]}  # left vectors

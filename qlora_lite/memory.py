@@ -339,7 +339,8 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
     n_lora_layer = sum(lora.r * (a.linears[t][0] + a.linears[t][1]) for t in targets if _layer_index(t) == 0)
     lora_resident = -(-n_lora // world_size) + n_lora_layer if sharded else n_lora
     grads = lora_resident * lora_b * (2 if world_size > 1 and not fsdp else 1)
-    if optimizer == "paged_adamw_8bit":  # bitsandbytes: tensors under 4096 values stay 32-bit
+    if optimizer == "paged_adamw_8bit" and not fsdp:  # bitsandbytes: tensors under 4096 values stay 32-bit
+        # (under FSDP training uses torch AdamW: bitsandbytes' optimizers do not take DTensor shards)
         opt = sum(8 * n if n < 4096 else 2 * n + 8 * -(-n // 256) for n in lora_tensors)
     else:
         opt = 8 * n_lora
@@ -376,7 +377,7 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
         world_size=world_size, fsdp=fsdp, device=device, params_total=a.total + n_lora,
         params_quantized=quantized_params, params_16bit=n16, params_trainable=n_lora, quantized_weights=q_bytes,
         weights_16bit=w16_bytes, lora_params=lora_resident * lora_b, lora_grads=grads, optimizer_states=opt,
-        optimizer_pageable=opt if optimizer.startswith("paged") else 0, activations=saved + block_phase,
+        optimizer_pageable=opt if optimizer.startswith("paged") and not fsdp else 0, activations=saved + block_phase,
         logits=logits, framework_overhead=overhead, peak_phase=phase, detail=detail)
 
 

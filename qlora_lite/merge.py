@@ -211,7 +211,7 @@ def _prequant_shapes(config: dict, catalog: dict, base_dir: Path) -> dict[str, t
 
 
 def _validate_adapter(adapter: AdapterFile, catalog: dict, nf4_shapes: dict, config: dict) -> None:
-    unsupported = [k for k in ("fan_in_fan_out", "rank_pattern", "alpha_pattern") if adapter.config.get(k)]
+    unsupported = [k for k in ("fan_in_fan_out",) if adapter.config.get(k)]
     if unsupported:
         raise CheckpointError(f"{adapter.path}: adapters with {unsupported} are not supported by merge")
     problems = []

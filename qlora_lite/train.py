@@ -81,7 +81,12 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def build_optimizer(params, cfg: TrainConfig, device: torch.device, log=print) -> torch.optim.Optimizer:
-    """bitsandbytes' paged AdamW on CUDA; torch AdamW where paging cannot run (CPU)."""
+    """bitsandbytes' paged AdamW on CUDA; torch AdamW where paging cannot run (CPU, FSDP)."""
+    if cfg.optimizer != "adamw" and cfg.fsdp:
+        # bitsandbytes' kernels update raw local tensors, not FSDP's DTensor shards; the states are
+        # sharded 1/N anyway, which is most of what paging would have bought
+        log(f"note: {cfg.optimizer} does not take FSDP's sharded parameters; using torch.optim.AdamW")
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     if cfg.optimizer != "adamw" and device.type == "cuda":
         import bitsandbytes as bnb
 

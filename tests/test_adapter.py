@@ -114,6 +114,43 @@ def test_peft_adapter_loads_here_with_equal_logits(tmp_path):
         torch.testing.assert_close(logits(ours, IDS), logits(peft_model, IDS), atol=ATOL, rtol=0)
 
 
+def test_rank_and_alpha_patterns_load_save_and_merge_as_peft_does(tmp_path):
+    from qlora_lite.merge import merge
+
+    original = tiny_model()
+    original.save_pretrained(tmp_path / "base")
+    trained = peft.get_peft_model(copy.deepcopy(original), peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM",
+        rank_pattern={"v_proj": 2, "layers.1.self_attn.q_proj": 6}, alpha_pattern={"down_proj": 3.0}))
+    randomize_b(trained, seed=3)
+    trained.save_pretrained(str(tmp_path / "peft_adapter"))
+
+    adapter = read_adapter(tmp_path / "peft_adapter")
+    q0, q1, v, down = (f"model.layers.{i}.{m}" for i, m in ((0, "self_attn.q_proj"), (1, "self_attn.q_proj"),
+                                                           (0, "self_attn.v_proj"), (1, "mlp.down_proj")))
+    assert [adapter.rank_for(m) for m in (q0, q1, v, down)] == [4, 6, 2, 4]
+    assert [adapter.scaling_for(m) for m in (q0, q1, v, down)] == [2.0, 8 / 6, 4.0, 0.75]
+
+    ours, _ = load_model(tmp_path / "base", QuantConfig(), lora=None, device="cpu", compute_dtype=torch.float32,
+                         with_tokenizer=False)
+    load_adapter(ours, tmp_path / "peft_adapter")
+    peft_model = peft.PeftModel.from_pretrained(dequantized_base(original, ours), str(tmp_path / "peft_adapter"))
+    torch.testing.assert_close(logits(ours, IDS), logits(peft_model.eval(), IDS), atol=ATOL, rtol=0)
+
+    save_adapter(ours, tmp_path / "resaved")  # the patterns survive our save, and PEFT reads them back
+    config = json.loads((tmp_path / "resaved" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["rank_pattern"] == {v: 2, "model.layers.1.self_attn.v_proj": 2, q1: 6}
+    assert config["lora_alpha"] == 8 and config["alpha_pattern"] == {"model.layers.0.mlp.down_proj": 3.0, down: 3.0}
+    again = peft.PeftModel.from_pretrained(dequantized_base(original, ours), str(tmp_path / "resaved"))
+    torch.testing.assert_close(logits(again.eval(), IDS), logits(ours, IDS), atol=ATOL, rtol=0)
+
+    merge(tmp_path / "base", tmp_path / "peft_adapter", tmp_path / "merged", dtype="float32", progress=False)
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(merged, IDS), logits(ours, IDS), atol=ATOL, rtol=0)
+
+
 def test_named_adapters_switch_disable_delete_without_touching_nf4(tmp_path):
     original = tiny_model()
     original.save_pretrained(tmp_path / "base")

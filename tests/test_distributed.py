@@ -169,3 +169,13 @@ def test_nf4_parameters_compute_what_the_nf4_weight_computes():
     assert layer.base.packed.dtype == torch.uint8 and layer.base.nested_absmax.dtype == torch.float32
     assert layer.lora_A["default"].dtype == torch.float16
 
+
+
+def test_fsdp_uses_torch_adamw_even_where_paged_adamw_would_run():
+    from qlora_lite.config import TrainConfig
+    from qlora_lite.train import build_optimizer
+
+    notes = []
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    optimizer = build_optimizer(params, TrainConfig(fsdp=True), torch.device("cuda"), log=notes.append)
+    assert type(optimizer) is torch.optim.AdamW and "FSDP" in notes[0]
