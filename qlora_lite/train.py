@@ -192,10 +192,18 @@ def evaluate(model, examples, batch_size: int, pad_token_id: int, device) -> flo
 
 
 class _StopSignal:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (checkpoint, then exit)."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (checkpoint, then exit).
+
+    A second signal gives up at once, unless it comes within `SAME_REQUEST_S` of the first: a
+    launcher (torchrun) answers the user's Ctrl-C by sending its workers SIGTERM, which must not
+    cut short the checkpoint the Ctrl-C asked for.
+    """
+
+    SAME_REQUEST_S = 5.0
 
     def __init__(self):
         self.received: int | None = None
+        self._first_at = 0.0
         self._previous = {}
 
     def __enter__(self):
@@ -207,9 +215,10 @@ class _StopSignal:
         return self
 
     def _handle(self, signum, _frame):
-        if self.received is not None:  # second signal: give up at once
+        if self.received is None:
+            self.received, self._first_at = signum, time.monotonic()
+        elif time.monotonic() - self._first_at > self.SAME_REQUEST_S:  # asked again: give up at once
             raise KeyboardInterrupt
-        self.received = signum
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -355,8 +364,11 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
             step += 1
             if step == start_step + 1:
                 monitor.mark("first_step")
-            if world > 1:  # log the global mean, not rank 0's share
-                step_loss = accelerator.reduce(torch.tensor(step_loss, device=device), "mean").item()
+            stop_now = stop.received is not None
+            if world > 1:  # one all-reduce: the global mean loss, and whether any process was told to stop
+                # (every process must stop after the same step, or their collectives would no longer pair up)
+                shared = accelerator.reduce(torch.tensor([step_loss, float(stop_now)], device=device), "sum")
+                step_loss, stop_now = shared[0].item() / world, shared[1].item() > 0
             elapsed = time.perf_counter() - t0
             tokens_run += step_tokens * world
             state["losses"].append(step_loss)
@@ -376,7 +388,6 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
                 progress.set_postfix(loss=f"{step_loss:.3f}", lr=f"{record['lr']:.2e}",
                                      tok_s=f"{record['tokens_per_s']:.0f}", mem=monitor.short())
                 progress.update(1)
-            stop_now = stop.received is not None
             if step % cfg.save_every == 0 or step == cfg.max_steps or stop_now:
                 gathered = _gather_training_state(unwrap(model), optimizer, cfg.fsdp)
                 if is_main:
@@ -384,7 +395,7 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
                 accelerator.wait_for_everyone()
             if stop_now:
                 interrupted = True
-                log(f"received signal {stop.received}: checkpoint saved at step {step}; "
+                log(f"received signal {stop.received or '(on another process)'}: checkpoint saved at step {step}; "
                     f"continue with --resume")
                 break
     if progress:
