@@ -210,3 +210,17 @@ def test_interrupting_the_launcher_checkpoints_every_process_at_the_same_step(ru
     _cli(["train", "--config", str(run_yaml / "run.yaml"), "--out_dir", str(out), "--max_steps",
           str(state["step"] + 2), "--save_every", "400", "--fsdp", "--resume"], run_yaml, nproc=2)
     assert json.loads(metrics.read_text().splitlines()[-1])["step"] == state["step"] + 2
+
+
+def test_a_missing_backend_is_a_clear_error(monkeypatch):
+    import torch.distributed as dist
+
+    from qlora_lite.errors import TrainingError
+    from qlora_lite.fsdp import ensure_process_group
+
+    monkeypatch.setattr(dist, "is_gloo_available", lambda: False)
+    with pytest.raises(TrainingError, match="needs the gloo backend, which this PyTorch build lacks"):
+        ensure_process_group(torch.device("cpu"))
+    monkeypatch.setattr(dist, "is_available", lambda: False)
+    with pytest.raises(TrainingError, match="fsdp=true needs torch.distributed"):
+        ensure_process_group(torch.device("cuda"))
