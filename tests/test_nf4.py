@@ -65,12 +65,24 @@ def test_other_blocksizes_match_bitsandbytes(blocksize):
     assert torch.equal(ours.packed, packed) and torch.equal(ours.absmax, state.absmax)
 
 
-def test_backends_agree_on_bytes():
+def test_bitsandbytes_backend_holds_bitsandbytes_bytes():
     w = torch.randn(256, 320, dtype=torch.bfloat16)
-    a = NF4Weight.from_tensor(w, backend="torch")
-    b = NF4Weight.from_tensor(w, backend="bitsandbytes")
+    b = NF4Weight.from_tensor(w, backend="bitsandbytes")  # on CPU quantized by our kernel: must be bnb's bytes
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
     assert b.backend == "bitsandbytes"
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert torch.equal(b.packed, packed) and torch.equal(b.absmax, state.absmax)
+    assert torch.equal(b.nested_absmax, state.state2.absmax) and b.offset.item() == state.offset.item()
+
+
+@pytest.mark.parametrize("shape", [(3, 174763), (2, 262144), (5, 131072 + 64)])
+def test_chunked_quantization_matches_bitsandbytes_across_chunk_boundaries(shape):
+    """quantize_nf4 works in chunks of 2**18 values: whole chunks, a ragged last chunk, an odd
+    count with a ragged last block, all byte-identical to bitsandbytes."""
+    torch.manual_seed(1)
+    w = torch.randn(shape) * torch.linspace(0.01, 3, shape[1])
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+    ours_packed, ours_absmax = quantize_nf4(w, 64)
+    assert torch.equal(ours_packed, packed) and torch.equal(ours_absmax, state.absmax)
 
 
 def test_round_trip_error_matches_bitsandbytes_anchor_and_bounds():
