@@ -224,3 +224,16 @@ def test_a_missing_backend_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(dist, "is_available", lambda: False)
     with pytest.raises(TrainingError, match="fsdp=true needs torch.distributed"):
         ensure_process_group(torch.device("cuda"))
+
+
+def test_the_documented_70b_plan_is_what_the_planner_prints(capsys):
+    """docs/distributed.md's 70B-on-2x24GB command runs as written (dashes, bare --fsdp) and prints the table's total."""
+    from qlora_lite.cli import main
+
+    doc = (ROOT / "docs" / "distributed.md").read_text()
+    command = re.search(r"`(qlora-lite memory --model llama-2-70b[^`]*)`", doc).group(1)
+    assert main(shlex.split(command)[1:]) == 0
+    printed = capsys.readouterr().out
+    total = re.search(r"total \(peak per GPU\)\s+([\d.]+)", printed).group(1)
+    assert "2 ranks (FSDP)" in printed and "fits RTX4090" in printed
+    assert f"| **total** | **{float(total):.2f}** |" in doc
