@@ -237,3 +237,16 @@ def test_the_documented_70b_plan_is_what_the_planner_prints(capsys):
     total = re.search(r"total \(peak per GPU\)\s+([\d.]+)", printed).group(1)
     assert "2 ranks (FSDP)" in printed and "fits RTX4090" in printed
     assert f"| **total** | **{float(total):.2f}** |" in doc
+
+
+@pytest.mark.gpu
+def test_single_gpu_fsdp_smoke(run_yaml):
+    """The FSDP path on one GPU (NCCL, quantized on the GPU, bytes staged on the host, shards moved back)."""
+    for name, extra in (("gpu_plain", []), ("gpu_fsdp", ["--fsdp"])):
+        _cli(["train", "--config", str(run_yaml / "run.yaml"), "--out_dir", str(run_yaml / name), "--device", "cuda",
+              "--max_steps", "6", "--quant.backend", "bitsandbytes", *extra], run_yaml)
+    plain, fsdp = (json.loads((run_yaml / n / "memory.json").read_text()) for n in ("gpu_plain", "gpu_fsdp"))
+    assert plain["base_bytes_per_process"] == fsdp["base_bytes_per_process"]
+    losses = _losses(run_yaml / "gpu_fsdp")
+    assert losses[-1] < losses[0]
+    _assert_same_adapter(run_yaml / "gpu_fsdp", run_yaml / "gpu_plain", atol=5e-3, rtol=5e-2)

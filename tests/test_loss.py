@@ -73,3 +73,20 @@ def test_models_with_transformed_logits_keep_their_own_loss():
     assert "final_logit_softcapping" in supports_chunked_loss(model)
     assert not install_chunked_loss(model)
     assert "forward" not in vars(model)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_chunked_loss_matches_the_model_loss():
+    model = _tiny_qlora().cuda().to(torch.bfloat16)
+    ids = torch.randint(0, 500, (2, 64), device="cuda")
+    want = model(input_ids=ids, labels=ids).loss
+    want.backward()
+    want_grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    assert install_chunked_loss(model, chunk_tokens=32)
+    got = model(input_ids=ids, labels=ids).loss
+    got.backward()
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad.float(), grad,
+                                   atol=5e-2 * grad.abs().max().item(), rtol=5e-2)
