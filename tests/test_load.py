@@ -13,7 +13,6 @@ import torch
 from qlora_lite.config import LoraConfig, QuantConfig
 from qlora_lite.errors import CheckpointError, ConfigError
 from qlora_lite.inject import lora_layers
-from qlora_lite.layers import LoRALinear4bit
 from qlora_lite.load import load_model
 from qlora_lite.nf4 import NF4Weight
 
