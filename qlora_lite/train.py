@@ -21,12 +21,14 @@ resumed run continues bit-for-bit where an uninterrupted one would be.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +47,7 @@ from .loss import install_chunked_loss, supports_chunked_loss
 from .monitor import MemoryMonitor
 
 __all__ = ["train", "TrainResult", "evaluate", "latest_checkpoint", "build_optimizer", "lr_lambda",
-           "enable_checkpointing"]
+           "enable_checkpointing", "check_launcher"]
 
 CHECKPOINTS = "checkpoints"
 
@@ -224,6 +226,23 @@ class _StopSignal:
             signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def _gradient_sync(model, accelerator, fsdp: bool, last_micro_batch: bool) -> Iterator[None]:
+    """Communicate gradients on a step's last micro-batch only; before it they accumulate locally
+    (the LoRA gradients are small, so FSDP's unsharded accumulation costs little)."""
+    if last_micro_batch or (accelerator.num_processes == 1 and not fsdp):
+        yield
+    elif fsdp:
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        with accelerator.no_sync(model):
+            yield
+
+
 def _resolve_paths(cfg: TrainConfig) -> tuple[Path, Path | list]:
     from .embedded import embedded_model_dir
 
@@ -257,7 +276,20 @@ def train(cfg: TrainConfig, log=None, loaded=None) -> TrainResult:
             lock.__exit__(None, None, None)
 
 
+def check_launcher(accelerator) -> None:
+    """Refuse accelerate's own FSDP/DeepSpeed wrapping: it would shard the model without knowing the
+    NF4 storage. qlora-lite applies FSDP2 itself (`fsdp: true`)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        kind = accelerator.distributed_type.value
+        raise TrainingError(f"accelerate was launched with {kind} (--use_{kind.lower()} or its config file); "
+                            "qlora-lite shards the NF4 base with PyTorch's FSDP2 itself: launch without it "
+                            "(plain `accelerate launch --num_processes N` or torchrun) and pass --fsdp")
+
+
 def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> TrainResult:
+    check_launcher(accelerator)
     monitor = MemoryMonitor(device)
     resume_from = latest_checkpoint(out_dir) if cfg.resume else None
     if not cfg.resume and latest_checkpoint(out_dir) is not None:
@@ -341,16 +373,17 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
         while step < cfg.max_steps:
             t0 = time.perf_counter()
             step_loss, step_tokens = 0.0, 0
-            for _ in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 batch = {k: v.to(device) for k, v in collate(next(batches), pad_id).items()}
-                loss = model(**batch).loss
-                if not torch.isfinite(loss):
-                    last = latest_checkpoint(out_dir)
-                    raise TrainingError(
-                        f"loss became {loss.item()} at step {step + 1}; training stopped and nothing was overwritten "
-                        f"(last good checkpoint: {last or 'none'}). Try a lower learning_rate, bf16 instead of fp16, "
-                        f"or a smaller max_grad_norm")
-                accelerator.backward(loss / cfg.grad_accum)
+                with _gradient_sync(model, accelerator, cfg.fsdp, micro == cfg.grad_accum - 1):
+                    loss = model(**batch).loss
+                    if not torch.isfinite(loss):
+                        last = latest_checkpoint(out_dir)
+                        raise TrainingError(
+                            f"loss became {loss.item()} at step {step + 1}; training stopped and nothing was "
+                            f"overwritten (last good checkpoint: {last or 'none'}). Try a lower learning_rate, bf16 "
+                            f"instead of fp16, or a smaller max_grad_norm")
+                    accelerator.backward(loss / cfg.grad_accum)
                 step_loss += loss.item() / cfg.grad_accum
                 step_tokens += int(batch["attention_mask"].sum())
             grad_norm = torch.tensor(float("nan"))

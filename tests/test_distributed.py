@@ -115,6 +115,15 @@ def test_fsdp_resume_continues_exactly(run_yaml, single):
     assert out.returncode == 2 and "written with fsdp=true and this run has fsdp=false" in out.stderr
 
 
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_gradient_accumulation_equals_the_global_batch(run_yaml, single, engine):
+    """2 processes x batch 1 x 2 micro-batches, gradients communicated once per step (DDP no_sync /
+    FSDP set_requires_gradient_sync) = one process with batch 4."""
+    _cli(["train", "--config", str(run_yaml / "run.yaml"), "--out_dir", str(run_yaml / f"{engine}_accum"),
+          "--batch_size", "1", "--grad_accum", "2", *(["--fsdp"] if engine == "fsdp" else [])], run_yaml, nproc=2)
+    _assert_same_adapter(run_yaml / f"{engine}_accum", single)
+
+
 def test_single_process_fsdp_equals_a_plain_run(run_yaml, single):
     """One process, FSDP on a private process group: the one-GPU smoke-test path."""
     _cli(["train", "--config", str(run_yaml / "run.yaml"), "--out_dir", str(run_yaml / "fsdp1"), "--batch_size", "4",
@@ -250,3 +259,17 @@ def test_single_gpu_fsdp_smoke(run_yaml):
     losses = _losses(run_yaml / "gpu_fsdp")
     assert losses[-1] < losses[0]
     _assert_same_adapter(run_yaml / "gpu_fsdp", run_yaml / "gpu_plain", atol=5e-3, rtol=5e-2)
+
+
+def test_accelerates_own_fsdp_or_deepspeed_is_refused_with_the_fix():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from qlora_lite.errors import TrainingError
+    from qlora_lite.train import check_launcher
+
+    check_launcher(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+    for kind in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(TrainingError, match="launch without it .* and pass --fsdp"):
+            check_launcher(SimpleNamespace(distributed_type=kind))
