@@ -159,7 +159,40 @@ def _looks_like_name(text: str) -> bool:
 
 @dataclass
 class TrainConfig:
-    """One training run. Every field is also a CLI flag and a YAML key."""
+    """One training run. Every field is also a CLI flag and a YAML key.
+
+    Args:
+        model: a Hugging Face model directory (16-bit or bnb-4bit safetensors), or "embedded"
+        data: a JSONL file (text / instruction / chat records), or "embedded" for the shipped chat set
+        out_dir: where metrics.jsonl, checkpoints/ and adapter/ are written
+        seq_len: tokens per sequence (longer examples are truncated, or refused with truncation=error)
+        batch_size: sequences per process per micro-step
+        global_batch_size: if set, batch_size = global_batch_size / (processes x grad_accum)
+        grad_accum: micro-steps per optimizer step (gradients communicated once per step)
+        max_steps: optimizer steps
+        learning_rate: peak learning rate (QLoRA: 1e-4 to 2e-4)
+        weight_decay: AdamW weight decay
+        warmup_steps: linear warmup steps
+        lr_schedule: cosine, linear or constant after the warmup
+        max_grad_norm: gradient clipping norm (0 disables)
+        optimizer: paged_adamw_32bit / paged_adamw_8bit (bitsandbytes, CUDA) or adamw
+        gradient_checkpointing: recompute each block in backward (keeps only block inputs)
+        loss_chunk_tokens: cross-entropy through the LM head this many tokens at a time (0: full logits)
+        packing: pack several examples into one sequence
+        truncation: truncate or error for examples longer than seq_len
+        eval_fraction: share of the records held out for evaluation
+        eval_every: evaluate every N steps (and at the end)
+        save_every: checkpoint every N steps (and at the end, and on SIGINT/SIGTERM)
+        keep_last: checkpoints kept
+        log_every: a metrics.jsonl line every N steps (evals and the last step always)
+        seed: data order, LoRA init and dropout
+        device: auto, cpu, cuda or cuda:N
+        resume: continue from the newest checkpoint in out_dir
+        fsdp: shard the NF4 base, LoRA and optimizer state over the processes (FSDP2)
+        progress: show a progress bar
+        quant: NF4 settings, or null for 16-bit LoRA
+        lora: LoRA settings (PEFT's names)
+    """
 
     model: str = "embedded"
     data: str = "embedded"
