@@ -198,8 +198,8 @@ class TrainConfig:
     data: str = "embedded"
     out_dir: str = "runs/train"
     seq_len: int = 256
-    batch_size: int = 2  # per process
-    global_batch_size: int | None = None  # if set: batch_size = global / (processes × grad_accum)
+    batch_size: int = 2
+    global_batch_size: int | None = None
     grad_accum: int = 1
     max_steps: int = 100
     learning_rate: float = 2e-4
@@ -209,18 +209,18 @@ class TrainConfig:
     max_grad_norm: float = 0.3
     optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw"] = "paged_adamw_32bit"
     gradient_checkpointing: bool = True
-    loss_chunk_tokens: int = 1024  # cross-entropy this many tokens at a time, never the full logits; 0: off
+    loss_chunk_tokens: int = 1024
     packing: bool = False
     truncation: Literal["truncate", "error"] = "truncate"
     eval_fraction: float = 0.1
     eval_every: int = 50
     save_every: int = 50
     keep_last: int = 2
-    log_every: int = 1  # a metrics.jsonl line every N steps (and at every eval and the last step)
+    log_every: int = 1
     seed: int = 0
     device: str = "auto"
     resume: bool = False
-    fsdp: bool = False  # shard the NF4 base, LoRA and optimizer over the processes (FSDP2)
+    fsdp: bool = False
     progress: bool = True
     quant: QuantConfig | None = field(default_factory=QuantConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
