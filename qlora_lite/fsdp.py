@@ -1,13 +1,16 @@
 """The quantized base sharded across processes with PyTorch's FSDP2 (`fully_shard`).
 
     LoRALinear4bit.base = NF4Weight (plain tensors, a Python container)
-        │ as_fsdp_storage: the same bytes become frozen nn.Parameters of a small module
+        │ shard_model: the same bytes become frozen nn.Parameters of a small module
         ▼
     NF4Parameters   packed uint8 (n/2, 1) · absmax codes uint8 · nested absmax fp32 · offset fp32 (1,)
         │ fully_shard(every decoder block), fully_shard(root)
         ▼
     every parameter a DTensor sharded on dim 0: rank k keeps ~1/N of each tensor (bytes, scales, LoRA)
         forward / backward of a block: FSDP all-gathers its bytes ─► dequantize ─► matmul ─► frees them
+
+train.py loads and shards in turns (`in_turns`): process k loads the whole model, keeps its
+slices, frees the rest, then k+1 starts, so the host never holds more than one whole model.
 
 Why plain uint8 parameters rather than bitsandbytes' `quant_storage` or a tensor subclass:
 FSDP2 shards each parameter on its own and all-gathers mixed dtypes through one uint8 buffer, so
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -32,8 +37,10 @@ from .errors import TrainingError
 from .inject import lora_layers
 from .nf4 import NF4Weight
 
-__all__ = ["NF4Parameters", "shard_model", "resident_base_bytes", "full_tensor", "ensure_process_group",
-           "sharded_optimizer_state", "load_sharded_optimizer_state", "copy_into_parameter"]
+__all__ = ["NF4Parameters", "shard_model", "fsdp_mesh", "in_turns", "resident_base_bytes", "full_tensor",
+           "ensure_process_group", "sharded_optimizer_state", "load_sharded_optimizer_state", "copy_into_parameter"]
+
+T = TypeVar("T")
 
 
 class NF4Parameters(nn.Module):
@@ -111,21 +118,41 @@ def _block_classes(model: nn.Module) -> tuple[type, ...]:
     return classes
 
 
-def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
+def fsdp_mesh(device: torch.device):
+    """The 1-D device mesh over all processes (collective: every process calls it together)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    ensure_process_group(device)
+    return init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+def in_turns(fn: Callable[[], T]) -> T:
+    """`fn()` on rank 0, then rank 1, ...: the others wait at a barrier (a staggered load)."""
+    import torch.distributed as dist
+
+    result = None
+    for turn in range(dist.get_world_size()):
+        if turn == dist.get_rank():
+            result = fn()
+        dist.barrier()
+    return result
+
+
+def shard_model(model: nn.Module, device: torch.device, mesh=None) -> nn.Module:
     """Turn every NF4 base into `NF4Parameters` and shard the model with FSDP2 over all ranks.
 
     Each transformer block is one FSDP unit (all-gathered for its forward and again for its
-    backward, freed in between); the root unit holds embeddings, final norm and head.
+    backward, freed in between); the root unit holds embeddings, final norm and head. Sharding
+    itself communicates nothing (each process keeps its slice of its own full tensors), which is
+    why processes may shard one after another (`in_turns`); `mesh` comes from `fsdp_mesh`.
     """
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    ensure_process_group(device)
+    mesh = mesh if mesh is not None else fsdp_mesh(device)
     for layer in lora_layers(model).values():
         if isinstance(layer.base, NF4Weight):
             layer.base = NF4Parameters(layer.base)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for module in [m for m in model.modules() if isinstance(m, _block_classes(model))]:
         fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)

@@ -38,11 +38,11 @@ from .adapter import adapter_state_dict, save_adapter
 from .config import TrainConfig, resolve_dtype
 from .data import batch_iterator, build_dataset, collate, embedded_dataset_path, load_records, split_train_eval
 from .errors import TrainingError
-from .fsdp import (copy_into_parameter, full_tensor, load_sharded_optimizer_state, resident_base_bytes, shard_model,
-                   sharded_optimizer_state)
+from .fsdp import (copy_into_parameter, fsdp_mesh, full_tensor, in_turns, load_sharded_optimizer_state,
+                   resident_base_bytes, shard_model, sharded_optimizer_state)
 from .fsutil import RunLock, atomic_directory, atomic_write_text
 from .inject import count_parameters, lora_layers
-from .load import load_model, resolve_device
+from .load import load_model, release_free_memory, resolve_device
 from .loss import install_chunked_loss, supports_chunked_loss
 from .monitor import MemoryMonitor
 
@@ -256,9 +256,15 @@ def train(cfg: TrainConfig, log=None, loaded=None) -> TrainResult:
 
     `loaded` = (model, tokenizer) from `load_model` skips loading (the demo reuses its model).
     """
-    from accelerate import Accelerator
+    from datetime import timedelta
 
-    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision="no")
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # An hour, not NCCL's 10 minutes: under FSDP the processes load a large model in turns (the
+    # waiting ones sit in a barrier), and a 70B checkpoint can take longer than that to read.
+    group = InitProcessGroupKwargs(timeout=timedelta(hours=1))
+    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision="no", kwargs_handlers=[group])
     is_main = accelerator.is_main_process
     log = log or (lambda msg: print(msg, file=sys.stderr) if is_main else None)
     out_dir = Path(cfg.out_dir)
@@ -296,15 +302,32 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
         raise TrainingError(f"{out_dir} already holds checkpoints; pass --resume to continue that run or choose "
                             "another out_dir")
     model_path, data = _resolve_paths(cfg)
+    world = accelerator.num_processes
+    batch_size = cfg.per_process_batch(world)
     compute_dtype = resolve_dtype(cfg.quant.compute_dtype if cfg.quant else "auto", device)
-    if loaded is None:
-        # under FSDP on GPUs: quantize on the GPU, keep the bytes on the host until each rank moves its shard
-        storage = torch.device("cpu") if cfg.fsdp and device.type == "cuda" else None
-        loaded = load_model(model_path, cfg.quant, cfg.lora, device=device, compute_dtype=compute_dtype,
-                            storage_device=storage)
-    model, tokenizer = loaded
-    params = count_parameters(model)
+    mesh = fsdp_mesh(device) if cfg.fsdp else None  # every process together, before the turns below
+
+    def load_and_shard():
+        if loaded is None:
+            # under FSDP on GPUs: quantize on the GPU, stage the bytes on the host, FSDP moves each shard back
+            storage = torch.device("cpu") if cfg.fsdp and device.type == "cuda" else None
+            model, tokenizer = load_model(model_path, cfg.quant, cfg.lora, device=device, compute_dtype=compute_dtype,
+                                          storage_device=storage)
+        else:
+            model, tokenizer = loaded
+        params = count_parameters(model)
+        if cfg.fsdp:  # FSDP2 replaces the parameters with shards (the optimizer is built on those below)
+            shard_model(model, device, mesh)
+            release_free_memory()  # give the freed whole copy back to the OS before the next process loads
+        return model, tokenizer, params
+
+    # Under FSDP the processes load one after another: each frees its whole copy once sharded, so the
+    # host holds one whole model at a time rather than one per process.
+    model, tokenizer, params = in_turns(load_and_shard) if cfg.fsdp else load_and_shard()
     log(f"model {model_path}: {params}")
+    if cfg.fsdp:
+        held = resident_base_bytes(model)
+        log(f"fsdp: {world} process(es); this one holds {held:,} bytes ({held / 2**30:.2f} GiB) of the quantized base")
     monitor.mark("after_load")
 
     records = load_records(data)
@@ -322,15 +345,7 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
             install_chunked_loss(model, cfg.loss_chunk_tokens)
         else:
             log(f"note: the loss uses the full logits: {why_not}")
-    world = accelerator.num_processes
-    batch_size = cfg.per_process_batch(world)
-    if cfg.fsdp:  # FSDP2 replaces the parameters with shards: build the optimizer on those
-        model = shard_model(model, device)
-        unwrap = lambda m: m  # noqa: E731 (an FSDP2 model is the model itself)
-        log(f"fsdp: {world} process(es); this one holds {resident_base_bytes(model) / 2**20:.1f} MiB of the "
-            f"quantized base")
-    else:
-        unwrap = accelerator.unwrap_model
+    unwrap = (lambda m: m) if cfg.fsdp else accelerator.unwrap_model  # an FSDP2 model is the model itself
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(trainable, cfg, device, log)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
