@@ -153,7 +153,8 @@ def shard_model(model: nn.Module, device: torch.device, mesh=None) -> nn.Module:
     for layer in lora_layers(model).values():
         if isinstance(layer.base, NF4Weight):
             layer.base = NF4Parameters(layer.base)
-    for module in [m for m in model.modules() if isinstance(m, _block_classes(model))]:
+    blocks = _block_classes(model)
+    for module in [m for m in model.modules() if isinstance(m, blocks)]:
         fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
