@@ -30,7 +30,7 @@ import torch
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 _RUNNER = r"""
-import json, sys, threading, time
+import json, sys, time
 import psutil, torch
 args = json.loads(sys.argv[1])
 if args["threads"]:
@@ -38,28 +38,19 @@ if args["threads"]:
 import peft, accelerate, safetensors
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from qlora_lite.merge import merge
+from qlora_lite.monitor import PeakRSS
 
-process = psutil.Process()
-baseline = peak = process.memory_info().rss
-stop = threading.Event()
-def sample():
-    global peak
-    while not stop.wait(0.005):
-        peak = max(peak, process.memory_info().rss)
-thread = threading.Thread(target=sample, daemon=True)
-thread.start()
-start = time.perf_counter()
-if args["method"] == "peft":
-    model = AutoModelForCausalLM.from_pretrained(args["base"], dtype=getattr(torch, args["dtype"]))
-    model = peft.PeftModel.from_pretrained(model, args["adapter"]).merge_and_unload()
-    model.save_pretrained(args["out"], max_shard_size="2GB")
-else:
-    merge(args["base"], args["adapter"], args["out"], dtype=args["dtype"], base=args["method"].split(":")[1],
-          progress=False)
-seconds = time.perf_counter() - start
-stop.set()
-thread.join()
-print(json.dumps({"seconds": seconds, "baseline_rss": baseline, "peak_rss": max(peak, process.memory_info().rss)}))
+with PeakRSS(interval=0.005) as rss:
+    start = time.perf_counter()
+    if args["method"] == "peft":
+        model = AutoModelForCausalLM.from_pretrained(args["base"], dtype=getattr(torch, args["dtype"]))
+        model = peft.PeftModel.from_pretrained(model, args["adapter"]).merge_and_unload()
+        model.save_pretrained(args["out"], max_shard_size="2GB")
+    else:
+        merge(args["base"], args["adapter"], args["out"], dtype=args["dtype"], base=args["method"].split(":")[1],
+              progress=False)
+    seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "baseline_rss": rss.baseline, "peak_rss": rss.peak}))
 """
 
 

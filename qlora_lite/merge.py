@@ -29,7 +29,6 @@ import math
 import os
 import re
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from .fsutil import DiskFullError, OutputExistsError, atomic_directory
 from .inject import find_targets, lora_layers
 from .layers import DenseWeight
 from .load import checkpoint_files, release_free_memory
+from .monitor import PeakRSS
 from .nf4 import NF4Weight
 from .shards import ShardReader, read_header
 from .verify import verify_merge
@@ -384,27 +384,6 @@ def _write_metadata(tmp: Path, base_dir: Path, plan: _Plan, dtype_name: str) -> 
                 shutil.copy2(source, tmp / source.name)
 
 
-class _PeakRSS:
-    """Samples this process's resident set size every 10 ms in a background thread."""
-
-    def __enter__(self) -> _PeakRSS:
-        import psutil
-
-        self._process, self._stop = psutil.Process(), threading.Event()
-        self.peak = self._process.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.01):
-            self.peak = max(self.peak, self._process.memory_info().rss)
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float16",
           base: BaseKind = "quantized", quant: QuantConfig = QuantConfig(), max_shard_size: int | str = "2GB",
           overwrite: bool = False, verify: bool = False, progress: bool = True) -> MergeReport:
@@ -439,7 +418,7 @@ def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dt
 
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         writer = _ShardWriter(tmp, plan)
-        with _PeakRSS() as rss, tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="merging",
+        with PeakRSS() as rss, tqdm(total=plan.total_bytes, unit="B", unit_scale=True, desc="merging",
                                      disable=not progress) as bar:
             try:
                 for file in plan.files:

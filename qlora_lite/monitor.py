@@ -3,10 +3,13 @@
 `MemoryMonitor.mark(phase)` records host RSS with its true peak since the previous mark (Linux
 VmHWM, reset through /proc/self/clear_refs) and, on CUDA, torch's peak allocated/reserved bytes;
 the training loop marks after_load, first_step and steady_state and writes them to memory.json.
+`PeakRSS` samples RSS in a thread around one block of work (merge reports it; tests and benchmarks
+measure with it in fresh processes).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ import torch
 
 from .memory import _COMPONENTS, GiB, MemoryEstimate
 
-__all__ = ["MemoryMonitor", "compare"]
+__all__ = ["MemoryMonitor", "PeakRSS", "compare"]
 
 
 def _reset_peak_rss() -> bool:
@@ -32,6 +35,32 @@ def _peak_rss() -> int:
         return int(line.split()[1]) * 1024
     except (OSError, StopIteration):
         return 0
+
+
+class PeakRSS:
+    """`with PeakRSS() as rss: ...` samples this process's RSS every `interval` seconds in a daemon
+    thread; afterwards `rss.baseline` is the RSS on entry and `rss.peak` the largest seen (exit included)."""
+
+    def __init__(self, interval: float = 0.01):
+        self.interval = interval
+
+    def __enter__(self) -> PeakRSS:
+        import psutil
+
+        self._process, self._stop = psutil.Process(), threading.Event()
+        self.baseline = self.peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
 
 
 class MemoryMonitor:

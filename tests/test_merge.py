@@ -421,28 +421,19 @@ def test_in_memory_merge_refuses_nf4_bases():
 # ---- memory ---------------------------------------------------------------------------------------------
 
 _RSS_SCRIPT = textwrap.dedent("""
-    import json, sys, threading, time
+    import json, sys
     import psutil, torch
     torch.set_num_threads(1)
     import accelerate, safetensors
     from transformers import AutoModelForCausalLM, LlamaForCausalLM  # the modeling code merge's planner imports
     from qlora_lite.merge import _cast_checked, merge, merge_weight
+    from qlora_lite.monitor import PeakRSS
     # warm-up: first use of each kernel pages in ~25 MB of libtorch code, a one-off like an import
     _cast_checked("warm-up", merge_weight(torch.randn(256, 256), torch.zeros(256, 256)), torch.float16, True)
-    process = psutil.Process()
-    baseline = peak = process.memory_info().rss
-    done = threading.Event()
-    def sample():
-        global peak
-        while not done.wait(0.005):
-            peak = max(peak, process.memory_info().rss)
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    report = merge(sys.argv[1], sys.argv[2], sys.argv[3], dtype="float16", progress=False)
-    done.set()
-    thread.join()
-    print(json.dumps({"baseline": baseline, "peak": max(peak, process.memory_info().rss),
-                      "seconds": report.seconds, "written": report.bytes_written}))
+    with PeakRSS(interval=0.005) as rss:
+        report = merge(sys.argv[1], sys.argv[2], sys.argv[3], dtype="float16", progress=False)
+    print(json.dumps({"baseline": rss.baseline, "peak": rss.peak, "seconds": report.seconds,
+                      "written": report.bytes_written}))
 """)
 
 
