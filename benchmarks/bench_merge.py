@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from _checkpoint import write_sharded  # benchmarks/ is on sys.path when run as a script
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -56,7 +57,6 @@ print(json.dumps({"seconds": seconds, "baseline_rss": rss.baseline, "peak_rss": 
 
 def synthetic_llama(directory: Path, hidden: int, layers: int, vocab: int = 32000, shard_bytes: int = 1_000_000_000):
     """A random Llama-shaped bf16 checkpoint (intermediate 8/3·hidden rounded to 256), written shard by shard."""
-    from safetensors.torch import save_file
     from transformers import LlamaConfig
 
     inter = int(math.ceil(hidden * 8 / 3 / 256) * 256)
@@ -74,22 +74,8 @@ def synthetic_llama(directory: Path, hidden: int, layers: int, vocab: int = 3200
                    f"{p}.post_attention_layernorm.weight": (hidden,)}
     shapes |= {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
     generator = torch.Generator().manual_seed(0)
-    groups, size = [[]], 0
-    for key, shape in shapes.items():
-        nbytes = math.prod(shape) * 2
-        if groups[-1] and size + nbytes > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(key)
-        size += nbytes
-    weight_map = {}
-    for n, keys in enumerate(groups):
-        name = f"model-{n + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {k: (torch.ones(shapes[k]) if len(shapes[k]) == 1 else
-                       torch.randn(shapes[k], generator=generator) * 0.02).to(torch.bfloat16) for k in keys}
-        save_file(tensors, str(directory / name), {"format": "pt"})
-        weight_map |= dict.fromkeys(keys, name)
-    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    write_sharded(directory, shapes, shard_bytes, lambda _, shape: (
+        torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16))
 
 
 def random_adapter(base: Path, directory: Path, rank: int = 16) -> int:

@@ -48,7 +48,8 @@ import time
 from pathlib import Path
 
 import torch
-from _env import device_name, versions  # benchmarks/ is on sys.path when run as a script
+from _checkpoint import write_sharded  # benchmarks/ is on sys.path when run as a script
+from _env import device_name, versions
 
 SHAPES: dict[str, dict] = {
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
@@ -97,8 +98,6 @@ def build_checkpoint(shape: str, directory: Path, seed: int = 0, log=print) -> f
     """
     if (directory / COMPLETE).is_file():
         return 0.0
-    from safetensors.torch import save_file
-
     t0 = time.perf_counter()
     shapes = param_shapes(shape)
     total = sum(math.prod(s) * 2 for s in shapes.values())
@@ -112,27 +111,13 @@ def build_checkpoint(shape: str, directory: Path, seed: int = 0, log=print) -> f
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     llama_config(shape).save_pretrained(tmp)
-    groups, size = [[]], 0
-    for key, s in shapes.items():
-        nbytes = math.prod(s) * 2
-        if groups[-1] and size + nbytes > SHARD_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(key)
-        size += nbytes
     generator = torch.Generator().manual_seed(seed)
-    weight_map = {}
-    for n, keys in enumerate(groups):
-        name = f"model-{n + 1:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {}
-        for key in keys:
-            t = torch.empty(shapes[key], dtype=torch.bfloat16)
-            tensors[key] = t.fill_(1.0) if len(shapes[key]) == 1 else t.normal_(0.0, 0.02, generator=generator)
-        save_file(tensors, str(tmp / name), {"format": "pt"})
-        del tensors
-        weight_map |= dict.fromkeys(keys, name)
-    (tmp / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+    def random_tensor(_: str, dims: tuple[int, ...]) -> torch.Tensor:  # straight in bf16: no fp32 copy
+        t = torch.empty(dims, dtype=torch.bfloat16)
+        return t.fill_(1.0) if len(dims) == 1 else t.normal_(0.0, 0.02, generator=generator)
+
+    write_sharded(tmp, shapes, SHARD_BYTES, random_tensor)
     (tmp / COMPLETE).write_text(json.dumps({"shape": shape, "seed": seed, "bytes": total}))
     shutil.rmtree(directory, ignore_errors=True)  # an incomplete earlier attempt
     tmp.rename(directory)
