@@ -3,11 +3,11 @@ saves, the peak against live tensor bytes and host RSS on CPU, fitting, errors, 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
-import textwrap
 import weakref
 from pathlib import Path
 
@@ -165,40 +165,15 @@ def test_peak_matches_live_tensor_bytes(vocab, chunk, phase, dtype):
     assert 0.9 < tracker.peak / predicted < 1.1
 
 
-RSS_SCRIPT = textwrap.dedent("""
-    import ctypes, gc, json, torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-    from qlora_lite.config import LoraConfig, QuantConfig
-    from qlora_lite.inject import inject_lora
-    from qlora_lite.memory import estimate_memory
-    from qlora_lite.monitor import MemoryMonitor
-    from qlora_lite.train import enable_checkpointing
-    torch.manual_seed(0); torch.set_num_threads(1)
-    cfg = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=2, num_attention_heads=8,
-                      num_key_value_heads=4, vocab_size=8192)
-    model = LlamaForCausalLM(cfg)
-    lora = LoraConfig(r=16, lora_dropout=0.05)
-    inject_lora(model, lora, QuantConfig())
-    enable_checkpointing(model)
-    model.train()
-    ids = torch.randint(0, 8192, (4, 256))
-    model(input_ids=ids, labels=ids).loss.backward()  # warm-up: gradients exist from here on
-    gc.collect(); ctypes.CDLL("libc.so.6").malloc_trim(0)
-    monitor = MemoryMonitor("cpu")
-    before = monitor.mark("before")["rss_bytes"]
-    model(input_ids=ids, labels=ids).loss.backward()
-    growth = monitor.mark("step")["peak_rss_bytes"] - before
-    est = estimate_memory(cfg, seq_len=256, batch_size=4, lora=lora, compute_dtype="float32", device="cpu")
-    print(json.dumps({"growth": growth, "predicted": est.transient_bytes}))
-""")
-
-
-def test_host_rss_growth_of_a_step_matches_the_estimate(tmp_path):
-    """Fresh process; glibc told to mmap blocks >= 1 MiB so freed tensors leave RSS (see docs/memory.md)."""
-    script = tmp_path / "rss_step.py"
-    script.write_text(RSS_SCRIPT)
+def test_host_rss_growth_of_a_step_matches_the_estimate():
+    """Fresh process; glibc told to mmap blocks >= 1 MiB so freed tensors leave RSS (see docs/memory.md).
+    The step is scripts/memory_table.py's CPU check (the harness behind docs/memory.md's table), at 4 × 256."""
+    spec = importlib.util.spec_from_file_location("memory_table", ROOT / "scripts" / "memory_table.py")
+    memory_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory_table)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    run = subprocess.run([sys.executable, "-c", memory_table.CPU_STEP, "4", "256"], capture_output=True, text=True,
+                         env=env, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     ratio = result["growth"] / result["predicted"]
