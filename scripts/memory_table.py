@@ -103,7 +103,9 @@ monitor = MemoryMonitor("cpu")
 before = monitor.mark("before")["rss_bytes"]
 model(input_ids=ids, labels=ids).loss.backward()
 growth = monitor.mark("step")["peak_rss_bytes"] - before
-est = estimate_memory(cfg, seq_len=seq, batch_size=batch, lora=lora, compute_dtype="float32", device="cpu")
+# the step above uses the model's own loss (full logits), so the estimate must too
+est = estimate_memory(cfg, seq_len=seq, batch_size=batch, lora=lora, compute_dtype="float32", device="cpu",
+                      loss_chunk_tokens=0)
 print(json.dumps({"growth": growth, "predicted": est.transient_bytes, "phase": est.peak_phase}))
 """
 
