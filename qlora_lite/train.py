@@ -13,7 +13,7 @@
               SIGINT/SIGTERM
         │
         ▼
-    out_dir/adapter (PEFT format), out_dir/metrics.jsonl, out_dir/checkpoints/step-XXXXXX
+    out_dir/adapter (PEFT format), out_dir/metrics.jsonl, out_dir/checkpoints/step-000050 (zero-padded step number)
 
 A checkpoint holds the adapter, optimizer, scheduler, RNG states and the data position, so a
 resumed run continues bit-for-bit where an uninterrupted one would be.
@@ -297,8 +297,9 @@ def check_launcher(accelerator) -> None:
 def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> TrainResult:
     check_launcher(accelerator)
     monitor = MemoryMonitor(device)
-    resume_from = latest_checkpoint(out_dir) if cfg.resume else None
-    if not cfg.resume and latest_checkpoint(out_dir) is not None:
+    existing = latest_checkpoint(out_dir)
+    resume_from = existing if cfg.resume else None
+    if not cfg.resume and existing is not None:
         raise TrainingError(f"{out_dir} already holds checkpoints; pass --resume to continue that run or choose "
                             "another out_dir")
     model_path, data = _resolve_paths(cfg)
