@@ -136,7 +136,8 @@ def run_demo(out: str | None = None, steps: int = 30, seq_len: int = 128, batch_
         f"the 16-bit base checkpoint {base_bytes / 1e6:.0f} MB ({base_bytes / adapter_bytes:.0f}× larger)",
         f"- merged fp16 checkpoint: `merged/` ({report.bytes_written / 1e6:.0f} MB in {report.seconds:.1f} s); "
         f"verified against base+adapter: max |Δlogit| {v.get('max_abs_logit_diff', float('nan')):.3g}, "
-        f"top-1 agreement {v.get('top1_agreement', float('nan')):.4f}",
+        f"top-1 agreement {v.get('top1_agreement', float('nan')):.4f} "
+        f"({v.get('top1_agreement_up_to_ties', float('nan')):.4f} up to ties of {v.get('tie_margin')})",
         "",
         "## Parameters and memory",
         f"- {params}",

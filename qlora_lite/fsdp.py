@@ -25,8 +25,6 @@ gather the small LoRA tensors and the optimizer state for checkpoints, through D
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -105,8 +103,8 @@ def ensure_process_group(device: torch.device) -> None:
             raise TrainingError(f"the process group uses backend {dist.get_backend()!r} but the model is on "
                                 f"{device.type}, which needs {backend!r}; launch with a matching device")
         return
-    store = os.path.join(tempfile.mkdtemp(prefix="qlora-lite-pg-"), "store")
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+    # an in-memory store: nothing to rendezvous with, no port to pick, no file left behind
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def _block_classes(model: nn.Module) -> tuple[type, ...]:

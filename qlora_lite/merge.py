@@ -86,7 +86,8 @@ class MergeReport:
                 f"peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB")
         if self.verification:
             v = self.verification
-            text += f"; verified: max |Δlogit| {v['max_abs_logit_diff']:.3g}, top-1 agreement {v['top1_agreement']:.4f}"
+            text += (f"; verified: max |Δlogit| {v['max_abs_logit_diff']:.3g}, top-1 agreement "
+                     f"{v['top1_agreement']:.4f} ({v['top1_agreement_up_to_ties']:.4f} up to ties)")
         return text
 
 

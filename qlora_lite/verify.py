@@ -2,8 +2,8 @@
 
     merged_dir ──► transformers AutoModelForCausalLM (fp32) ──┐
                                                               ├─► logits on DEFAULT_PROMPTS (~1000 tokens)
-    base_dir + adapter_dir ──► qlora_lite, fp32 ──────────────┘      max |Δlogit|, top-1 agreement
-                                                                      vs thresholds set by the merged dtype
+    base_dir + adapter_dir ──► qlora_lite, fp32 ──────────────┘      max |Δlogit|, top-1 agreement up to
+                                                                      ties, vs thresholds set by the merged dtype
 
 The reference is the model training computed with: the NF4 base (base="quantized") or W0
 (base="original") plus the adapter. A failure raises `VerificationError`; `merge(verify=True)` then
@@ -26,11 +26,11 @@ from .inject import replace_module
 from .layers import DenseWeight, LoRALinear4bit
 from .load import load_model, load_tokenizer
 
-__all__ = ["verify_merge", "DEFAULT_PROMPTS"]
+__all__ = ["verify_merge", "top1_flips", "DEFAULT_PROMPTS"]
 
 BaseKind = Literal["quantized", "original"]
 _SAVED_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-DEFAULT_PROMPTS = (  # ~1000 tokens in all, so one near-tie flip in fp16 still passes 99.9% top-1 agreement
+DEFAULT_PROMPTS = (  # ~1000 tokens of fixed English text and code
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined movable "
     "metal type, oil-based ink and a wooden press adapted from those used to make wine. Books, which had been copied "
     "by hand for centuries, could now be produced quickly and cheaply. Within a few decades printing shops had opened "
@@ -78,11 +78,27 @@ DEFAULT_PROMPTS = (  # ~1000 tokens in all, so one near-tie flip in fp16 still p
     "Scientists are now studying how to make photosynthesis itself more efficient, since most plants convert only "
     "one or two percent of the sunlight that falls on them into stored chemical energy.",
 )
-# Verification defaults by the merged checkpoint's dtype (its weights carry one rounding to it). Measured on
-# SmolLM2-135M over DEFAULT_PROMPTS: fp16 max |Δlogit| 0.035, top-1 1.000; bf16 (8 mantissa bits) 0.57 and
-# 0.991; a merge onto the wrong base (original instead of NF4) 21.8 and 0.740.
+# Verification defaults by the merged checkpoint's dtype (its weights carry one rounding to it). A top-1 flip
+# counts against the merge only if the reference prefers its own token by more than the tie margin: rounding
+# alone flips exact ties (a demo adapter's fp16 merge of SmolLM2-135M flipped 2 of 1009 tokens whose reference
+# logits differed by 3e-4, which failed a plain 99.9% agreement bound on one CPU and passed on another).
+# Measured on SmolLM2-135M over DEFAULT_PROMPTS with the demo's adapter: fp16 max |Δlogit| 0.039, flips only
+# within 3e-4; bf16 0.33, flips within 0.043; merged onto the wrong base (W0 instead of NF4) 17.0 and 74.6% top-1
+# agreement outright, 76.4% up to fp16's tie margin, 84.6% up to bf16's.
 _DEFAULT_MAX_DIFF = {torch.float32: 1e-2, torch.float16: 0.5, torch.bfloat16: 2.0}
-_DEFAULT_MIN_TOP1 = {torch.float32: 0.999, torch.float16: 0.999, torch.bfloat16: 0.98}
+_DEFAULT_TIE_MARGIN = {torch.float32: 1e-3, torch.float16: 0.1, torch.bfloat16: 0.5}
+_DEFAULT_MIN_TOP1 = 0.999
+
+
+def top1_flips(got: torch.Tensor, want: torch.Tensor, tie_margin: float) -> tuple[int, int]:
+    """(all, decisive) positions where `got` picks another top-1 token than `want` (logits, last dim vocab).
+
+    A flip is decisive when `want` scores its own top-1 more than `tie_margin` above the token `got` picked.
+    """
+    picked, wanted = got.argmax(-1, keepdim=True), want.argmax(-1, keepdim=True)
+    gap = want.gather(-1, wanted) - want.gather(-1, picked)
+    flipped = picked != wanted
+    return int(flipped.sum()), int((flipped & (gap > tie_margin)).sum())
 
 
 def _reference_model(base_dir: Path, adapter_dir: Path, quant: QuantConfig, base: BaseKind) -> nn.Module:
@@ -104,14 +120,15 @@ def _reference_model(base_dir: Path, adapter_dir: Path, quant: QuantConfig, base
 
 def verify_merge(merged_dir: str | Path, base_dir: str | Path, adapter_dir: str | Path,
                  prompts: list[str] | None = None, quant: QuantConfig = QuantConfig(),
-                 max_abs_logit_diff: float | None = None, min_top1_agreement: float | None = None,
-                 base: BaseKind = "quantized") -> dict[str, Any]:
+                 max_abs_logit_diff: float | None = None, min_top1_agreement: float = _DEFAULT_MIN_TOP1,
+                 tie_margin: float | None = None, base: BaseKind = "quantized") -> dict[str, Any]:
     """Compare the merged checkpoint (plain transformers, fp32) with base + adapter (qlora_lite, fp32).
 
     Prompts default to DEFAULT_PROMPTS (fixed random token ids where the checkpoint has no tokenizer).
-    Thresholds default by the merged dtype: max |Δlogit| 1e-2 / 0.5 / 2.0 and top-1 agreement 0.999 / 0.999 /
-    0.98 for float32 / float16 / bfloat16 (bf16 keeps 8 mantissa bits; an honest bf16 merge of SmolLM2-135M
-    agrees on 99.1% of tokens, a merge onto the wrong base on 74%).
+    Thresholds default by the merged dtype: max |Δlogit| 1e-2 / 0.5 / 2.0 and tie margin 1e-3 / 0.1 / 0.5 for
+    float32 / float16 / bfloat16; top-1 agreement up to ties (flips within the tie margin agree) at least
+    `min_top1_agreement`. An honest bf16 merge of SmolLM2-135M agrees on 99.2% of tokens outright and on 100%
+    up to ties; a bf16 merge onto the wrong base on 75% and 85%.
     Raises VerificationError past either threshold, or if transformers reports missing/unexpected keys.
     """
     from transformers import AutoModelForCausalLM
@@ -124,8 +141,7 @@ def verify_merge(merged_dir: str | Path, base_dir: str | Path, adapter_dir: str 
         raise VerificationError(f"{merged_dir} does not load cleanly in transformers: {bad}")
     saved_dtype = _SAVED_DTYPES.get(saved, torch.float32)
     limit = max_abs_logit_diff if max_abs_logit_diff is not None else _DEFAULT_MAX_DIFF[saved_dtype]
-    if min_top1_agreement is None:
-        min_top1_agreement = _DEFAULT_MIN_TOP1[saved_dtype]
+    tie_margin = tie_margin if tie_margin is not None else _DEFAULT_TIE_MARGIN[saved_dtype]
     reference = _reference_model(base_dir, adapter_dir, quant, base)
     texts = list(prompts or DEFAULT_PROMPTS)
     if any(merged_dir.glob("tokenizer*.json")) or any(merged_dir.glob("*.model")):
@@ -135,20 +151,22 @@ def verify_merge(merged_dir: str | Path, base_dir: str | Path, adapter_dir: str 
         generator = torch.Generator().manual_seed(0)
         batches = [torch.randint(0, merged.config.vocab_size, (1, 48), generator=generator) for _ in texts]
     max_diff = total_diff = 0.0
-    agree = positions = 0
+    flips = decisive_flips = positions = 0
     with torch.no_grad():
         for ids in batches:
             got, want = merged.eval()(input_ids=ids).logits.float(), reference(input_ids=ids).logits.float()
             diff = (got - want).abs()
             max_diff, total_diff = max(max_diff, diff.max().item()), total_diff + diff.mean().item() * ids.numel()
-            agree += int((got.argmax(-1) == want.argmax(-1)).sum())
-            positions += ids.numel()
+            all_flips, decisive = top1_flips(got, want, tie_margin)
+            flips, decisive_flips, positions = flips + all_flips, decisive_flips + decisive, positions + ids.numel()
     result = {"max_abs_logit_diff": max_diff, "mean_abs_logit_diff": total_diff / positions,
-              "top1_agreement": agree / positions, "positions": positions, "merged_dtype": saved, "base": base,
-              "max_abs_logit_diff_limit": limit, "min_top1_agreement": min_top1_agreement}
-    if max_diff > limit or result["top1_agreement"] < min_top1_agreement:
+              "top1_agreement": 1 - flips / positions, "top1_agreement_up_to_ties": 1 - decisive_flips / positions,
+              "positions": positions, "merged_dtype": saved, "base": base, "max_abs_logit_diff_limit": limit,
+              "tie_margin": tie_margin, "min_top1_agreement": min_top1_agreement}
+    if max_diff > limit or result["top1_agreement_up_to_ties"] < min_top1_agreement:
         raise VerificationError(f"{merged_dir}: max |Δlogit| {max_diff:.4g} (limit {limit}), top-1 agreement "
-                                f"{result['top1_agreement']:.4f} (minimum {min_top1_agreement}) against base + "
-                                "adapter; the merge does not reproduce the adapter model (wrong base or quant "
+                                f"{result['top1_agreement_up_to_ties']:.4f} up to ties of {tie_margin} "
+                                f"({result['top1_agreement']:.4f} outright; minimum {min_top1_agreement}) against "
+                                "base + adapter; the merge does not reproduce the adapter model (wrong base or quant "
                                 "settings?)")
     return result
