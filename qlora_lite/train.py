@@ -175,21 +175,36 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, fsdp: bool) -> dic
 
 
 @torch.no_grad()
-def evaluate(model, examples, batch_size: int, pad_token_id: int, device) -> float:
-    """Mean token loss over `examples` (prompt tokens masked), in eval mode."""
+def evaluate(model, examples, batch_size: int, pad_token_id: int, device, rank: int = 0,
+             world_size: int = 1) -> float:
+    """Mean token loss over `examples` (prompt tokens masked), in eval mode.
+
+    With world_size > 1 each process takes every world_size-th batch and the sums are all-reduced, so
+    the set is evaluated once, not once per process. Every process runs the same number of forwards
+    (one without a batch in the last round re-runs its first and discards it): FSDP gathers weights
+    inside forward, and DDP may broadcast buffers there, so forwards must pair up across processes.
+    """
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
+    starts = list(range(0, len(examples), batch_size))
+    sums = torch.zeros(2, dtype=torch.float64)  # summed token loss, token count
+    for index in range(rank, -(-len(starts) // world_size) * world_size, world_size):
+        start = starts[index] if index < len(starts) else starts[0]
         batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_token_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"][:, 1:]
         losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), reduction="sum",
                                                    ignore_index=-100)
-        total += losses.item()
-        count += int((labels != -100).sum())
+        if index < len(starts):
+            sums += torch.tensor([losses.item(), int((labels != -100).sum())], dtype=torch.float64)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        shared = sums.to(device)  # nccl reduces CUDA tensors only
+        dist.all_reduce(shared)
+        sums = shared.cpu()
     model.train(was_training)
-    return total / max(1, count)
+    return sums[0].item() / max(1.0, sums[1].item())
 
 
 class _StopSignal:
@@ -372,7 +387,7 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
         out_dir.mkdir(parents=True, exist_ok=True)
     pad_id = tokenizer.pad_token_id
     if eval_set is not None and start_step == 0:  # the baseline every later eval is compared with
-        baseline = evaluate(model, eval_set, batch_size, pad_id, device)
+        baseline = evaluate(model, eval_set, batch_size, pad_id, device, accelerator.process_index, world)
         state["eval_losses"].append([0, baseline])
         log(f"eval loss before training: {baseline:.4f}")
         if is_main:
@@ -426,7 +441,7 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
                       "tokens_per_s": round(step_tokens * world / elapsed, 1),  # all processes together
                       "step_s": round(elapsed, 4), **monitor.current()}
             if eval_set is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                eval_loss = evaluate(model, eval_set, batch_size, pad_id, device)
+                eval_loss = evaluate(model, eval_set, batch_size, pad_id, device, accelerator.process_index, world)
                 state["eval_losses"].append([step, eval_loss])
                 record.update(eval_loss=round(eval_loss, 6), eval_ppl=round(math.exp(min(eval_loss, 50)), 3))
             if is_main and (step % cfg.log_every == 0 or "eval_loss" in record or step == cfg.max_steps):

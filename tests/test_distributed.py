@@ -23,12 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run_yaml(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("ddp")
-    # equal-length records: each rank's token-mean loss then averages to the global token mean
+    # equal-length records: each rank's token-mean loss then averages to the global token mean.
+    # 6 of them are held out: 3 per-process batches of 2, so under 2 processes one evaluates 2, the other 1
     records = [{"text": f"The code word number {i % 8} is apple ."} for i in range(32)]
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (root / "run.yaml").write_text(
         f"model: {tiny_model_dir}\ndata: {root / 'data.jsonl'}\nseq_len: 32\nbatch_size: 2\nmax_steps: 4\n"
-        "learning_rate: 0.005\nwarmup_steps: 1\neval_fraction: 0.0\nsave_every: 2\nprogress: false\ndevice: cpu\n"
+        "learning_rate: 0.005\nwarmup_steps: 1\neval_fraction: 0.2\nsave_every: 2\nprogress: false\ndevice: cpu\n"
         "quant:\n  backend: torch\nlora:\n  r: 4\n  lora_dropout: 0.0\n")
     return root
 
@@ -50,8 +51,13 @@ def single(run_yaml):
     return run_yaml / "single"
 
 
+def _metric(run_dir: Path, key: str) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in records if key in r]
+
+
 def _losses(run_dir: Path) -> list[float]:
-    return [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return _metric(run_dir, "loss")
 
 
 def _assert_same_adapter(got_dir: Path, want_dir: Path, atol: float = 1e-5, rtol: float = 1e-4) -> None:
@@ -77,6 +83,9 @@ def test_two_process_ddp_equals_single_process_global_batch(run_yaml, single):
     _cli(["train", "--config", str(run_yaml / "run.yaml"), "--out_dir", str(run_yaml / "ddp")], run_yaml, nproc=2)
     _assert_same_adapter(run_yaml / "ddp", single)
     assert _losses(run_yaml / "ddp") == pytest.approx(_losses(single), rel=1e-4)  # rank 0 logs the global mean
+    # the held-out set split over the processes (2 batches and 1) gives the loss of the whole set
+    assert len(_metric(single, "eval_loss")) == 2  # before training and after the last step
+    assert _metric(run_yaml / "ddp", "eval_loss") == pytest.approx(_metric(single, "eval_loss"), rel=1e-5)
 
 
 def test_documented_fsdp_command_equals_single_process_and_halves_the_base(run_yaml, single):
@@ -85,6 +94,7 @@ def test_documented_fsdp_command_equals_single_process_and_halves_the_base(run_y
     _run_documented(argv, run_yaml, run_yaml / "fsdp")
     _assert_same_adapter(run_yaml / "fsdp", single)
     assert _losses(run_yaml / "fsdp") == pytest.approx(_losses(single), rel=1e-4)
+    assert _metric(run_yaml / "fsdp", "eval_loss") == pytest.approx(_metric(single, "eval_loss"), rel=1e-5)
     whole = json.loads((single / "memory.json").read_text())["base_bytes_per_process"]
     shards = json.loads((run_yaml / "fsdp" / "memory.json").read_text())["base_bytes_per_process"]
     assert len(whole) == 1 and len(shards) == 2
