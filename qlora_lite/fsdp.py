@@ -9,8 +9,11 @@
     every parameter a DTensor sharded on dim 0: rank k keeps ~1/N of each tensor (bytes, scales, LoRA)
         forward / backward of a block: FSDP all-gathers its bytes ─► dequantize ─► matmul ─► frees them
 
-train.py loads and shards in turns (`in_turns`): process k loads the whole model, keeps its
-slices, frees the rest, then k+1 starts, so the host never holds more than one whole model.
+Loading (`load_sharded`): rank 0 reads and quantizes the checkpoint once; the other processes
+build the same model on the meta device (no memory) and receive each whole tensor by broadcast,
+keeping their slice. The host holds one whole NF4 model (rank 0's) and the checkpoint is read
+once. A checkpoint already in NF4, or a model handed in, is loaded in turns instead (`in_turns`):
+process k loads the whole model, keeps its slices, frees the rest, then k+1 starts.
 
 Why plain uint8 parameters rather than bitsandbytes' `quant_storage` or a tensor subclass:
 FSDP2 shards each parameter on its own and all-gathers mixed dtypes through one uint8 buffer, so
@@ -31,11 +34,13 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from .errors import TrainingError
-from .inject import lora_layers
+from .config import LoraConfig, QuantConfig
+from .errors import QLoraLiteError, TrainingError
+from .inject import ParameterCount, count_parameters, lora_layers
+from .load import load_model, load_skeleton, release_free_memory
 from .nf4 import NF4Weight
 
-__all__ = ["NF4Parameters", "shard_model", "fsdp_mesh", "in_turns", "resident_base_bytes", "full_tensor",
+__all__ = ["NF4Parameters", "shard_model", "load_sharded", "fsdp_mesh", "in_turns", "resident_base_bytes", "full_tensor",
            "ensure_process_group", "sharded_optimizer_state", "load_sharded_optimizer_state", "copy_into_parameter"]
 
 T = TypeVar("T")
@@ -137,6 +142,21 @@ def in_turns(fn: Callable[[], T]) -> T:
     return result
 
 
+def _as_parameters(model: nn.Module) -> None:
+    for layer in lora_layers(model).values():
+        if isinstance(layer.base, NF4Weight):
+            layer.base = NF4Parameters(layer.base)
+
+
+def _fully_shard(model: nn.Module, mesh) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = _block_classes(model)
+    for module in [m for m in model.modules() if isinstance(m, blocks)]:
+        fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
 def shard_model(model: nn.Module, device: torch.device, mesh=None) -> nn.Module:
     """Turn every NF4 base into `NF4Parameters` and shard the model with FSDP2 over all ranks.
 
@@ -145,17 +165,47 @@ def shard_model(model: nn.Module, device: torch.device, mesh=None) -> nn.Module:
     itself communicates nothing (each process keeps its slice of its own full tensors), which is
     why processes may shard one after another (`in_turns`); `mesh` comes from `fsdp_mesh`.
     """
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = mesh if mesh is not None else fsdp_mesh(device)
-    for layer in lora_layers(model).values():
-        if isinstance(layer.base, NF4Weight):
-            layer.base = NF4Parameters(layer.base)
-    blocks = _block_classes(model)
-    for module in [m for m in model.modules() if isinstance(m, blocks)]:
-        fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    _as_parameters(model)
+    _fully_shard(model, mesh if mesh is not None else fsdp_mesh(device))
     return model
+
+
+def load_sharded(path, quant: QuantConfig, lora: LoraConfig | None, device: torch.device,
+                 compute_dtype: torch.dtype, mesh) -> tuple[nn.Module, object, ParameterCount]:
+    """Read and quantize the checkpoint once, on rank 0; every rank receives its shards by broadcast.
+
+    Rank 0 loads the whole model (quantizing on `device`, keeping the bytes on the host under CUDA);
+    the others build the same model on the meta device (`load_skeleton`); all shard it, then
+    `set_model_state_dict(broadcast_from_rank0=True)` sends one whole tensor at a time from rank 0
+    and each rank keeps its slice. A load error on rank 0 is raised on every rank.
+    Collective: every process calls it. Returns `(model, tokenizer, parameter count)`.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    whole: dict[str, torch.Tensor] = {}
+    outcome: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            storage = torch.device("cpu") if device.type == "cuda" else None
+            model, tokenizer = load_model(path, quant, lora, device=device, compute_dtype=compute_dtype,
+                                          storage_device=storage)
+        except QLoraLiteError as exc:
+            outcome = [exc]
+    dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise outcome[0]
+    if dist.get_rank() != 0:
+        model, tokenizer = load_skeleton(path, quant, lora, device, compute_dtype)
+    params = count_parameters(model)
+    _as_parameters(model)
+    if dist.get_rank() == 0:
+        whole = dict(model.state_dict())  # the whole tensors, on the host, until they have been sent
+    _fully_shard(model, mesh)
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    whole.clear()
+    release_free_memory()
+    return model, tokenizer, params
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -26,11 +26,11 @@ from .config import LoraConfig, QuantConfig, resolve_dtype
 from .errors import CheckpointError
 from .inject import find_targets, freeze_base, make_lora_layer, replace_module
 from .layers import DenseWeight
-from .nf4 import NF4Weight
+from .nf4 import NF4Weight, resolve_backend
 from .shards import ShardReader, read_header
 
-__all__ = ["load_model", "load_tokenizer", "checkpoint_files", "resolve_device", "read_safetensors_keys",
-           "release_free_memory"]
+__all__ = ["load_model", "load_skeleton", "is_prequantized", "load_tokenizer", "checkpoint_files", "resolve_device",
+           "read_safetensors_keys", "release_free_memory"]
 
 logger = logging.getLogger(__name__)
 _QUANT_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
@@ -219,10 +219,50 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, lora: LoraCon
         raise CheckpointError(f"{path}: the checkpoint lacks {len(missing)} tensors the config needs, e.g. "
                               f"{missing[:5]}; the files are incomplete or belong to another model")
     model.to(storage)
+    return _finish(model), tokenizer
+
+
+def is_prequantized(path: str | Path) -> bool:
+    """Whether `path`'s config.json declares a quantized checkpoint (bitsandbytes 4-bit)."""
+    try:
+        return "quantization_config" in json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False  # load_model explains what is wrong with the directory
+
+
+def load_skeleton(path: str | Path, quant: QuantConfig, lora: LoraConfig | None, device: str | torch.device,
+                  compute_dtype: str | torch.dtype = "auto"):
+    """What `load_model(path, quant, lora, device)` returns, on the meta device, reading no weights.
+
+    Same modules, parameter names and shapes (NF4 storage included; `NF4Weight.empty`), so a
+    process that receives its weights from another one (`fsdp.load_sharded`) can start from it.
+    Real non-persistent buffers (rotary frequencies), as the skeleton computes them at init.
+    For a 16-bit checkpoint quantized at load only. Returns `(model, tokenizer)`.
+    """
+    path, device = Path(path), resolve_device(device)
+    if is_prequantized(path):
+        raise CheckpointError(f"{path} is a 4-bit checkpoint; load_skeleton builds the quantize-at-load model only")
+    compute_dtype = resolve_dtype(quant.compute_dtype if compute_dtype == "auto" else compute_dtype, device)
+    stored = {name: entry.dtype for file in checkpoint_files(path) for name, entry in read_header(file).items()}
+    tokenizer = load_tokenizer(path)
+    model, _, _ = _build_skeleton(path, compute_dtype)
+    lora_targets = set(find_targets(model, lora.target_modules)) if lora is not None else set()
+    backend = resolve_backend(quant.backend, device)
+    for name in find_targets(model, "all-linear"):
+        linear = model.get_submodule(name)
+        base = NF4Weight.empty(linear.weight.shape, stored.get(f"{name}.weight", compute_dtype), quant.blocksize,
+                               quant.double_quant, backend)
+        bias = None if linear.bias is None else linear.bias.detach()
+        replace_module(model, name, make_lora_layer(base, bias, lora if name in lora_targets else None))
+    return _finish(model), tokenizer
+
+
+def _finish(model: nn.Module) -> nn.Module:
+    model.tie_weights()  # (again, after the layer swaps, for the skeleton)
     freeze_base(model)
     model.eval()
     model.config.use_cache = False
-    return model, tokenizer
+    return model
 
 
 @functools.cache

@@ -254,6 +254,19 @@ class NF4Weight:
         codes, nested = _quantize_blockwise_8bit(absmax - offset, NESTED_BLOCKSIZE)
         return cls(packed, codes, weight.shape, weight.dtype, blocksize, nested, offset.reshape(()), chosen)
 
+    @classmethod
+    def empty(cls, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, blocksize: int = 64,
+              double_quant: bool = True, backend: Literal["bitsandbytes", "torch"] = "torch",
+              device: str | torch.device = "meta") -> NF4Weight:
+        """Uninitialised storage of the shapes `from_tensor` gives (a skeleton that a load fills in)."""
+        n = math.prod(shape)
+        blocks = -(-n // blocksize)
+        packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device)
+        if not double_quant:
+            return cls(packed, torch.empty(blocks, device=device), torch.Size(shape), dtype, blocksize, backend=backend)
+        return cls(packed, torch.empty(blocks, dtype=torch.uint8, device=device), torch.Size(shape), dtype, blocksize,
+                   torch.empty(-(-blocks // NESTED_BLOCKSIZE), device=device), torch.empty((), device=device), backend)
+
     # ---- properties ----------------------------------------------------------------------
     @property
     def double_quant(self) -> bool:

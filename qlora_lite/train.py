@@ -38,11 +38,11 @@ from .adapter import adapter_state_dict, save_adapter
 from .config import TrainConfig, resolve_dtype
 from .data import batch_iterator, build_dataset, collate, embedded_dataset_path, load_records, split_train_eval
 from .errors import TrainingError
-from .fsdp import (copy_into_parameter, fsdp_mesh, full_tensor, in_turns, load_sharded_optimizer_state,
+from .fsdp import (copy_into_parameter, fsdp_mesh, full_tensor, in_turns, load_sharded, load_sharded_optimizer_state,
                    resident_base_bytes, shard_model, sharded_optimizer_state)
 from .fsutil import RunLock, atomic_directory, atomic_write_text
 from .inject import count_parameters, lora_layers
-from .load import load_model, release_free_memory, resolve_device
+from .load import is_prequantized, load_model, release_free_memory, resolve_device
 from .loss import install_chunked_loss, supports_chunked_loss
 from .monitor import MemoryMonitor
 
@@ -337,9 +337,17 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
             release_free_memory()  # give the freed whole copy back to the OS before the next process loads
         return model, tokenizer, params
 
-    # Under FSDP the processes load one after another: each frees its whole copy once sharded, so the
-    # host holds one whole model at a time rather than one per process.
-    model, tokenizer, params = in_turns(load_and_shard) if cfg.fsdp else load_and_shard()
+    if cfg.fsdp and loaded is None and cfg.quant is not None and not is_prequantized(model_path):
+        # the checkpoint is read and quantized once, by rank 0; the others receive their shards
+        model, tokenizer, params = load_sharded(model_path, cfg.quant, cfg.lora, device, compute_dtype, mesh)
+        log("fsdp: rank 0 read and quantized the checkpoint; every process received its shards from it")
+    elif cfg.fsdp:
+        # (a 4-bit or 16-bit checkpoint, or a given model) the processes load one after another, each
+        # freeing its whole copy once sharded: the host holds one whole model at a time
+        model, tokenizer, params = in_turns(load_and_shard)
+        log(f"fsdp: the {world} process(es) loaded the model in turns")
+    else:
+        model, tokenizer, params = load_and_shard()
     log(f"model {model_path}: {params}")
     if cfg.fsdp:
         held = resident_base_bytes(model)

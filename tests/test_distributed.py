@@ -73,10 +73,10 @@ def _documented(marker: str) -> list[str]:
     return shlex.split(re.search(rf"<!-- {marker} -->\s*```bash\n(.*?)```", doc, flags=re.S).group(1).strip())
 
 
-def _run_documented(argv: list[str], run_yaml: Path, out: Path) -> None:
+def _run_documented(argv: list[str], run_yaml: Path, out: Path) -> subprocess.CompletedProcess:
     assert argv[:2] == ["torchrun", "--nproc_per_node"]
     args = [a.replace("run.yaml", str(run_yaml / "run.yaml")) for a in argv[argv.index("qlora_lite.cli") + 1:]]
-    _cli([*args, "--out_dir", str(out)], run_yaml, nproc=int(argv[2]))
+    return _cli([*args, "--out_dir", str(out)], run_yaml, nproc=int(argv[2]))
 
 
 def test_two_process_ddp_equals_single_process_global_batch(run_yaml, single):
@@ -91,7 +91,8 @@ def test_two_process_ddp_equals_single_process_global_batch(run_yaml, single):
 def test_documented_fsdp_command_equals_single_process_and_halves_the_base(run_yaml, single):
     argv = _documented("cpu-launch-fsdp")
     assert "--fsdp" in argv and argv[2] == "2"
-    _run_documented(argv, run_yaml, run_yaml / "fsdp")
+    proc = _run_documented(argv, run_yaml, run_yaml / "fsdp")
+    assert "rank 0 read and quantized the checkpoint" in proc.stdout + proc.stderr  # once, not once per process
     _assert_same_adapter(run_yaml / "fsdp", single)
     assert _losses(run_yaml / "fsdp") == pytest.approx(_losses(single), rel=1e-4)
     assert _metric(run_yaml / "fsdp", "eval_loss") == pytest.approx(_metric(single, "eval_loss"), rel=1e-5)
@@ -132,6 +133,33 @@ def test_gradient_accumulation_equals_the_global_batch(run_yaml, single, engine)
     _cli(["train", "--config", str(run_yaml / "run.yaml"), "--out_dir", str(run_yaml / f"{engine}_accum"),
           "--batch_size", "1", "--grad_accum", "2", *(["--fsdp"] if engine == "fsdp" else [])], run_yaml, nproc=2)
     _assert_same_adapter(run_yaml / f"{engine}_accum", single)
+
+
+def test_fsdp_on_a_4bit_checkpoint_loads_in_turns_and_equals_the_plain_run(run_yaml, single, tiny_model_dir):
+    """A checkpoint already in NF4 (`qlora-lite quantize`) has the same bytes the load would make:
+    the same adapter, but each process reads it (in turns) instead of receiving it from rank 0."""
+    nf4 = run_yaml / "tiny-nf4"
+    _cli(["quantize", "--model", str(tiny_model_dir), "--out", str(nf4)], run_yaml)
+    proc = _cli(["train", "--config", str(run_yaml / "run.yaml"), "--model", str(nf4), "--out_dir",
+                 str(run_yaml / "fsdp_nf4"), "--fsdp"], run_yaml, nproc=2)
+    assert "loaded the model in turns" in proc.stdout + proc.stderr
+    _assert_same_adapter(run_yaml / "fsdp_nf4", single)
+
+
+def test_a_checkpoint_error_on_rank_0_stops_every_process_with_the_message(run_yaml, tiny_model_dir):
+    """Only rank 0 reads the weights under FSDP; a bad tensor must not leave the others waiting."""
+    import shutil
+
+    broken = run_yaml / "tiny-wrong-config"
+    shutil.copytree(tiny_model_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] + 8}))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                          "qlora_lite.cli", "train", "--config", str(run_yaml / "run.yaml"), "--model", str(broken),
+                          "--out_dir", str(run_yaml / "broken"), "--fsdp"], capture_output=True, text=True,
+                         timeout=300, cwd=run_yaml, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode != 0
+    assert out.stderr.count("the weights do not belong to this config") == 2, out.stderr[-3000:]  # both ranks say it
 
 
 def test_single_process_fsdp_equals_a_plain_run(run_yaml, single):

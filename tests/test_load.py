@@ -226,3 +226,37 @@ def test_real_model_quantization_costs_under_5_percent_loss(real_losses):
     print(real_losses)
     assert real_losses["nf4"] == pytest.approx(real_losses["16bit"], rel=0.05)
     assert real_losses["nf4"] != real_losses["16bit"]  # the NF4 path really ran
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_skeleton_has_the_loaded_models_names_shapes_and_buffers(tiny_model_dir, double_quant):
+    """What FSDP's rank-0 broadcast relies on: the meta skeleton other processes build matches the
+    loaded model tensor for tensor (NF4 storage as parameters included) and reads no weights."""
+    from qlora_lite.fsdp import NF4Parameters
+    from qlora_lite.load import load_skeleton
+
+    quant, lora = QuantConfig(backend="torch", double_quant=double_quant), LoraConfig(r=4, target_modules="all-linear")
+    loaded, _ = load_model(tiny_model_dir, quant, lora, device="cpu", compute_dtype=torch.float32)
+    skeleton, tokenizer = load_skeleton(tiny_model_dir, quant, lora, device="cpu", compute_dtype=torch.float32)
+    assert tokenizer is not None
+    for model in (loaded, skeleton):
+        for layer in lora_layers(model).values():
+            layer.base = NF4Parameters(layer.base)
+    want, got = loaded.state_dict(), skeleton.state_dict()
+    assert list(got) == list(want)
+    assert {k: (v.shape, v.dtype) for k, v in got.items()} == {k: (v.shape, v.dtype) for k, v in want.items()}
+    assert all(p.is_meta for p in skeleton.parameters())
+    for name, buffer in loaded.named_buffers():  # computed at init (rotary frequencies), not loaded
+        torch.testing.assert_close(dict(skeleton.named_buffers())[name], buffer, atol=0, rtol=0)
+    assert skeleton.lm_head.weight is skeleton.model.embed_tokens.weight  # tied as in the loaded model
+    assert not any(p.requires_grad for n, p in skeleton.named_parameters() if "lora_" not in n)
+
+
+def test_nf4_empty_has_the_shapes_from_tensor_makes():
+    for shape in [(6, 7), (64, 64), (3, 100), (300, 1000)]:
+        for double_quant in (True, False):
+            made = NF4Weight.from_tensor(torch.randn(shape), 64, double_quant, "torch")
+            empty = NF4Weight.empty(shape, torch.float32, 64, double_quant, "torch")
+            for got, want in [(empty.packed, made.packed), (empty.absmax, made.absmax),
+                              (empty.nested_absmax, made.nested_absmax), (empty.offset, made.offset)]:
+                assert (got is None and want is None) or (got.shape, got.dtype) == (want.shape, want.dtype)
