@@ -191,12 +191,12 @@ def evaluate(model, examples, batch_size: int, pad_token_id: int, device, rank: 
     for index in range(rank, -(-len(starts) // world_size) * world_size, world_size):
         start = starts[index] if index < len(starts) else starts[0]
         batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_token_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), reduction="sum",
-                                                   ignore_index=-100)
-        if index < len(starts):
-            sums += torch.tensor([losses.item(), int((labels != -100).sum())], dtype=torch.float64)
+        # the model's own loss call: where training chunks the loss (install_chunked_loss), so does this,
+        # and evaluation never materialises the full logits that training avoided
+        mean_loss = model(**batch).loss
+        count = int((batch["labels"][:, 1:] != -100).sum())
+        if index < len(starts) and count:  # (a batch of masked-only tokens has a NaN mean)
+            sums += torch.tensor([mean_loss.item() * count, count], dtype=torch.float64)
     if world_size > 1:
         import torch.distributed as dist
 

@@ -90,3 +90,28 @@ def test_cuda_bf16_chunked_loss_matches_the_model_loss():
     for name, grad in want_grads.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad.float(), grad,
                                    atol=5e-2 * grad.abs().max().item(), rtol=5e-2)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_evaluate_is_the_token_mean_over_the_whole_set(chunked):
+    """evaluate() sums token losses over batches of unequal, padded, prompt-masked examples, through the
+    model's own loss call (the chunked one where installed): equal to one cross-entropy over all tokens."""
+    from qlora_lite.train import evaluate
+
+    model = _tiny_qlora()
+    generator = torch.Generator().manual_seed(1)
+    examples = []
+    for n, prompt in [(12, 4), (30, 10), (7, 7), (21, 0), (16, 15)]:  # one example is all prompt
+        ids = torch.randint(1, 500, (n,), generator=generator).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    with torch.no_grad():
+        total = count = 0.0
+        for ex in examples:
+            logits = model(input_ids=torch.tensor([ex["input_ids"]])).logits[0, :-1]
+            labels = torch.tensor(ex["labels"][1:])
+            total += torch.nn.functional.cross_entropy(logits, labels, reduction="sum", ignore_index=-100).item()
+            count += int((labels != -100).sum())
+    if chunked:
+        assert install_chunked_loss(model, chunk_tokens=8)
+    got = evaluate(model, examples, batch_size=2, pad_token_id=0, device="cpu")
+    assert got == pytest.approx(total / count, rel=1e-6)
