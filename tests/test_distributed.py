@@ -34,8 +34,9 @@ def run_yaml(tmp_path_factory, tiny_model_dir):
     return root
 
 
-def _cli(args, cwd, nproc=None):
+def _cli(args, cwd, nproc=None, launcher=None):
     prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc else [sys.executable]
+    prefix = launcher or prefix
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([*prefix, "-m", "qlora_lite.cli", *args], capture_output=True, text=True, timeout=900,
                          cwd=cwd, env=env)
@@ -73,10 +74,18 @@ def _documented(marker: str) -> list[str]:
     return shlex.split(re.search(rf"<!-- {marker} -->\s*```bash\n(.*?)```", doc, flags=re.S).group(1).strip())
 
 
+_LAUNCHERS = {("torchrun",): "torch.distributed.run", ("accelerate", "launch"): "accelerate.commands.launch"}
+
+
 def _run_documented(argv: list[str], run_yaml: Path, out: Path) -> subprocess.CompletedProcess:
-    assert argv[:2] == ["torchrun", "--nproc_per_node"]
-    args = [a.replace("run.yaml", str(run_yaml / "run.yaml")) for a in argv[argv.index("qlora_lite.cli") + 1:]]
-    return _cli([*args, "--out_dir", str(out)], run_yaml, nproc=int(argv[2]))
+    """Run a documented `torchrun ...` / `accelerate launch ...` command as written (the launcher
+    through this interpreter, run.yaml the test's, plus --out_dir)."""
+    cli = argv.index("qlora_lite.cli")
+    assert argv[cli - 1] == "-m"
+    name = next(k for k in _LAUNCHERS if tuple(argv[:len(k)]) == k)
+    launcher = [sys.executable, "-m", _LAUNCHERS[name], *argv[len(name):cli - 1], "-m"]
+    args = [a.replace("run.yaml", str(run_yaml / "run.yaml")) for a in argv[cli + 1:]]
+    return _cli([*args, "--out_dir", str(out)], run_yaml, launcher=launcher)
 
 
 def test_two_process_ddp_equals_single_process_global_batch(run_yaml, single):
@@ -175,9 +184,12 @@ def test_resume_with_another_world_size_is_explained(run_yaml):
               "--max_steps", "6"], run_yaml)
 
 
-def test_documented_cpu_launch_command_runs(run_yaml):
-    _run_documented(_documented("cpu-launch"), run_yaml, run_yaml / "documented")
-    assert (run_yaml / "documented" / "adapter" / "adapter_model.safetensors").is_file()
+def test_documented_accelerate_launch_on_cpu_runs_two_processes(run_yaml, single):
+    argv = _documented("cpu-launch")
+    assert argv[:2] == ["accelerate", "launch"] and "--num_processes" in argv
+    _run_documented(argv, run_yaml, run_yaml / "accelerate")
+    assert len(json.loads((run_yaml / "accelerate" / "memory.json").read_text())["base_bytes_per_process"]) == 2
+    _assert_same_adapter(run_yaml / "accelerate", single)
 
 
 def test_a_global_batch_that_does_not_divide_is_explained():
