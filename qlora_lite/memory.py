@@ -15,6 +15,10 @@
                                       the gradient of its input)
                    + framework overhead  CUDA context + allocator slack (a constant, default 1 GiB)
 
+    host memory to load (`host_load_bytes`, not in the GPU peak) = the largest 16-bit checkpoint tensor
+    per process streaming to its GPU; under FSDP (rank 0 reads, then sends the shards) or on CPU,
+    one whole model as loaded (NF4 + 16-bit + LoRA) + that tensor.
+
 The per-block formula is in `_block_bytes_per_token`; every term there was checked against the
 tensors autograd saves in a transformers Llama layer (tests/test_memory.py). Parameter counts come
 from the model built on the meta device, so they are exact for any architecture; the activation
@@ -241,6 +245,7 @@ class MemoryEstimate:
     framework_overhead: int
     peak_phase: str
     detail: dict[str, int]
+    host_load_bytes: int
 
     def peak_breakdown(self) -> dict[str, int]:
         """Components alive at the peak; they add up to `total_bytes`."""
@@ -285,6 +290,10 @@ class MemoryEstimate:
         rows.append(f"peak during the {self.peak_phase} phase; not counted: {other}")
         if self.optimizer_pageable:
             rows.append(f"paged optimizer: up to {self.optimizer_pageable / GiB:.3f} GiB can move to CPU under pressure")
+        if self.device == "cuda":
+            how = ("rank 0 holds the whole quantized model until every process has its shard" if self.fsdp
+                   and self.world_size > 1 else "each process streams one checkpoint tensor at a time to its GPU")
+            rows.append(f"host memory to load: {self.host_load_bytes / GiB:.2f} GiB ({how})")
         rows.append(f"parameters: total {self.params_total:,}, NF4 {self.params_quantized:,}, 16-bit "
                     f"{self.params_16bit:,}, trainable {self.params_trainable:,} "
                     f"({100 * self.params_trainable / self.params_total:.2f}%)")
@@ -326,6 +335,7 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
     layer16 = a.layer_params - sum(o * i for n, (o, i) in a.linears.items() if _layer_index(n) == 0 and quant)
     root16 = n16 - a.layers * layer16  # embeddings, final norm, lm_head
     sharded = fsdp and world_size > 1
+    q_whole = q_bytes
     if sharded:  # layers sharded + one gathered layer; the root unit (embeddings, head) is gathered for the loss
         q_bytes = -(-q_bytes // world_size) + q_layer
         w16_bytes = (-(-(a.layers * layer16) // world_size) + layer16 + root16) * b
@@ -367,6 +377,12 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
     else:
         logits = tokens * a.vocab * 12
     phase = "loss" if final_norm + logits >= block_phase else "block"
+    # host memory while loading: a process reads the checkpoint one tensor at a time (the largest,
+    # 16-bit), quantizing on its GPU; under FSDP rank 0 also keeps the whole model on the host until
+    # it has sent every process its shards (fsdp.load_sharded); on CPU the host holds the model anyway
+    largest = 2 * max(max_linear, a.vocab * h)
+    staged = q_whole + n16 * b + n_lora * lora_b
+    host_load = world_size * largest if device == "cuda" and not sharded else staged + largest
     overhead = (CUDA_OVERHEAD_BYTES if device == "cuda" else 0) if overhead_bytes is None else overhead_bytes
     detail = {"saved_block_inputs": saved, "recomputed_block": block, "backward_workspace": workspace,
               "final_norm": final_norm, "logits_and_loss": logits}
@@ -378,7 +394,7 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
         params_quantized=quantized_params, params_16bit=n16, params_trainable=n_lora, quantized_weights=q_bytes,
         weights_16bit=w16_bytes, lora_params=lora_resident * lora_b, lora_grads=grads, optimizer_states=opt,
         optimizer_pageable=opt if optimizer.startswith("paged") and not fsdp else 0, activations=saved + block_phase,
-        logits=logits, framework_overhead=overhead, peak_phase=phase, detail=detail)
+        logits=logits, framework_overhead=overhead, peak_phase=phase, detail=detail, host_load_bytes=host_load)
 
 
 # ---- budgets and fitting ---------------------------------------------------------------------------

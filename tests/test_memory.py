@@ -70,6 +70,16 @@ def test_counts_and_bytes_equal_an_instantiated_model(tied, quant):
     assert est.weights_16bit == est.params_16bit * 2  # bf16
     assert est.optimizer_states == 8 * est.params_trainable
 
+    # host memory to load: one whole model as loaded (rank 0 under FSDP) + the largest checkpoint tensor
+    dense_bases = sum(2 * b.weight.numel() for b in bases if not isinstance(b, NF4Weight))  # quant=None
+    whole = nf4 + dense_bases + sum(p.numel() * (p.element_size() if p.requires_grad else 2)  # 16-bit as bf16
+                                    for p in {id(p): p for p in model.parameters()}.values())
+    largest = 2 * max(p.numel() for p in LlamaForCausalLM(cfg).parameters())
+    fsdp = estimate_memory(cfg, seq_len=32, batch_size=1, lora=lora, quant=quant, world_size=2, fsdp=True)
+    assert fsdp.host_load_bytes == whole + largest
+    ddp = estimate_memory(cfg, seq_len=32, batch_size=1, lora=lora, quant=quant, world_size=2)
+    assert ddp.host_load_bytes == 2 * largest  # each process streams to its GPU
+
 
 def _saved_bytes_of_layer(model, layer, ids) -> int:
     """Bytes of the distinct storages autograd saves inside `layer` (parameters and RoPE tables excluded)."""
