@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -50,6 +51,7 @@ __all__ = ["train", "TrainResult", "evaluate", "latest_checkpoint", "build_optim
            "enable_checkpointing", "check_launcher"]
 
 CHECKPOINTS = "checkpoints"
+T = TypeVar("T")
 
 
 @dataclass
@@ -128,19 +130,21 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def _gather_training_state(model, optimizer, fsdp: bool) -> tuple[dict, dict]:
-    """(adapter tensors, optimizer state), whole. Every rank calls it: under FSDP it all-gathers."""
+def _gather_training_state(model, optimizer, fsdp: bool, world: int) -> tuple[dict, dict, list]:
+    """(adapter tensors, optimizer state, every process's random state), whole. Every rank calls it:
+    under FSDP it all-gathers. Each process keeps its own random stream (dropout masks; the streams
+    differ, e.g. only rank 0 draws the LoRA init under FSDP), so a resume restores each one."""
     optimizer_state = sharded_optimizer_state(model, optimizer) if fsdp else optimizer.state_dict()
-    return adapter_state_dict(model), optimizer_state
+    return adapter_state_dict(model), optimizer_state, _gather_objects(_rng_state(), world)
 
 
 def _save_checkpoint(out_dir: Path, step: int, model, gathered: tuple[dict, dict], scheduler, state: dict,
                      keep_last: int) -> Path:
     target = out_dir / CHECKPOINTS / f"step-{step:06d}"
-    adapter_tensors, optimizer_state = gathered
+    adapter_tensors, optimizer_state, rng_states = gathered
     with atomic_directory(target, overwrite=True) as tmp:
         save_adapter(model, tmp / "adapter", tensors=adapter_tensors)
-        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_states},
                    tmp / "training_state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2))
     old = sorted(p for p in (out_dir / CHECKPOINTS).glob("step-*") if p != target)
@@ -151,7 +155,7 @@ def _save_checkpoint(out_dir: Path, step: int, model, gathered: tuple[dict, dict
     return target
 
 
-def _load_checkpoint(path: Path, model, optimizer, scheduler, fsdp: bool) -> dict:
+def _load_checkpoint(path: Path, model, optimizer, scheduler, fsdp: bool, rank: int, world: int) -> dict:
     from .adapter import read_adapter
 
     state = json.loads((path / "trainer_state.json").read_text())
@@ -159,6 +163,11 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, fsdp: bool) -> dic
         raise TrainingError(f"{path} was written with fsdp={str(state.get('fsdp', False)).lower()} and this run has "
                             f"fsdp={str(fsdp).lower()}; the optimizer state is stored differently. Resume with the "
                             f"same setting, or start a new run initialised from {path / 'adapter'}")
+    if state.get("world_size", 1) != world:
+        raise TrainingError(
+            f"{path} was written by a run on {state.get('world_size', 1)} process(es) but this run has "
+            f"{world}; the data order and the per-process batch depend on it. Resume with "
+            f"{state.get('world_size', 1)} process(es), or start a new run initialised from {path / 'adapter'}")
     adapter = read_adapter(path / "adapter")
     layers = lora_layers(model)
     for module in adapter.modules:
@@ -170,7 +179,7 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, fsdp: bool) -> dic
     else:
         optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
-    _set_rng_state(blob["rng"])
+    _set_rng_state(blob["rng"][rank])
     return state
 
 
@@ -379,14 +388,9 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
     state = {"losses": [], "eval_losses": [], "tokens": 0, "world_size": world, "fsdp": cfg.fsdp}
     start_step = 0
     if resume_from is not None:
-        state = _load_checkpoint(resume_from, unwrap(model), optimizer, scheduler, cfg.fsdp)
+        state = _load_checkpoint(resume_from, unwrap(model), optimizer, scheduler, cfg.fsdp,
+                                 accelerator.process_index, world)
         start_step = state["step"]
-        saved_world = state.get("world_size", 1)
-        if saved_world != world:
-            raise TrainingError(
-                f"{resume_from} was written by a run on {saved_world} process(es) but this run has "
-                f"{world}; the data order and the per-process batch depend on it. Resume with "
-                f"{saved_world} process(es), or start a new run initialised from {resume_from / 'adapter'}")
         log(f"resumed from {resume_from} at step {start_step}")
     batches = batch_iterator(train_set, batch_size, seed=cfg.seed, start_step=start_step * cfg.grad_accum,
                              rank=accelerator.process_index, world_size=world)
@@ -460,7 +464,7 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
                                      tok_s=f"{record['tokens_per_s']:.0f}", mem=monitor.short())
                 progress.update(1)
             if step % cfg.save_every == 0 or step == cfg.max_steps or stop_now:
-                gathered = _gather_training_state(unwrap(model), optimizer, cfg.fsdp)
+                gathered = _gather_training_state(unwrap(model), optimizer, cfg.fsdp, world)
                 if is_main:
                     _save_checkpoint(out_dir, step, unwrap(model), gathered, scheduler, state, cfg.keep_last)
                 accelerator.wait_for_everyone()
@@ -474,7 +478,7 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
     monitor.mark("steady_state")
     unwrapped = unwrap(model)
     adapter_dir = None
-    summary = {**monitor.summary(), "base_bytes_per_process": _gather_ints(resident_base_bytes(unwrapped), world)}
+    summary = {**monitor.summary(), "base_bytes_per_process": _gather_objects(resident_base_bytes(unwrapped), world)}
     if not interrupted:
         tensors = adapter_state_dict(unwrapped)  # every rank: under FSDP this all-gathers
         if is_main:
@@ -486,7 +490,7 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
                        adapter_dir, tokens_run / total_s if total_s else 0.0, str(params), summary)
 
 
-def _gather_ints(value: int, world: int) -> list[int]:
+def _gather_objects(value: T, world: int) -> list[T]:
     """`value` from every process, in rank order (gloo/nccl through torch.distributed)."""
     if world == 1:
         return [value]

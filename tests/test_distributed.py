@@ -114,20 +114,20 @@ def test_documented_fsdp_command_equals_single_process_and_halves_the_base(run_y
     assert all(abs(s - whole[0] / 2) <= padding for s in shards), (shards, whole)
 
 
-def test_fsdp_resume_continues_exactly(run_yaml, single):
+def test_fsdp_resume_continues_exactly(run_yaml):
+    """With dropout on, so every process draws from its own random stream: the checkpoint keeps each
+    process's stream, and the resumed run is bit-identical to the uninterrupted one."""
     import shutil
 
-    done = run_yaml / "fsdp"
-    if not (done / "adapter").is_dir():
-        pytest.skip("needs the FSDP run of the previous test")
-    resumed = run_yaml / "fsdp_resumed"
+    args = ["train", "--config", str(run_yaml / "run.yaml"), "--fsdp", "--lora.lora_dropout", "0.2"]
+    done, resumed = run_yaml / "fsdp_dropout", run_yaml / "fsdp_resumed"
+    _cli([*args, "--out_dir", str(done)], run_yaml, nproc=2)
     shutil.copytree(done, resumed)
     shutil.rmtree(resumed / "adapter")
     last = sorted((resumed / "checkpoints").glob("step-*"))
     assert [p.name for p in last] == ["step-000002", "step-000004"]
     shutil.rmtree(last[-1])  # as if the run had died after step 2's checkpoint
-    _cli(["train", "--config", str(run_yaml / "run.yaml"), "--out_dir", str(resumed), "--fsdp", "--resume"], run_yaml,
-         nproc=2)
+    _cli([*args, "--out_dir", str(resumed), "--resume"], run_yaml, nproc=2)
     _assert_same_adapter(resumed, done, atol=0.0, rtol=0.0)
     out = subprocess.run([sys.executable, "-m", "qlora_lite.cli", "train", "--config", str(run_yaml / "run.yaml"),
                           "--out_dir", str(resumed), "--resume", "--max_steps", "6"], capture_output=True, text=True,
@@ -178,10 +178,13 @@ def test_single_process_fsdp_equals_a_plain_run(run_yaml, single):
     _assert_same_adapter(run_yaml / "fsdp1", single)
 
 
-def test_resume_with_another_world_size_is_explained(run_yaml):
-    with pytest.raises(AssertionError, match="2 process"):
-        _cli(["train", "--config", str(run_yaml / "run.yaml"), "--out_dir", str(run_yaml / "ddp"), "--resume", "true",
-              "--max_steps", "6"], run_yaml)
+def test_resume_with_another_world_size_is_explained(run_yaml, single):
+    import shutil
+
+    shutil.copytree(single, run_yaml / "single_resumed_on_2")
+    with pytest.raises(AssertionError, match=r"written by a run on 1 process\(es\) but this run has 2"):
+        _cli(["train", "--config", str(run_yaml / "run.yaml"), "--out_dir", str(run_yaml / "single_resumed_on_2"),
+              "--resume", "true", "--max_steps", "6"], run_yaml, nproc=2)
 
 
 def test_documented_accelerate_launch_on_cpu_runs_two_processes(run_yaml, single):
