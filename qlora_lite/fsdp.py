@@ -37,7 +37,7 @@ from torch import nn
 from .config import LoraConfig, QuantConfig
 from .errors import QLoraLiteError, TrainingError
 from .inject import ParameterCount, count_parameters, lora_layers
-from .load import load_model, load_skeleton, release_free_memory
+from .load import is_prequantized, load_model, load_skeleton, release_free_memory
 from .nf4 import NF4Weight
 
 __all__ = ["NF4Parameters", "shard_model", "load_sharded", "fsdp_mesh", "in_turns", "resident_base_bytes", "full_tensor",
@@ -183,6 +183,9 @@ def load_sharded(path, quant: QuantConfig, lora: LoraConfig | None, device: torc
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    if quant is None or is_prequantized(path):
+        raise TrainingError(f"load_sharded quantizes a 16-bit checkpoint at load; {path} with quant={quant} "
+                            "loads with load_model + shard_model in turns (fsdp.in_turns)")
     whole: dict[str, torch.Tensor] = {}
     outcome: list = [None]
     if dist.get_rank() == 0:
