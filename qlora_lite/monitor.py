@@ -4,7 +4,8 @@
 VmHWM, reset through /proc/self/clear_refs) and, on CUDA, torch's peak allocated/reserved bytes;
 the training loop marks after_load, first_step and steady_state and writes them to memory.json.
 `PeakRSS` samples RSS in a thread around one block of work (merge reports it; tests and benchmarks
-measure with it in fresh processes).
+measure with it in fresh processes). `preflight` sets the planner's prediction against what this
+machine has, before training loads anything.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Any
 
 import torch
 
-from .memory import _COMPONENTS, GiB, MemoryEstimate
+from .memory import _COMPONENTS, GiB, MemoryBudgetError, MemoryEstimate, estimate_memory, fit_to_budget
 
-__all__ = ["MemoryMonitor", "PeakRSS", "compare"]
+__all__ = ["MemoryMonitor", "PeakRSS", "compare", "preflight"]
 
 
 def _reset_peak_rss() -> bool:
@@ -122,3 +123,38 @@ def compare(estimate: MemoryEstimate, measured: dict[str, Any]) -> str:
             ratio = measured[key] / predicted if predicted else float("inf")
             lines.append(f"{label:<44}{predicted / GiB:>10.3f}Gi{measured[key] / GiB:>10.3f}Gi{ratio:>8.2f}")
     return "\n".join(lines if len(lines) > 1 else lines + [f"(nothing to compare in {sorted(measured)})"])
+
+
+def preflight(config: Any, device: torch.device | str, **estimate_kwargs: Any) -> tuple[MemoryEstimate, list[str]]:
+    """The planner's prediction for a run and, if this machine looks too small for it, warnings that
+    say what would fit: the GPU's memory and the host memory the load needs (CUDA), or the host's
+    available memory for every process of the run (CPU). `estimate_kwargs` go to `estimate_memory`
+    (seq_len, batch_size, lora, quant, world_size, fsdp, ...; `device` is set from `device`).
+    """
+    import psutil
+
+    device = torch.device(device)
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    estimate = estimate_memory(config, device=kind, **estimate_kwargs)
+    available, warnings = psutil.virtual_memory().available, []
+    if kind == "cuda":
+        budget, where = torch.cuda.get_device_properties(device).total_memory, torch.cuda.get_device_name(device)
+        needed = estimate.total_bytes
+        if estimate.host_load_bytes > available:
+            warnings.append(f"loading needs about {estimate.host_load_bytes / GiB:.1f} GiB of host memory and "
+                            f"{available / GiB:.1f} GiB is available; free memory or add swap before a long load")
+    else:
+        budget, where = available, "this machine's available memory"
+        needed = estimate.total_bytes * estimate.world_size  # every process on this host
+    if needed > budget:
+        model = config if isinstance(config, (str, Path)) else "<model>"
+        advice = f"`qlora-lite memory --model {model} --gpu {budget / GiB:.1f}GiB` finds what fits"
+        if estimate.world_size == 1 or kind == "cuda":
+            try:
+                fit = fit_to_budget(config, budget, seq_len=estimate.seq_len, device=kind,
+                                    **{k: v for k, v in estimate_kwargs.items() if k not in ("seq_len", "batch_size")})
+                advice = f"batch_size {fit.value} fits at seq_len {estimate.seq_len}"
+            except MemoryBudgetError as exc:
+                advice = str(exc)
+        warnings.append(f"the planner predicts {needed / GiB:.2f} GiB but {where} has {budget / GiB:.2f} GiB; {advice}")
+    return estimate, warnings

@@ -45,7 +45,8 @@ from .fsutil import RunLock, atomic_directory, atomic_write_text
 from .inject import count_parameters, lora_layers
 from .load import is_prequantized, load_model, release_free_memory, resolve_device
 from .loss import install_chunked_loss, supports_chunked_loss
-from .monitor import MemoryMonitor
+from .memory import GiB, MemoryEstimate
+from .monitor import MemoryMonitor, preflight
 
 __all__ = ["train", "TrainResult", "evaluate", "latest_checkpoint", "build_optimizer", "lr_lambda",
            "enable_checkpointing", "check_launcher"]
@@ -318,6 +319,27 @@ def check_launcher(accelerator) -> None:
                             "(plain `accelerate launch --num_processes N` or torchrun) and pass --fsdp")
 
 
+def _memory_plan(cfg: TrainConfig, model_path: Path, batch_size: int, world: int, device: torch.device,
+                 compute_dtype: torch.dtype, log) -> MemoryEstimate | None:
+    """The planner's prediction for this run, logged before loading, with a warning where this machine
+    looks too small (monitor.preflight). A model the planner cannot read does not stop the run."""
+    # training falls back to torch AdamW off CUDA and under FSDP (see build_optimizer)
+    optimizer = cfg.optimizer if device.type == "cuda" and not cfg.fsdp else "adamw"
+    try:
+        plan, warnings = preflight(model_path, device, seq_len=cfg.seq_len, batch_size=batch_size, lora=cfg.lora,
+                                   quant=cfg.quant, optimizer=optimizer, compute_dtype=compute_dtype,
+                                   gradient_checkpointing=cfg.gradient_checkpointing, world_size=world,
+                                   fsdp=cfg.fsdp, loss_chunk_tokens=cfg.loss_chunk_tokens)
+    except Exception as exc:  # noqa: BLE001 — the planner's limits (an unusual architecture) are not the run's
+        log(f"note: no memory plan for this model ({type(exc).__name__}: {exc})")
+        return None
+    where = "GPU" if device.type == "cuda" else "process (host memory)"
+    log(f"memory plan: {plan.total_bytes / GiB:.2f} GiB per {where} predicted (peak in the {plan.peak_phase} phase)")
+    for warning in warnings:
+        log(f"warning: {warning}")
+    return plan
+
+
 def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> TrainResult:
     check_launcher(accelerator)
     monitor = MemoryMonitor(device)
@@ -331,6 +353,7 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
     batch_size = cfg.per_process_batch(world)
     compute_dtype = resolve_dtype(cfg.quant.compute_dtype if cfg.quant else "auto", device)
     mesh = fsdp_mesh(device) if cfg.fsdp else None  # every process together, before the turns below
+    plan = _memory_plan(cfg, model_path, batch_size, world, device, compute_dtype, log)
 
     def load_and_shard():
         if loaded is None:
@@ -478,7 +501,9 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
     monitor.mark("steady_state")
     unwrapped = unwrap(model)
     adapter_dir = None
-    summary = {**monitor.summary(), "base_bytes_per_process": _gather_objects(resident_base_bytes(unwrapped), world)}
+    summary = {**monitor.summary(), "base_bytes_per_process": _gather_objects(resident_base_bytes(unwrapped), world),
+               "predicted": None if plan is None else {"total_bytes": plan.total_bytes, "peak_phase": plan.peak_phase,
+                                                       "breakdown": plan.peak_breakdown()}}
     if not interrupted:
         tensors = adapter_state_dict(unwrapped)  # every rank: under FSDP this all-gathers
         if is_main:

@@ -25,7 +25,7 @@ from qlora_lite.memory import (
     estimate_memory, fit_to_budget, load_model_config, memory_report, nf4_nbytes, parse_budget,
 )
 from qlora_lite.loss import install_chunked_loss
-from qlora_lite.monitor import MemoryMonitor, compare
+from qlora_lite.monitor import MemoryMonitor, compare, preflight
 from qlora_lite.nf4 import NF4Weight
 from qlora_lite.train import enable_checkpointing
 
@@ -283,3 +283,34 @@ def test_monitor_and_compare():
     est = estimate_memory(tiny_config(), seq_len=64, batch_size=1, device="cpu", compute_dtype="float32")
     text = compare(est, {"rss_growth_bytes": est.transient_bytes * 2, "cuda_peak_allocated_bytes": est.total_bytes})
     assert "2.00" in text and "1.00" in text
+
+
+def test_preflight_warns_with_what_fits_when_the_machine_is_too_small(monkeypatch):
+    import psutil
+
+    cfg, kw = tiny_config(), dict(seq_len=64, lora=LoraConfig(r=4), compute_dtype="float32")
+    one, two = (estimate_memory(cfg, batch_size=b, device="cpu", **kw).total_bytes for b in (1, 2))
+    estimate, warnings = preflight(cfg, "cpu", batch_size=8, **kw)
+    assert warnings == [] and estimate.batch_size == 8 and estimate.device == "cpu"
+
+    class Small:
+        available = (one + two) // 2  # batch 1 fits, batch 2 does not
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Small)
+    _, warnings = preflight(cfg, "cpu", batch_size=8, **kw)
+    assert len(warnings) == 1 and "batch_size 1 fits at seq_len 64" in warnings[0]
+    Small.available = one // 2  # nothing fits: the planner's own error says by how much
+    _, warnings = preflight(cfg, "cpu", batch_size=8, **kw)
+    assert len(warnings) == 1 and "What would fit" in warnings[0]
+    Small.available = one + one // 2
+    _, warnings = preflight(cfg, "cpu", batch_size=1, world_size=2, **kw)  # two processes on this host
+    assert len(warnings) == 1 and "`qlora-lite memory --model <model> --gpu" in warnings[0]
+
+
+@pytest.mark.gpu
+def test_preflight_on_a_gpu_names_it_and_what_fits():
+    _, warnings = preflight("llama-2-70b", "cuda", seq_len=4096, batch_size=64)  # far beyond any one GPU
+    assert any(torch.cuda.get_device_name(0) in w and ("fits at seq_len 4096" in w or "What would fit" in w)
+               for w in warnings), warnings
+    _, warnings = preflight("llama-2-7b", "cuda", seq_len=512, batch_size=1)  # 6 GiB: fits any datacenter GPU
+    assert not any("GPU" in w or torch.cuda.get_device_name(0) in w for w in warnings), warnings

@@ -58,6 +58,19 @@ def test_log_every_thins_the_metrics_but_keeps_evals_and_the_last_step(tiny_mode
     assert len(result.losses) == 7  # every step's loss is still kept (and checkpointed)
 
 
+def test_the_memory_plan_is_logged_before_loading_and_kept_next_to_the_measurement(tiny_model_dir, memorize_data,
+                                                                                   tmp_path):
+    messages: list[str] = []
+    train(_cfg(tiny_model_dir, memorize_data, tmp_path / "run", max_steps=2), log=messages.append)
+    plan = next(i for i, m in enumerate(messages) if m.startswith("memory plan: "))
+    assert plan < next(i for i, m in enumerate(messages) if m.startswith("model "))  # before the load
+    assert not any(m.startswith("warning:") for m in messages)  # a tiny model fits this machine
+    memory = json.loads((tmp_path / "run" / "memory.json").read_text())
+    predicted = memory["predicted"]
+    assert predicted["total_bytes"] == sum(predicted["breakdown"].values()) > 0
+    assert f"{predicted['total_bytes'] / 2**30:.2f} GiB per process" in messages[plan]
+
+
 def test_trainable_count_is_r_times_in_plus_out(tiny_model_dir):
     model, _ = load_model(tiny_model_dir, QuantConfig(backend="torch"), LoraConfig(r=8), device="cpu",
                           with_tokenizer=False)
