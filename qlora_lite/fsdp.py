@@ -40,8 +40,9 @@ from .inject import ParameterCount, count_parameters, lora_layers
 from .load import is_prequantized, load_model, load_skeleton, release_free_memory
 from .nf4 import NF4Weight
 
-__all__ = ["NF4Parameters", "shard_model", "load_sharded", "fsdp_mesh", "in_turns", "resident_base_bytes", "full_tensor",
-           "ensure_process_group", "sharded_optimizer_state", "load_sharded_optimizer_state", "copy_into_parameter"]
+__all__ = ["NF4Parameters", "shard_model", "load_sharded", "fsdp_mesh", "in_turns", "resident_base_bytes",
+           "full_tensor", "ensure_process_group", "sharded_optimizer_state", "load_sharded_optimizer_state",
+           "copy_into_parameter"]
 
 T = TypeVar("T")
 

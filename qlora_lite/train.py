@@ -139,7 +139,7 @@ def _gather_training_state(model, optimizer, fsdp: bool, world: int) -> tuple[di
     return adapter_state_dict(model), optimizer_state, _gather_objects(_rng_state(), world)
 
 
-def _save_checkpoint(out_dir: Path, step: int, model, gathered: tuple[dict, dict], scheduler, state: dict,
+def _save_checkpoint(out_dir: Path, step: int, model, gathered: tuple[dict, dict, list], scheduler, state: dict,
                      keep_last: int) -> Path:
     target = out_dir / CHECKPOINTS / f"step-{step:06d}"
     adapter_tensors, optimizer_state, rng_states = gathered
@@ -330,7 +330,7 @@ def _memory_plan(cfg: TrainConfig, model_path: Path, batch_size: int, world: int
                                    quant=cfg.quant, optimizer=optimizer, compute_dtype=compute_dtype,
                                    gradient_checkpointing=cfg.gradient_checkpointing, world_size=world,
                                    fsdp=cfg.fsdp, loss_chunk_tokens=cfg.loss_chunk_tokens)
-    except Exception as exc:  # noqa: BLE001 — the planner's limits (an unusual architecture) are not the run's
+    except Exception as exc:  # any planner limit (an unusual architecture) is the planner's, not the run's
         log(f"note: no memory plan for this model ({type(exc).__name__}: {exc})")
         return None
     where = "GPU" if device.type == "cuda" else "process (host memory)"
@@ -374,8 +374,8 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
         model, tokenizer, params = load_sharded(model_path, cfg.quant, cfg.lora, device, compute_dtype, mesh)
         log("fsdp: rank 0 read and quantized the checkpoint; every process received its shards from it")
     elif cfg.fsdp:
-        # (a 4-bit or 16-bit checkpoint, or a given model) the processes load one after another, each
-        # freeing its whole copy once sharded: the host holds one whole model at a time
+        # (a 4-bit checkpoint, quant=None, or a model handed in) the processes load one after another,
+        # each freeing its whole copy once sharded: the host holds one whole model at a time
         model, tokenizer, params = in_turns(load_and_shard)
         log(f"fsdp: the {world} process(es) loaded the model in turns")
     else:
