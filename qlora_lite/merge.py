@@ -32,7 +32,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,12 +47,11 @@ from .load import checkpoint_files, release_free_memory
 from .monitor import PeakRSS
 from .nf4 import NF4Weight
 from .shards import ShardReader, read_header
-from .verify import verify_merge
+from .verify import BaseKind, verify_merge
 
 __all__ = ["merge", "merge_weight", "merge_adapter", "unmerge_adapter", "parse_size", "MergeReport", "MergeError",
            "MergeOverflowError", "VerificationError"]
 
-BaseKind = Literal["quantized", "original"]
 _OUT_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
                "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
 _ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

@@ -84,19 +84,22 @@ def lr_lambda(cfg: TrainConfig):
     return factor
 
 
+def _optimizer_in_use(cfg: TrainConfig, device: torch.device) -> str:
+    """The optimizer training runs (the planner is given the same): bitsandbytes' paged optimizers need
+    CUDA, and their kernels update raw local tensors, not FSDP's DTensor shards; elsewhere torch AdamW."""
+    return cfg.optimizer if device.type == "cuda" and not cfg.fsdp else "adamw"
+
+
 def build_optimizer(params, cfg: TrainConfig, device: torch.device, log=print) -> torch.optim.Optimizer:
     """bitsandbytes' paged AdamW on CUDA; torch AdamW where paging cannot run (CPU, FSDP)."""
-    if cfg.optimizer != "adamw" and cfg.fsdp:
-        # bitsandbytes' kernels update raw local tensors, not FSDP's DTensor shards; the states are
-        # sharded 1/N anyway, which is most of what paging would have bought
-        log(f"note: {cfg.optimizer} does not take FSDP's sharded parameters; using torch.optim.AdamW")
-        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    if cfg.optimizer != "adamw" and device.type == "cuda":
+    if _optimizer_in_use(cfg, device) != "adamw":
         import bitsandbytes as bnb
 
         cls = bnb.optim.PagedAdamW8bit if cfg.optimizer == "paged_adamw_8bit" else bnb.optim.PagedAdamW32bit
         return cls(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    if cfg.optimizer != "adamw":
+    if cfg.optimizer != "adamw" and cfg.fsdp:  # FSDP shards the states 1/N: most of what paging would buy
+        log(f"note: {cfg.optimizer} does not take FSDP's sharded parameters; using torch.optim.AdamW")
+    elif cfg.optimizer != "adamw":
         log(f"note: {cfg.optimizer} needs CUDA; using torch.optim.AdamW on {device.type}")
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 
@@ -323,11 +326,10 @@ def _memory_plan(cfg: TrainConfig, model_path: Path, batch_size: int, world: int
                  compute_dtype: torch.dtype, log) -> MemoryEstimate | None:
     """The planner's prediction for this run, logged before loading, with a warning where this machine
     looks too small (monitor.preflight). A model the planner cannot read does not stop the run."""
-    # training falls back to torch AdamW off CUDA and under FSDP (see build_optimizer)
-    optimizer = cfg.optimizer if device.type == "cuda" and not cfg.fsdp else "adamw"
     try:
         plan, warnings = preflight(model_path, device, seq_len=cfg.seq_len, batch_size=batch_size, lora=cfg.lora,
-                                   quant=cfg.quant, optimizer=optimizer, compute_dtype=compute_dtype,
+                                   quant=cfg.quant, optimizer=_optimizer_in_use(cfg, device),
+                                   compute_dtype=compute_dtype,
                                    gradient_checkpointing=cfg.gradient_checkpointing, world_size=world,
                                    fsdp=cfg.fsdp, loss_chunk_tokens=cfg.loss_chunk_tokens)
     except Exception as exc:  # any planner limit (an unusual architecture) is the planner's, not the run's
@@ -381,9 +383,10 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
     else:
         model, tokenizer, params = load_and_shard()
     log(f"model {model_path}: {params}")
+    base_bytes = resident_base_bytes(model)  # this process's share under FSDP; the whole base otherwise
     if cfg.fsdp:
-        held = resident_base_bytes(model)
-        log(f"fsdp: {world} process(es); this one holds {held:,} bytes ({held / 2**30:.2f} GiB) of the quantized base")
+        log(f"fsdp: {world} process(es); this one holds {base_bytes:,} bytes ({base_bytes / GiB:.2f} GiB) of the "
+            "quantized base")
     monitor.mark("after_load")
 
     records = load_records(data)
@@ -501,7 +504,7 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
     monitor.mark("steady_state")
     unwrapped = unwrap(model)
     adapter_dir = None
-    summary = {**monitor.summary(), "base_bytes_per_process": _gather_objects(resident_base_bytes(unwrapped), world),
+    summary = {**monitor.summary(), "base_bytes_per_process": _gather_objects(base_bytes, world),
                "predicted": None if plan is None else {"total_bytes": plan.total_bytes, "peak_phase": plan.peak_phase,
                                                        "breakdown": plan.peak_breakdown()}}
     if not interrupted:
