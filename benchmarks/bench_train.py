@@ -1,8 +1,9 @@
 """Training throughput and peak memory: qlora-lite vs transformers + bitsandbytes + PEFT (issue 8).
 
-    --shape (tiny | 1b | 7b | 13b | 70b): a Llama-shape config written in code
+    --shape (tiny | 1b | 7b | 13b | llama3-8b | 70b): a Llama-shape config written in code
         │ built on the meta device, written once as random bf16 safetensors, shard by shard
-        │ (host memory: one shard + one tensor), into --cache (default ~/.cache/qlora-lite/bench/<shape>)
+        │ (host memory: one shard + one tensor), into --cache (default ~/.cache/qlora-lite/bench/<shape>);
+        │ --draw-device cuda draws the tensors on the GPU (seconds for a 7B instead of minutes)
         ▼
     one subprocess per side, same random tokens (fixed seed), same r / seq / batch / steps:
       ours  load_model(QuantConfig(), LoraConfig(r, alpha=2r, dropout 0, "all-linear"))
@@ -15,17 +16,21 @@
       both  warmup_steps + steps of: forward (labels = inputs) → backward → clip 0.3 → optimizer →
             LambdaLR(qlora_lite.train.lr_lambda) → zero_grad; the peer stays in train mode throughout
         ▼
-    per side: median step time, tokens/s, peak memory (CUDA: allocated and reserved during the steps;
+    --rows 2048x1,512x4: several (seq x batch) runs in one load per side (the default: --seq x --batch);
+    --memory-cap-gib 24: torch.cuda.set_per_process_memory_fraction, a consumer card emulated; a row that
+    runs out of memory is recorded as such and the next row goes on
+    per row and side: median step time, tokens/s, peak memory (CUDA: allocated and reserved during the steps;
     CPU: peak RSS sampled every 5 ms by a psutil thread), load + quantize time, first/last loss;
     ratios ours/peer; the physical bound 6·N FLOPs per token (N = parameters in matmuls: every linear
     and the LM head, not the embedding lookup; attention-score FLOPs are left out) at the device's
-    peak (bf16 table for GPUs; a measured fp32 matmul on CPU, the dtype the CPU runs compute in).
+    peak (bf16 table for GPUs; a measured fp32 matmul on CPU, the dtype the CPU runs compute in);
+    the planner's predicted peak for ours (qlora_lite.memory.estimate_memory, same run) and predicted/measured.
 
 Usage:
 
     python benchmarks/bench_train.py --device cpu --shape tiny           # ~1-2 min on 2 idle cores
     python benchmarks/bench_train.py --shape 7b --seq 2048 --batch 1      # the issue's H100 targets
-    python benchmarks/bench_train.py --shape 7b --seq 512 --batch 4 --json
+    python benchmarks/bench_train.py --shape 7b --rows 2048x1,512x4 --draw-device cuda --json
     python benchmarks/bench_train.py --shape 13b --seq 512 --batch 1
     python benchmarks/bench_train.py --shape 70b --seq 512 --batch 1      # ~138 GB of bf16 on disk
     python benchmarks/bench_train.py --shape tiny --device cpu --profile   # ours only: top ops of one step
@@ -58,6 +63,8 @@ SHAPES: dict[str, dict] = {
                num_key_value_heads=4, vocab_size=32000),
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=32, vocab_size=32000),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
     "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                 num_key_value_heads=40, vocab_size=32000),
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
@@ -78,8 +85,8 @@ GiB = 1024**3
 def llama_config(shape: str):
     from transformers import LlamaConfig
 
-    return LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                       dtype="bfloat16")
+    return LlamaConfig(**SHAPES[shape], max_position_embeddings=131072 if shape == "llama3-8b" else 4096,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False, dtype="bfloat16")
 
 
 def param_shapes(shape: str) -> dict[str, tuple[int, ...]]:
@@ -91,10 +98,11 @@ def param_shapes(shape: str) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def build_checkpoint(shape: str, directory: Path, seed: int = 0, log=print) -> float:
+def build_checkpoint(shape: str, directory: Path, seed: int = 0, log=print, draw_device: str = "cpu") -> float:
     """Write the random bf16 checkpoint once (temp dir + rename; a marker file says it is complete).
 
-    Linear weights and embeddings ~ N(0, 0.02²), norms = 1. Returns the seconds spent (0 if cached).
+    Linear weights and embeddings ~ N(0, 0.02²), norms = 1, drawn on `draw_device` (the values depend
+    on it: a CUDA generator is not the CPU one). Returns the seconds spent (0 if cached).
     """
     if (directory / COMPLETE).is_file():
         return 0.0
@@ -111,14 +119,14 @@ def build_checkpoint(shape: str, directory: Path, seed: int = 0, log=print) -> f
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     llama_config(shape).save_pretrained(tmp)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(draw_device).manual_seed(seed)
 
     def random_tensor(_: str, dims: tuple[int, ...]) -> torch.Tensor:  # straight in bf16: no fp32 copy
-        t = torch.empty(dims, dtype=torch.bfloat16)
-        return t.fill_(1.0) if len(dims) == 1 else t.normal_(0.0, 0.02, generator=generator)
+        t = torch.empty(dims, dtype=torch.bfloat16, device=draw_device)
+        return (t.fill_(1.0) if len(dims) == 1 else t.normal_(0.0, 0.02, generator=generator)).cpu()
 
     write_sharded(tmp, shapes, SHARD_BYTES, random_tensor)
-    (tmp / COMPLETE).write_text(json.dumps({"shape": shape, "seed": seed, "bytes": total}))
+    (tmp / COMPLETE).write_text(json.dumps({"shape": shape, "seed": seed, "bytes": total, "drawn_on": draw_device}))
     shutil.rmtree(directory, ignore_errors=True)  # an incomplete earlier attempt
     tmp.rename(directory)
     return time.perf_counter() - t0
@@ -197,7 +205,7 @@ def _load_ours(path: Path, opts, device: torch.device, compute: torch.dtype):
         install_chunked_loss(model, opts.loss_chunk_tokens)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    cfg = TrainConfig(max_steps=opts.warmup + opts.steps + 1, warmup_steps=min(opts.warmup, 10),
+    cfg = TrainConfig(max_steps=_total_steps(opts), warmup_steps=min(opts.warmup, 10),
                       optimizer="paged_adamw_32bit", learning_rate=2e-4, device=device.type, progress=False)
     optimizer = build_optimizer(trainable, cfg, device, log=lambda msg: print(msg, file=sys.stderr))
     return model, trainable, optimizer, lr_lambda(cfg), None
@@ -233,7 +241,7 @@ def _load_peer(path: Path, opts, device: torch.device, compute: torch.dtype):
     else:  # bnb's paged optimizers fall back to non-paged on CPU; torch AdamW is the like-for-like choice
         optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0)
         autocast = None
-    cfg = TrainConfig(max_steps=opts.warmup + opts.steps + 1, warmup_steps=min(opts.warmup, 10),
+    cfg = TrainConfig(max_steps=_total_steps(opts), warmup_steps=min(opts.warmup, 10),
                       learning_rate=2e-4, device=device.type, progress=False)
     return model, trainable, optimizer, lr_lambda(cfg), autocast
 
@@ -248,6 +256,10 @@ def _top_ops(prof, device: torch.device, limit: int) -> tuple[str, list[dict]]:
             **({"self_device_ms": round(getattr(e, "self_device_time_total", 0.0) / 1e3, 3)} if cuda else {})}
            for e in rows]
     return table, top
+
+
+def _total_steps(opts) -> int:
+    return len(opts.rows) * (opts.warmup + opts.steps) + 2
 
 
 def run_side(opts) -> dict:
@@ -266,6 +278,10 @@ def run_side(opts) -> dict:
         peak_flops, peak_source = device_peak(device, opts.threads)
         gpu = {"device_name": torch.cuda.get_device_name(device), "peak_flops": peak_flops, "peak_source": peak_source}
         torch.cuda.empty_cache()
+        if opts.memory_cap_gib:
+            total = torch.cuda.get_device_properties(device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, opts.memory_cap_gib * GiB / total), device)
+            gpu["memory_cap_bytes"] = int(opts.memory_cap_gib * GiB)
     torch.manual_seed(opts.seed)
     rss = PeakRss()
     baseline_rss = rss.now()
@@ -288,8 +304,6 @@ def run_side(opts) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     vocab = SHAPES[opts.shape]["vocab_size"]
-    total = opts.warmup + opts.steps + (1 if opts.profile else 0)
-    data = torch.randint(0, vocab, (total, opts.batch, opts.seq), generator=torch.Generator().manual_seed(opts.seed))
 
     def step(ids: torch.Tensor) -> float:
         ids = ids.to(device)
@@ -305,35 +319,54 @@ def run_side(opts) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    times, losses = [], []
-    for i in range(opts.warmup + opts.steps):
-        _sync(device)
-        t = time.perf_counter()
-        losses.append(step(data[i]))
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    timed = times[opts.warmup:]
-    step_s = statistics.median(timed)
-    peak, hwm = rss.reset()
-    out.update(step_s=step_s, step_times_s=timed, warmup_times_s=times[:opts.warmup],
-               tokens_per_s=opts.batch * opts.seq / step_s, losses=losses, peak_rss_bytes=peak, peak_rss_hwm_bytes=hwm)
-    if device.type == "cuda":
-        out.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(device),
-                   peak_reserved_bytes=torch.cuda.max_memory_reserved(device))
-        out["peak_bytes"] = out["peak_allocated_bytes"]
-    else:
-        out["peak_bytes"] = out["peak_rss_bytes"]
+    out["rows"] = [_run_row(step, seq, batch, vocab, opts, device, rss) for seq, batch in opts.rows]
     rss.stop()
     if opts.profile:
         from torch.profiler import ProfilerActivity, profile
 
+        seq, batch = opts.rows[0]
+        ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(opts.seed))
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
-            step(data[-1])
+            step(ids)
             _sync(device)
         table, top = _top_ops(prof, device, opts.profile_rows)
         out.update(profile_table=table, profile_top=top)
     return out
+
+
+def _run_row(step, seq: int, batch: int, vocab: int, opts, device: torch.device, rss: PeakRss) -> dict:
+    """warmup + steps at (seq, batch); peaks are this row's alone. Running out of memory is a result."""
+    data = torch.randint(0, vocab, (opts.warmup + opts.steps, batch, seq),
+                         generator=torch.Generator().manual_seed(opts.seed))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    rss.reset()
+    row: dict = {"seq": seq, "batch": batch}
+    times, losses = [], []
+    try:
+        for i in range(opts.warmup + opts.steps):
+            _sync(device)
+            t = time.perf_counter()
+            losses.append(step(data[i]))
+            _sync(device)
+            times.append(time.perf_counter() - t)
+    except torch.OutOfMemoryError as exc:
+        row.update(oom=True, oom_message=str(exc).splitlines()[0][:300], steps_done=len(times))
+    peak, hwm = rss.reset()
+    row.update(peak_rss_bytes=peak, peak_rss_hwm_bytes=hwm, losses=losses, warmup_times_s=times[:opts.warmup])
+    if device.type == "cuda":
+        row.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(device),
+                   peak_reserved_bytes=torch.cuda.max_memory_reserved(device))
+        row["peak_bytes"] = row["peak_allocated_bytes"]
+    else:
+        row["peak_bytes"] = peak
+    timed = times[opts.warmup:]
+    if timed and not row.get("oom"):
+        row.update(step_s=statistics.median(timed), step_times_s=timed,
+                   tokens_per_s=batch * seq / statistics.median(timed))
+    return row
 
 
 # ---- the parent: both sides, ratios, the bound ---------------------------------------------------
@@ -368,16 +401,44 @@ def device_peak(device: torch.device, threads: int) -> tuple[float, str]:
 
 def _child(side: str, opts) -> dict:
     args = [sys.executable, os.path.abspath(__file__), "--side", side, "--shape", opts.shape, "--cache", str(opts.cache),
-            "--device", str(opts.device), "--seq", str(opts.seq), "--batch", str(opts.batch), "--r", str(opts.r),
+            "--device", str(opts.device), "--rows", ",".join(f"{s}x{b}" for s, b in opts.rows), "--r", str(opts.r),
             "--warmup", str(opts.warmup), "--steps", str(opts.steps), "--seed", str(opts.seed),
             "--threads", str(opts.threads), "--profile-rows", str(opts.profile_rows),
-            "--loss-chunk-tokens", str(opts.loss_chunk_tokens)]
+            "--loss-chunk-tokens", str(opts.loss_chunk_tokens), "--memory-cap-gib", str(opts.memory_cap_gib)]
     if opts.profile:
         args.append("--profile")
     done = subprocess.run(args, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{side} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def parse_rows(text: str) -> list[tuple[int, int]]:
+    """"2048x1,512x4" -> [(2048, 1), (512, 4)]."""
+    rows = []
+    for item in text.split(","):
+        seq, _, batch = item.strip().partition("x")
+        if not (seq.isdigit() and batch.isdigit() and int(seq) > 0 and int(batch) > 0):
+            raise argparse.ArgumentTypeError(f"row {item!r}: expected SEQxBATCH such as 2048x1")
+        rows.append((int(seq), int(batch)))
+    return rows
+
+
+def predicted_peak(shape: str, seq: int, batch: int, r: int, device_type: str, loss_chunk_tokens: int) -> dict:
+    """The planner's prediction for ours on this row (and the peer's, where the planner models it)."""
+    from qlora_lite.config import LoraConfig
+    from qlora_lite.memory import estimate_memory
+
+    config = llama_config(shape)
+    lora = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear")
+    kwargs = dict(seq_len=seq, batch_size=batch, lora=lora, device=device_type,
+                  compute_dtype="bfloat16" if device_type == "cuda" else "float32", loss_chunk_tokens=loss_chunk_tokens)
+    out = {"ours_bytes": estimate_memory(config, **kwargs).total_bytes}
+    try:  # the peer's recipe, where this version of the planner has it
+        out["peer_bytes"] = estimate_memory(config, **kwargs, recipe="peft").total_bytes
+    except TypeError:
+        pass
+    return out
 
 
 def _fmt_bytes(n: float | None) -> str:
@@ -389,31 +450,41 @@ def report(summary: dict) -> str:
     lines.append(f"{summary['shape']} Llama shape ({summary['n_params'] / 1e6:,.1f}M params, "
                  f"{summary['n_matmul_params'] / 1e6:,.1f}M in matmuls) on {summary['device']}")
     chunk = c.get("loss_chunk_tokens", 0)
-    lines.append(f"seq {c['seq']} x batch {c['batch']}, LoRA r={c['r']} alpha={2 * c['r']} on 7 projections, "
+    cap = f", memory capped at {c['memory_cap_gib']} GiB" if c.get("memory_cap_gib") else ""
+    lines.append(f"LoRA r={c['r']} alpha={2 * c['r']} on 7 projections, "
                  f"ours: {f'loss in chunks of {chunk} tokens' if chunk else 'full logits'}, "
-                 f"{c['warmup']} warm-up + {c['steps']} timed steps, load average {summary['load_average_before']} -> "
-                 f"{summary['load_average_after']}")
+                 f"{c['warmup']} warm-up + {c['steps']} timed steps per row{cap}, load average "
+                 f"{summary['load_average_before']} -> {summary['load_average_after']}")
     cuda = summary["device_type"] == "cuda"
     mem_label = "peak alloc" if cuda else "peak RSS"
-    header = f"{'side':<6}{'step s':>9}{'tokens/s':>11}{mem_label:>13}"
-    header += f"{'reserved':>12}" if cuda else f"{'VmHWM':>12}{'RSS base':>12}"
-    header += f"{'load s':>9}{'loss first→last':>20}{'of bound':>10}"
+    header = f"{'row':<10}{'side':<6}{'step s':>9}{'tokens/s':>11}{mem_label:>13}"
+    header += f"{'reserved':>12}" if cuda else f"{'VmHWM':>12}"
+    header += f"{'predicted':>12}{'pred/meas':>10}{'loss first→last':>20}{'of bound':>10}"
     lines += [header]
+    for row in summary["rows"]:
+        label = f"{row['seq']}x{row['batch']}"
+        for side in ("ours", "peer"):
+            r = row.get(side)
+            if r is None:
+                continue
+            pred = row["predicted"].get(f"{side}_bytes")
+            if r.get("oom"):
+                lines.append(f"{label:<10}{side:<6}  out of memory after {r['steps_done']} steps "
+                             f"(peak {_fmt_bytes(r['peak_bytes'])}, predicted {_fmt_bytes(pred)})")
+                continue
+            text = f"{label:<10}{side:<6}{r['step_s']:>9.3f}{r['tokens_per_s']:>11.1f}{_fmt_bytes(r['peak_bytes']):>13}"
+            text += f"{_fmt_bytes(r.get('peak_reserved_bytes')):>12}" if cuda else f"{_fmt_bytes(r.get('peak_rss_hwm_bytes')):>12}"
+            ratio = f"{pred / r['peak_bytes']:.3f}" if pred and cuda else "-"
+            text += f"{_fmt_bytes(pred):>12}{ratio:>10}"
+            text += f"{r['losses'][0]:>11.4f}→{r['losses'][-1]:<8.4f}{100 * r['bound_fraction']:>9.2f}%"
+            lines.append(text)
+        if row.get("ratios"):
+            q = row["ratios"]
+            lines.append(f"{label:<10}ours/peer: tokens/s {q['tokens_per_s']:.3f}, peak memory {q['peak_bytes']:.3f}")
     for side in ("ours", "peer"):
-        r = summary.get(side)
-        if r is None:
-            continue
-        row = f"{side:<6}{r['step_s']:>9.3f}{r['tokens_per_s']:>11.1f}{_fmt_bytes(r['peak_bytes']):>13}"
-        if cuda:
-            row += f"{_fmt_bytes(r.get('peak_reserved_bytes')):>12}"
-        else:
-            row += f"{_fmt_bytes(r.get('peak_rss_hwm_bytes')):>12}{_fmt_bytes(r['baseline_rss_bytes']):>12}"
-        row += f"{r['load_s']:>9.2f}{r['losses'][0]:>11.4f}→{r['losses'][-1]:<8.4f}{100 * r['bound_fraction']:>9.2f}%"
-        lines.append(row)
-    if summary.get("ratios"):
-        q = summary["ratios"]
-        lines.append(f"ours/peer: tokens/s {q['tokens_per_s']:.3f}, peak memory {q['peak_bytes']:.3f}, "
-                     f"load time {q['load_s']:.3f}, peak memory while loading {q['load_peak_bytes']:.3f}")
+        if side in summary:
+            s = summary[side]
+            lines.append(f"{side}: load {s['load_s']:.2f} s, peak while loading {_fmt_bytes(s['load_peak_bytes'])}")
     lines.append(f"bound: 6·N = {summary['flops_per_token'] / 1e9:.3f} GFLOP/token at {summary['peak_source']} "
                  f"-> {summary['bound_tokens_per_s']:,.0f} tokens/s")
     if summary.get("ours", {}).get("profile_table"):
@@ -428,13 +499,18 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--cache", type=Path, help="checkpoint dir (default ~/.cache/qlora-lite/bench/<shape>)")
     parser.add_argument("--seq", type=int, help="sequence length (default: 128 on CPU, 2048 on CUDA)")
     parser.add_argument("--batch", type=int, help="batch size (default: 2 on CPU, 1 on CUDA)")
+    parser.add_argument("--rows", type=parse_rows, help="several SEQxBATCH runs on one load, e.g. 2048x1,512x4")
     parser.add_argument("--r", type=int, default=16, help="LoRA rank (alpha = 2r, dropout 0)")
-    parser.add_argument("--warmup", type=int, help="untimed steps (default: 2 on CPU, 3 on CUDA)")
-    parser.add_argument("--steps", type=int, help="timed steps, the median is reported (default: 5 CPU, 10 CUDA)")
+    parser.add_argument("--warmup", type=int, help="untimed steps per row (default: 2 on CPU, 3 on CUDA)")
+    parser.add_argument("--steps", type=int, help="timed steps per row, the median is reported (default: 5 CPU, 10 CUDA)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--loss-chunk-tokens", type=int, default=1024,
                         help="ours: cross-entropy this many tokens at a time (train's default); 0: full logits")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per side (0: torch's default)")
+    parser.add_argument("--memory-cap-gib", type=float, default=0.0,
+                        help="CUDA: cap each side at this many GiB (set_per_process_memory_fraction); 0: no cap")
+    parser.add_argument("--draw-device", default="cpu", help="where the random checkpoint is drawn (cpu | cuda)")
+    parser.add_argument("--sides", default="ours,peer", help="which sides run (ours,peer | ours | peer)")
     parser.add_argument("--profile", action="store_true", help="ours only: torch.profiler on one extra step")
     parser.add_argument("--profile-rows", type=int, default=15)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -449,6 +525,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     for key, value in DEFAULTS["cuda" if device.type == "cuda" else "cpu"].items():
         if getattr(opts, key) is None:
             setattr(opts, key, value)
+    opts.rows = opts.rows or [(opts.seq, opts.batch)]
     opts.cache = (opts.cache or Path.home() / ".cache" / "qlora-lite" / "bench" / opts.shape).expanduser()
 
     if opts.side:  # internal: one side, one JSON line on stdout
@@ -457,7 +534,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     log = (lambda msg: print(msg, file=sys.stderr)) if opts.json else print
     load_before = [round(x, 2) for x in os.getloadavg()]
-    build_s = build_checkpoint(opts.shape, opts.cache, log=log)
+    build_s = build_checkpoint(opts.shape, opts.cache, log=log, draw_device=opts.draw_device)
     shapes = param_shapes(opts.shape)
     n_params = sum(math.prod(s) for s in shapes.values())
     n_matmul = n_params - math.prod(shapes["model.embed_tokens.weight"])
@@ -466,31 +543,40 @@ def main(argv: list[str] | None = None) -> dict | None:
         "shape": opts.shape, "llama_config": SHAPES[opts.shape], "n_params": n_params, "n_matmul_params": n_matmul,
         "device": device_name(device) if device.type == "cpu" else opts.device, "device_type": device.type,
         "versions": versions(("torch", "transformers", "peft", "bitsandbytes", "accelerate", "qlora-lite")),
-        "config": {k: getattr(opts, k) for k in ("seq", "batch", "r", "warmup", "steps", "seed", "threads", "loss_chunk_tokens")},
+        "config": {k: getattr(opts, k) for k in ("rows", "r", "warmup", "steps", "seed", "threads",
+                                                 "loss_chunk_tokens", "memory_cap_gib")},
         "cache": str(opts.cache), "checkpoint_build_s": build_s, "load_average_before": load_before,
         "flops_per_token": flops_per_token, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }
     if device.type == "cpu":  # measured before the runs, so nothing of ours competes with it
         summary["peak_flops"], summary["peak_source"] = device_peak(device, opts.threads)
-    sides = ["ours"] if opts.profile else ["ours", "peer"]
+    sides = ["ours"] if opts.profile else [s for s in ("ours", "peer") if s in opts.sides.split(",")]
     for side in sides:
         log(f"running {side} ...")
         summary[side] = _child(side, opts)
     if device.type == "cuda":
-        ours = summary["ours"]
-        summary.update(device=ours["device_name"], peak_flops=ours["peak_flops"], peak_source=ours["peak_source"])
+        first = summary[sides[0]]
+        summary.update(device=first["device_name"], peak_flops=first["peak_flops"], peak_source=first["peak_source"])
     summary["bound_tokens_per_s"] = bound = summary["peak_flops"] / flops_per_token
-    for side in sides:
-        summary[side]["bound_fraction"] = summary[side]["tokens_per_s"] / bound
-    if "peer" in summary:
-        ours, peer = summary["ours"], summary["peer"]
-        summary["ratios"] = {k: ours[k] / peer[k] for k in ("tokens_per_s", "peak_bytes", "step_s", "load_s",
-                                                                  "load_peak_bytes")}
-        if device.type == "cuda":
-            summary["ratios"]["peak_reserved_bytes"] = ours["peak_reserved_bytes"] / peer["peak_reserved_bytes"]
-        else:
-            growth = {s: summary[s]["peak_rss_bytes"] - summary[s]["baseline_rss_bytes"] for s in ("ours", "peer")}
-            summary["ratios"]["peak_rss_growth"] = growth["ours"] / growth["peer"]
+    summary["rows"] = []
+    for i, (seq, batch) in enumerate(opts.rows):
+        row = {"seq": seq, "batch": batch,
+               "predicted": predicted_peak(opts.shape, seq, batch, opts.r, device.type, opts.loss_chunk_tokens)}
+        for side in sides:
+            r = row[side] = summary[side]["rows"][i]
+            if not r.get("oom"):
+                r["bound_fraction"] = r["tokens_per_s"] / bound
+            pred = row["predicted"].get(f"{side}_bytes")
+            if pred and device.type == "cuda":
+                r["predicted_over_measured"] = pred / r["peak_bytes"]
+        if all(s in row and not row[s].get("oom") for s in ("ours", "peer")):
+            ours, peer = row["ours"], row["peer"]
+            row["ratios"] = {k: ours[k] / peer[k] for k in ("tokens_per_s", "peak_bytes", "step_s")}
+            if device.type == "cuda":
+                row["ratios"]["peak_reserved_bytes"] = ours["peak_reserved_bytes"] / peer["peak_reserved_bytes"]
+        summary["rows"].append(row)
+    if "ours" in summary and "peer" in summary:
+        summary["load_ratios"] = {k: summary["ours"][k] / summary["peer"][k] for k in ("load_s", "load_peak_bytes")}
     summary["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     if opts.json:
         print(json.dumps(summary, indent=2))

@@ -1,0 +1,356 @@
+"""`make gpu-check`: the GPU path proven in one command, on a machine with no network (issue 16).
+
+    scripts/gpu_check.sh  (installs .wheels/ into a folder on PYTHONPATH; the machine's torch stays)
+        │
+        ▼
+    parts, in order, each in its own process with its own time budget and one result line;
+    a part that fails or runs out of time is recorded and the next one runs:
+      env           python / torch / CUDA / package versions, nvidia-smi
+      tests         pytest -m gpu (layer parity in bf16, NF4 bytes vs bitsandbytes' CUDA kernels,
+                    paged-AdamW training, resume, merge, chunked loss, FSDP, preflight, CLI, demo)
+      bench-<shape> benchmarks/bench_train.py: ours beside transformers + bitsandbytes + PEFT,
+                    tokens/s, peak allocated / reserved, the planner's prediction and predicted/measured
+      boundary-<shape>
+                    `qlora-lite memory --gpu RTX4090` picks the longest seq_len that fits 24 GiB;
+                    training at it must run on the card capped at 24 GiB
+                    (torch.cuda.set_per_process_memory_fraction); the planner refuses one step up,
+                    which is also run, to show how much margin the planner keeps
+        │
+        ▼
+    $OUT (else gpu-results/): gpu_results.json (one object per part) and gpu_results.md (tables)
+
+`--cpu-smoke` runs the same parts on the CPU with the tiny shape and a few steps (tests/test_gpu.py
+on the CPU instead of `-m gpu`), so that the script cannot rot between GPU sessions; the test suite
+runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GiB = 1024**3
+CONSUMER_CARD = "RTX4090"  # 24 GiB: the card the boundary parts emulate
+
+
+@dataclass
+class Part:
+    name: str
+    budget_s: float
+    command: list[str]
+    parse: str = "none"  # how the result is read: none | pytest | bench | boundary
+    env: dict[str, str] = field(default_factory=dict)
+    cleanup: list[Path] = field(default_factory=list)  # removed after the part (checkpoints in RAM)
+
+
+def _python() -> str:
+    return sys.executable
+
+
+def _bench(shape: str, rows: str, cache: Path, device: str, warmup: int, steps: int, extra: list[str] = ()) -> list[str]:
+    return [_python(), str(ROOT / "benchmarks" / "bench_train.py"), "--shape", shape, "--device", device,
+            "--rows", rows, "--cache", str(cache), "--warmup", str(warmup), "--steps", str(steps), "--json",
+            *(["--draw-device", "cuda"] if device == "cuda" else []), *extra]
+
+
+def _boundary(shape: str, cache: Path, device: str, cap_gib: float, warmup: int, steps: int) -> list[str]:
+    return [_python(), str(Path(__file__).resolve()), "--boundary", shape, "--cache", str(cache), "--device", device,
+            "--cap-gib", str(cap_gib), "--warmup", str(warmup), "--steps", str(steps)]
+
+
+def plan(mode: str, scratch: Path) -> list[Part]:
+    """The parts of one check; budgets sum to under 9 minutes on an H100 (measured: see docs/gpu.md)."""
+    env_part = Part("env", 30, [_python(), str(Path(__file__).resolve()), "--env"], parse="json")
+    if mode == "cpu-smoke":
+        tiny = scratch / "tiny"
+        return [
+            env_part,
+            Part("tests", 600, [_python(), "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py",
+                                "-k", "command_line"],
+                 parse="pytest", env={"QLORA_LITE_GPU_SMOKE": "1"}),
+            Part("bench-tiny", 600, _bench("tiny", "32x1,16x2", tiny, "cpu", 0, 1), parse="bench"),
+            Part("boundary-tiny", 600, _boundary("tiny", tiny, "cpu", 1.5, 0, 1), parse="boundary", cleanup=[tiny]),
+        ]
+    ckpt = {shape: scratch / shape for shape in ("7b", "llama3-8b", "13b")}
+    return [
+        env_part,
+        Part("tests", 150, [_python(), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests"],
+             parse="pytest"),
+        Part("bench-7b", 110, _bench("7b", "2048x1,512x4", ckpt["7b"], "cuda", 2, 4), parse="bench"),
+        Part("boundary-7b", 70, _boundary("7b", ckpt["7b"], "cuda", 24, 1, 2), parse="boundary",
+             cleanup=[ckpt["7b"]]),
+        Part("bench-llama3-8b", 100, _bench("llama3-8b", "8192x1", ckpt["llama3-8b"], "cuda", 1, 3), parse="bench"),
+        Part("boundary-llama3-8b", 80, _boundary("llama3-8b", ckpt["llama3-8b"], "cuda", 24, 1, 2), parse="boundary",
+             cleanup=[ckpt["llama3-8b"]]),
+        Part("bench-13b", 100, _bench("13b", "2048x1", ckpt["13b"], "cuda", 2, 3), parse="bench",
+             cleanup=[ckpt["13b"]]),
+    ]
+
+
+# ---- one part ----------------------------------------------------------------------------------------
+
+def run_part(part: Part, remaining_s: float) -> dict:
+    budget = min(part.budget_s, remaining_s)
+    record: dict = {"part": part.name, "command": " ".join(part.command), "budget_s": part.budget_s}
+    if budget < 5:
+        record.update(status="skipped", reason=f"only {remaining_s:.0f} s of the check's time left")
+        return record
+    t0 = time.perf_counter()
+    process = subprocess.Popen(part.command, cwd=ROOT, env={**os.environ, **part.env}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=budget)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # the part's children (bench sides) too
+        stdout, stderr = process.communicate()
+        timed_out = True
+    record.update(seconds=round(time.perf_counter() - t0, 1), exit_code=process.returncode)
+    for path in part.cleanup:
+        shutil.rmtree(path, ignore_errors=True)
+    if timed_out:
+        record.update(status="cut", reason=f"cut at its {budget:.0f} s budget", tail=(stdout + stderr)[-3000:])
+        return record
+    try:
+        record.update(PARSERS[part.parse](stdout, stderr, process.returncode))
+    except Exception as exc:  # noqa: BLE001 - a part's unreadable output is that part's failure, not the check's
+        record.update(status="fail", reason=f"could not read the output: {exc}")
+    if record["status"] != "pass":
+        record.setdefault("tail", (stdout + stderr)[-3000:])
+    return record
+
+
+def _parse_json(stdout: str, _stderr: str, code: int) -> dict:
+    return {"status": "pass" if code == 0 else "fail", "figures": json.loads(stdout)}
+
+
+def _parse_pytest(stdout: str, _stderr: str, code: int) -> dict:
+    words = ("passed", "failed", "skipped", "error", "no tests ran")
+    summary = next((line.strip("= ") for line in reversed(stdout.splitlines())
+                    if " in " in line and any(w in line for w in words)), "")
+    failed = [line.split(" ", 1)[1] for line in stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    skipped = [line for line in stdout.splitlines() if line.startswith("SKIPPED")]
+    return {"status": "pass" if code == 0 else "fail", "summary": summary, "failed": failed, "skipped": skipped}
+
+
+def _parse_bench(stdout: str, _stderr: str, code: int) -> dict:
+    if code != 0:
+        return {"status": "fail", "reason": f"exit {code}"}
+    summary = json.loads(stdout[stdout.index("{"):])
+    rows = []
+    for row in summary["rows"]:
+        out = {"seq": row["seq"], "batch": row["batch"], "predicted": row["predicted"], "ratios": row.get("ratios")}
+        for side in ("ours", "peer"):
+            r = row.get(side)
+            if r:
+                out[side] = {k: r.get(k) for k in ("tokens_per_s", "step_s", "peak_bytes", "peak_allocated_bytes",
+                                                  "peak_reserved_bytes", "oom", "bound_fraction",
+                                                  "predicted_over_measured")}
+                out[side]["loss_first_last"] = [r["losses"][0], r["losses"][-1]] if r.get("losses") else None
+        rows.append(out)
+    ooms = [f"{r['seq']}x{r['batch']} {s}" for r in rows for s in ("ours", "peer") if r.get(s, {}).get("oom")]
+    return {"status": "fail" if any("ours" in o for o in ooms) else "pass", "device": summary["device"],
+            "versions": summary["versions"], "rows": rows, "bound_tokens_per_s": summary["bound_tokens_per_s"],
+            "load": {s: {"load_s": summary[s]["load_s"], "load_peak_bytes": summary[s]["load_peak_bytes"]}
+                     for s in ("ours", "peer") if s in summary},
+            "checkpoint_build_s": summary["checkpoint_build_s"],
+            **({"reason": "out of memory: " + ", ".join(ooms)} if ooms else {})}
+
+
+def _parse_boundary(stdout: str, _stderr: str, code: int) -> dict:
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["status"] = "pass" if code == 0 and result.get("fits_ran") else "fail"
+    return result
+
+
+PARSERS = {"none": lambda o, e, c: {"status": "pass" if c == 0 else "fail"}, "json": _parse_json,
+           "pytest": _parse_pytest, "bench": _parse_bench, "boundary": _parse_boundary}
+
+
+# ---- the parts that live in this file -----------------------------------------------------------------
+
+def environment() -> dict:
+    import torch
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "cuda_available": torch.cuda.is_available(), "host": platform.node(), "cpus": os.cpu_count()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        out.update(device=props.name, device_memory_bytes=props.total_memory,
+                   multiprocessors=props.multi_processor_count)
+    from importlib.metadata import PackageNotFoundError, version
+
+    for pkg in ("transformers", "accelerate", "peft", "bitsandbytes", "safetensors", "jsonargparse", "triton",
+                "liger-kernel", "datasets"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        done = subprocess.run([smi, "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
+                               "--format=csv,noheader"], capture_output=True, text=True)
+        out["nvidia_smi"] = done.stdout.strip() or done.stderr.strip()
+    return out
+
+
+def boundary(shape: str, cache: Path, device: str, cap_gib: float, warmup: int, steps: int) -> dict:
+    """The planner's longest seq_len on a 24 GiB card, trained under that cap; the next planner step too."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_train
+
+    from qlora_lite.memory import memory_report
+
+    bench_train.build_checkpoint(shape, cache, draw_device=device)
+    capacity = f"{cap_gib}GiB" if device == "cpu" else CONSUMER_CARD
+    plan_json = json.loads(memory_report(str(cache), seq_len=2048, batch_size=1, rank=16, gpu=capacity,
+                                         json_output=True))
+    fit = plan_json.get("max_seq_len")
+    result = {"shape": shape, "card": capacity, "cap_gib": cap_gib, "planned_max_seq_len": fit}
+    if not fit:
+        result.update(fits_ran=False, reason="the planner finds no seq_len that fits")
+        return result
+    if device == "cpu":  # the smoke proves the path, not the planner: keep its steps short
+        result["clamped_from"], fit = fit, min(fit, 32)
+    rows = f"{fit}x1,{fit + 64}x1"
+    command = bench_train.__file__
+    args = ["--shape", shape, "--device", device, "--rows", rows, "--cache", str(cache), "--warmup", str(warmup),
+            "--steps", str(steps), "--sides", "ours", "--json"]
+    if device == "cuda":
+        args += ["--memory-cap-gib", str(cap_gib)]
+    done = subprocess.run([sys.executable, command, *args], capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        result.update(fits_ran=False, reason=f"bench exit {done.returncode}: {done.stderr[-1500:]}")
+        return result
+    summary = json.loads(done.stdout[done.stdout.index("{"):])
+    at_fit, step_up = (row["ours"] for row in summary["rows"])
+    predicted = [row["predicted"]["ours_bytes"] for row in summary["rows"]]
+    result.update(
+        fits_ran=not at_fit.get("oom"),
+        at_fit={"seq": fit, "oom": bool(at_fit.get("oom")), "peak_allocated_bytes": at_fit["peak_bytes"],
+                "peak_reserved_bytes": at_fit.get("peak_reserved_bytes"), "predicted_bytes": predicted[0],
+                "tokens_per_s": at_fit.get("tokens_per_s")},
+        step_up={"seq": fit + 64, "planner_refuses": predicted[1] > cap_gib * GiB, "oom": bool(step_up.get("oom")),
+                 "peak_allocated_bytes": step_up["peak_bytes"], "peak_reserved_bytes": step_up.get("peak_reserved_bytes"),
+                 "predicted_bytes": predicted[1]},
+        device=summary["device"])
+    return result
+
+
+# ---- the report ---------------------------------------------------------------------------------------
+
+def _gib(n) -> str:
+    return "-" if n is None else f"{n / GiB:.2f}"
+
+
+def markdown(results: dict) -> str:
+    env = next((p.get("figures", {}) for p in results["parts"] if p["part"] == "env"), {})
+    lines = [f"# gpu-check ({results['mode']}), {results['started']}", "",
+             f"device: {env.get('device', 'CPU')}; torch {env.get('torch')} (CUDA {env.get('cuda')}), "
+             f"transformers {env.get('transformers')}, peft {env.get('peft')}, bitsandbytes {env.get('bitsandbytes')}, "
+             f"accelerate {env.get('accelerate')}; total {results['seconds']:.0f} s", "",
+             "| part | status | seconds | note |", "|---|---|---|---|"]
+    for p in results["parts"]:
+        note = p.get("reason") or p.get("summary") or ""
+        lines.append(f"| {p['part']} | {p['status']} | {p.get('seconds', '-')} | {str(note)[:160]} |")
+    bench = [p for p in results["parts"] if p["part"].startswith("bench-") and p.get("rows")]
+    if bench:
+        lines += ["", "## Training step, ours beside transformers + bitsandbytes + PEFT", "",
+                  "| shape | seq×batch | ours tokens/s | peer tokens/s | speed ratio | ours peak alloc GiB | "
+                  "peer peak alloc GiB | memory ratio | ours reserved GiB | planner GiB | planner/measured | "
+                  "ours % of 6N bound |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for p in bench:
+            for r in p["rows"]:
+                o, q = r.get("ours") or {}, r.get("peer") or {}
+                ratio = r.get("ratios") or {}
+                lines.append(
+                    f"| {p['part'][6:]} | {r['seq']}×{r['batch']} | {_fmt(o.get('tokens_per_s'), o)} | "
+                    f"{_fmt(q.get('tokens_per_s'), q)} | {_num(ratio.get('tokens_per_s'))} | {_gib(o.get('peak_bytes'))} | "
+                    f"{_gib(q.get('peak_bytes'))} | {_num(ratio.get('peak_bytes'))} | {_gib(o.get('peak_reserved_bytes'))} | "
+                    f"{_gib(r['predicted'].get('ours_bytes'))} | {_num(o.get('predicted_over_measured'))} | "
+                    f"{_num(100 * o['bound_fraction'] if o.get('bound_fraction') else None, 1)} |")
+    bounds = [p for p in results["parts"] if p["part"].startswith("boundary-") and p.get("at_fit")]
+    if bounds:
+        lines += ["", f"## The planner's boundary on a card capped at 24 GiB ({CONSUMER_CARD})", "",
+                  "| shape | planned max seq | ran at it | peak alloc / reserved GiB | planner GiB | "
+                  "step up (+64) | step-up peak alloc GiB |", "|---|---|---|---|---|---|---|"]
+        for p in bounds:
+            a, s = p["at_fit"], p["step_up"]
+            lines.append(f"| {p['shape']} | {a['seq']} | {'out of memory' if a['oom'] else 'yes'} | "
+                         f"{_gib(a['peak_allocated_bytes'])} / {_gib(a['peak_reserved_bytes'])} | "
+                         f"{_gib(a['predicted_bytes'])} | planner {'refuses' if s['planner_refuses'] else 'accepts'}; "
+                         f"{'out of memory' if s['oom'] else 'ran'} | {_gib(s['peak_allocated_bytes'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _num(x, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _fmt(tokens, side: dict) -> str:
+    return "OOM" if side.get("oom") else _num(tokens, 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["gpu", "cpu-smoke"], default="gpu")
+    parser.add_argument("--total-s", type=float, help="the whole check's time budget (default: 500 s; CPU smoke 1800 s)")
+    parser.add_argument("--only", help="comma-separated part names to run")
+    parser.add_argument("--env", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--boundary", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    parser.add_argument("--cap-gib", type=float, default=24.0, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=2, help=argparse.SUPPRESS)
+    opts = parser.parse_args(argv)
+    if opts.env:
+        print(json.dumps(environment()))
+        return 0
+    if opts.boundary:
+        result = boundary(opts.boundary, opts.cache, opts.device, opts.cap_gib, opts.warmup, opts.steps)
+        print(json.dumps(result))
+        return 0 if result.get("fits_ran") else 1
+
+    out = Path(os.environ.get("OUT") or ROOT / "gpu-results")
+    out.mkdir(parents=True, exist_ok=True)
+    shm = Path("/dev/shm")
+    scratch_root = shm if shm.is_dir() and shutil.disk_usage(shm).free > 40 * GiB else Path("/tmp")
+    scratch = scratch_root / f"qlora-lite-gpu-check-{os.getpid()}"
+    parts = plan(opts.mode, scratch)
+    total_s = opts.total_s or (500.0 if opts.mode == "gpu" else 1800.0)
+    if opts.only:
+        wanted = set(opts.only.split(","))
+        parts = [p for p in parts if p.name in wanted]
+    started, t0 = time.strftime("%Y-%m-%d %H:%M:%S"), time.perf_counter()
+    results = {"mode": opts.mode, "started": started, "scratch": str(scratch), "parts": []}
+    try:
+        for part in parts:
+            record = run_part(part, total_s - (time.perf_counter() - t0))
+            results["parts"].append(record)
+            extra = record.get("reason") or record.get("summary") or ""
+            print(f"[gpu-check] {part.name:<20} {record['status']:<8} {record.get('seconds', 0):>6} s  {extra}"[:400],
+                  flush=True)
+            results["seconds"] = time.perf_counter() - t0
+            (out / "gpu_results.json").write_text(json.dumps(results, indent=1))  # kept if the machine goes
+            (out / "gpu_results.md").write_text(markdown(results))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    failed = [p["part"] for p in results["parts"] if p["status"] == "fail"]
+    print(f"[gpu-check] {len(results['parts']) - len(failed)} of {len(results['parts'])} parts without failure; "
+          f"results in {out}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
