@@ -209,6 +209,12 @@ class MemoryEstimate:
         return sum(self.peak_breakdown().values())
 
     @property
+    def required_bytes(self) -> int:
+        """What must fit on the GPU: the total less the paged optimizer state, which CUDA managed memory
+        moves to host memory when the GPU runs full (the QLoRA paper's paged optimizers). Fits use this."""
+        return self.total_bytes - self.optimizer_paged
+
+    @property
     def allocated_bytes(self) -> int:
         """What torch's caching allocator hands out at the peak: `torch.cuda.max_memory_allocated`."""
         peak = self.peak_breakdown()
@@ -401,9 +407,10 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
 class FitResult:
     """The largest `varied` value (batch_size or seq_len) whose estimate fits the budget.
 
-    The fit counts the whole estimate against the budget: the tensors, ALLOCATOR_SLACK on top of
-    them and the CUDA context. So the margin it keeps below the card is those two terms plus
-    `headroom_bytes`; `next_value` (one step more) is the smallest value that does not fit.
+    The fit counts `required_bytes` against the budget: the tensors, ALLOCATOR_SLACK on top of
+    them and the CUDA context (not the paged optimizer state, which can move to host memory). So
+    the margin it keeps below the card is slack + context + `headroom_bytes`; `next_value` (one
+    step more) is the smallest value that does not fit.
     """
 
     budget_bytes: int
@@ -421,7 +428,7 @@ class FitResult:
     @property
     def headroom_bytes(self) -> int:
         """Budget left over at `value`, beyond the context and slack the estimate already counts."""
-        return self.budget_bytes - self.estimate.total_bytes
+        return self.budget_bytes - self.estimate.required_bytes
 
 
 def fit_to_budget(config: Any, budget_bytes: int | str, *, seq_len: int | None = None,
@@ -448,19 +455,19 @@ def fit_to_budget(config: Any, budget_bytes: int | str, *, seq_len: int | None =
             return estimate_memory(config, seq_len=seq_step * units, batch_size=batch_size, **kwargs)
 
     first = at(1)
-    if first.total_bytes > budget:
+    if first.required_bytes > budget:
         raise _budget_error(config, budget, first, kwargs)
     good, bad = 1, None
     while bad is None and good < limit:
         probe = min(2 * good, limit)
-        if at(probe).total_bytes <= budget:
+        if at(probe).required_bytes <= budget:
             good = probe
         else:
             bad = probe
     capped = bad is None
     while bad is not None and bad - good > 1:
         mid = (good + bad) // 2
-        good, bad = (mid, bad) if at(mid).total_bytes <= budget else (good, mid)
+        good, bad = (mid, bad) if at(mid).required_bytes <= budget else (good, mid)
     return FitResult(budget, varied, good * step, step, at(good), at(good + 1), capped)
 
 
@@ -473,13 +480,13 @@ def largest_seq_len(config: Any, budget_bytes: int | str, *, batch_size: int = 1
 
 
 def _budget_error(config: Any, budget: int, first: MemoryEstimate, kwargs: dict[str, Any]) -> MemoryBudgetError:
-    over = first.total_bytes - budget
+    over = first.required_bytes - budget
     base = dict(kwargs, seq_len=first.seq_len, batch_size=first.batch_size)
     lora = kwargs.get("lora", LoraConfig())
 
     def fits(**change: Any) -> MemoryEstimate | None:
         est = estimate_memory(config, **{**base, **change})
-        return est if est.total_bytes <= budget else None
+        return est if est.required_bytes <= budget else None
 
     frozen = first.quantized_weights + first.weights_16bit
     static = frozen + first.cuda_context
@@ -489,25 +496,25 @@ def _budget_error(config: Any, budget: int, first: MemoryEstimate, kwargs: dict[
     if static <= budget:  # only then can a smaller adapter, optimizer or sequence help
         for r in (8, 4, 1):
             if r < lora.r and (est := fits(lora=dataclasses.replace(lora, r=r))):
-                ideas.append(f"LoRA rank r={r} ({est.total_bytes / GiB:.2f} GiB)")
+                ideas.append(f"LoRA rank r={r} ({est.required_bytes / GiB:.2f} GiB)")
                 break
         if first.optimizer == "paged_adamw_32bit" and (est := fits(optimizer="paged_adamw_8bit")):
-            ideas.append(f"optimizer='paged_adamw_8bit' ({est.total_bytes / GiB:.2f} GiB)")
+            ideas.append(f"optimizer='paged_adamw_8bit' ({est.required_bytes / GiB:.2f} GiB)")
         if not kwargs.get("gradient_checkpointing", True) and (est := fits(gradient_checkpointing=True)):
-            ideas.append(f"gradient checkpointing ({est.total_bytes / GiB:.2f} GiB)")
+            ideas.append(f"gradient checkpointing ({est.required_bytes / GiB:.2f} GiB)")
         if first.seq_len > 64 and fits(seq_len=64):
             best = fit_to_budget(config, budget, batch_size=first.batch_size, max_seq_len=first.seq_len, **kwargs)
             ideas.append(f"seq_len {best.value} at batch {first.batch_size}")
     if first.device == "cuda" and not (first.fsdp and first.world_size > 1):  # FSDP only where sharding helps
         for n in (2, 4, 8, 16, 32, 64):
             if (est := fits(world_size=n, fsdp=True)):
-                ideas.append(f"FSDP over {n} GPUs ({est.total_bytes / GiB:.2f} GiB each)")
+                ideas.append(f"FSDP over {n} GPUs ({est.required_bytes / GiB:.2f} GiB each)")
                 break
     advice = "; ".join(ideas) if ideas else "nothing smaller fits on this budget"
-    message = (f"{first.model} does not fit: it needs {first.total_bytes / GiB:.2f} GiB at seq_len {first.seq_len} × "
+    message = (f"{first.model} does not fit: it needs {first.required_bytes / GiB:.2f} GiB at seq_len {first.seq_len} × "
                f"batch {first.batch_size}, {over / GiB:.2f} GiB over the {budget / GiB:.2f} GiB budget; {why}"
                f"{' on that budget' if static > budget else ''}. What would fit: {advice}")
-    return MemoryBudgetError(message, first.total_bytes, budget, ideas)
+    return MemoryBudgetError(message, first.required_bytes, budget, ideas)
 
 
 # ---- report -----------------------------------------------------------------------------------
@@ -563,9 +570,11 @@ def memory_report(model: str, seq_len: int = 2048, batch_size: int = 1, rank: in
                      f"({100 * saving / est.total_bytes:.0f}%) less than the peer's {est.total_bytes / GiB:.2f} GiB")
     capacity = parse_budget(gpu) if gpu else None
     if capacity is not None:
-        margin = capacity - est.total_bytes
+        margin = capacity - est.required_bytes
         verdict = (f"fits {gpu} ({capacity / GiB:.0f} GiB) with {margin / GiB:.2f} GiB to spare" if margin >= 0
                    else f"does NOT fit {gpu} ({capacity / GiB:.0f} GiB): {-margin / GiB:.2f} GiB over")
+        if margin >= 0 and est.total_bytes > capacity:
+            verdict += f", if {(est.total_bytes - capacity) / GiB:.2f} GiB of the paged optimizer state moves to host memory"
         result.update(gpu=gpu, capacity_bytes=capacity, fits=margin >= 0)
         lines.append(verdict + f" (the total counts {est.allocator_slack / GiB:.2f} GiB allocator slack and "
                      f"{est.cuda_context / GiB:.2f} GiB CUDA context)")
@@ -580,7 +589,7 @@ def memory_report(model: str, seq_len: int = 2048, batch_size: int = 1, rank: in
                 continue
             result[f"max_{name}"] = fit.value
             beyond = name == "seq_len" and positions and fit.value > positions
-            lines.append(f"largest {name} at {key} {value}: {fit.value} ({fit.estimate.total_bytes / GiB:.2f} GiB)"
+            lines.append(f"largest {name} at {key} {value}: {fit.value} ({fit.estimate.required_bytes / GiB:.2f} GiB)"
                          + (" (search limit)" if fit.capped else "")
                          + (f" (beyond the model's {positions} positions)" if beyond else ""))
     if plot:

@@ -73,10 +73,14 @@ def load_model_config(config: Any) -> tuple[Any, str]:
         raise ConfigError(f"{path}: not readable JSON ({exc})", "model") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config.json holds a JSON object, not {type(data).__name__}", "model")
+    bad = [f"{k}={data[k]!r} must be a positive integer" for k in ("hidden_size", "num_hidden_layers",
+           "num_attention_heads", "vocab_size") if k in data and not (isinstance(data[k], int) and data[k] > 0)]
+    if bad:  # before transformers divides by it
+        raise ConfigError([f"{path}: {b}" for b in bad], "model for the memory planner")
     model_type = data.pop("model_type", None)
     try:
         return AutoConfig.for_model(model_type, **data), text if path.parent == _CONFIG_DIR else str(config)
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, ArithmeticError) as exc:
         raise ConfigError(f"{path}: not a transformers config.json ({exc})", "model") from None
 
 
