@@ -23,6 +23,7 @@ EXAMPLES = {
              "  qlora-lite train --config run.yaml --resume true",
     "merge": "qlora-lite merge --base ./Llama-2-7b-hf --adapter runs/x/adapter --out ./merged --verify true",
     "memory": "qlora-lite memory --model llama-2-7b --seq_len 2048 --rank 16 --gpu RTX4090\n"
+              "  qlora-lite memory --model llama-3-8b --seq_len 8192 --recipe peft --gpu A100-80GB\n"
               "  qlora-lite memory --model ./my-model --json true",
     "analyze": "qlora-lite analyze --adapter runs/x/adapter --compare runs/y/adapter --out analysis/",
     "quantize": "qlora-lite quantize --model ./Llama-2-7b-hf --out ./Llama-2-7b-nf4",
@@ -62,7 +63,7 @@ def merge(base: str, adapter: str, out: str, dtype: str = "float16", base_kind: 
 
 def memory(model: str, seq_len: int = 2048, batch_size: int = 1, rank: int = 16, gpu: str | None = None,
            optimizer: str = "paged_adamw_32bit", world_size: int = 1, fsdp: bool = False, json_output: bool = False,
-           plot: str | None = None) -> None:
+           plot: str | None = None, recipe: str = "qlora-lite", lora_dtype: str = "auto") -> None:
     """Predict a run's GPU memory before loading any weight; say whether it fits and what does.
 
     Args:
@@ -76,11 +77,14 @@ def memory(model: str, seq_len: int = 2048, batch_size: int = 1, rank: int = 16,
         fsdp: shard the quantized base across the GPUs
         json_output: print the estimate as JSON
         plot: write a stacked bar chart PNG here
+        recipe: qlora-lite, or peft to predict transformers + bitsandbytes + PEFT for the same run (ours beside it)
+        lora_dtype: auto (the compute dtype on CUDA), bfloat16, float16 or float32
     """
     from .memory import memory_report
 
     print(memory_report(model, seq_len=seq_len, batch_size=batch_size, rank=rank, gpu=gpu, optimizer=optimizer,
-                        world_size=world_size, fsdp=fsdp, json_output=json_output, plot=plot))
+                        world_size=world_size, fsdp=fsdp, json_output=json_output, plot=plot, recipe=recipe,
+                        lora_dtype=lora_dtype))
 
 
 def analyze(adapter: str, base: str | None = None, compare: str | None = None, out: str = "analysis",

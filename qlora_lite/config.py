@@ -26,6 +26,7 @@ __all__ = [
     "TrainConfig",
     "SUPPORTED_BLOCKSIZES",
     "resolve_dtype",
+    "resolve_lora_dtype",
     "config_from_dict",
     "load_yaml_config",
 ]
@@ -58,6 +59,17 @@ def resolve_dtype(name: str | torch.dtype, device: str | torch.device | None = N
         return _DTYPES[name]
     except KeyError:
         raise ConfigError(f"unknown dtype {name!r}; use one of {sorted(set(_DTYPES))} or 'auto'") from None
+
+
+def resolve_lora_dtype(lora_dtype: str | torch.dtype, compute_dtype: torch.dtype,
+                       device: str | torch.device | None) -> torch.dtype:
+    """The LoRA factors' dtype. "auto" (the default) is the compute dtype on CUDA: no call casts A and B,
+    and the factors, their gradients and (torch AdamW) states take half the bytes, as the QLoRA paper
+    trained; fp32 elsewhere (CPU 16-bit matmuls are slow). bitsandbytes' AdamW keeps 32-bit states either way."""
+    if lora_dtype == "auto":
+        on_cuda = device is not None and torch.device(device).type == "cuda"
+        return compute_dtype if on_cuda else torch.float32
+    return resolve_dtype(lora_dtype)
 
 
 def _check_dtype(problems: list[str], field_name: str, value: Any, allow_auto: bool = True) -> None:
@@ -109,7 +121,7 @@ class LoraConfig:
     target_modules: str | list[str] = "all-linear"
     use_rslora: bool = False
     init_lora_weights: Literal["kaiming", "gaussian"] = "kaiming"
-    lora_dtype: str = "float32"
+    lora_dtype: str = "auto"  # the compute dtype on CUDA, fp32 on CPU (resolve_lora_dtype)
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -143,7 +155,7 @@ class LoraConfig:
             problems.append(f"use_rslora={self.use_rslora!r} must be true or false")
         if self.init_lora_weights not in ("kaiming", "gaussian"):
             problems.append(f"init_lora_weights={self.init_lora_weights!r} must be 'kaiming' or 'gaussian'")
-        _check_dtype(problems, "lora_dtype", self.lora_dtype, allow_auto=False)
+        _check_dtype(problems, "lora_dtype", self.lora_dtype)
         if problems:
             raise ConfigError(problems, "LoraConfig")
 

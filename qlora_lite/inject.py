@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import LoraConfig, QuantConfig, resolve_dtype
+from .config import LoraConfig, QuantConfig, resolve_lora_dtype
 from .errors import ConfigError
 from .layers import DEFAULT_ADAPTER, DenseWeight, LoRALinear4bit
 from .nf4 import NF4Weight
@@ -80,13 +80,16 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def make_lora_layer(base: NF4Weight | DenseWeight, bias: torch.Tensor | None, lora: LoraConfig | None,
-                    adapter_name: str = DEFAULT_ADAPTER) -> LoRALinear4bit:
-    """A LoRA layer on `base`; with `lora=None` a frozen quantized linear with no adapter."""
+                    adapter_name: str = DEFAULT_ADAPTER, compute_dtype: torch.dtype = torch.float32,
+                    device: str | torch.device | None = None) -> LoRALinear4bit:
+    """A LoRA layer on `base`; with `lora=None` a frozen quantized linear with no adapter.
+    `compute_dtype` and `device` (the base's when None) decide `lora_dtype="auto"` (resolve_lora_dtype)."""
     if lora is None:
         return LoRALinear4bit(base, bias, adapter_name=None)
+    lora_dtype = resolve_lora_dtype(lora.lora_dtype, compute_dtype, base.device if device is None else device)
     return LoRALinear4bit(base, bias, r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                           use_rslora=lora.use_rslora, init_lora_weights=lora.init_lora_weights,
-                          lora_dtype=resolve_dtype(lora.lora_dtype), adapter_name=adapter_name)
+                          lora_dtype=lora_dtype, adapter_name=adapter_name)
 
 
 def inject_lora(model: nn.Module, lora: LoraConfig, quant: QuantConfig | None = QuantConfig()) -> list[str]:
@@ -107,7 +110,8 @@ def inject_lora(model: nn.Module, lora: LoraConfig, quant: QuantConfig | None = 
         else:
             base = DenseWeight(linear.weight.detach())
         bias = None if linear.bias is None else linear.bias.detach()
-        replace_module(model, name, make_lora_layer(base, bias, lora if name in targets else None))
+        replace_module(model, name, make_lora_layer(base, bias, lora if name in targets else None,
+                                                    compute_dtype=linear.weight.dtype))
     freeze_base(model)
     return [n for n in to_replace if n in targets]
 

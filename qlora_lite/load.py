@@ -210,7 +210,7 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, lora: LoraCon
         linear = model.get_submodule(name)
         bias = linear.bias if linear.bias is not None and linear.bias.device.type != "meta" else None
         layer = make_lora_layer(bases.pop(name), None if bias is None else bias.detach(),
-                                lora if name in lora_targets else None)
+                                lora if name in lora_targets else None, compute_dtype=compute_dtype, device=device)
         replace_module(model, name, layer)
 
     model.tie_weights()
@@ -253,7 +253,8 @@ def load_skeleton(path: str | Path, quant: QuantConfig, lora: LoraConfig | None,
         base = NF4Weight.empty(linear.weight.shape, stored.get(f"{name}.weight", compute_dtype), quant.blocksize,
                                quant.double_quant, backend)
         bias = None if linear.bias is None else linear.bias.detach()
-        replace_module(model, name, make_lora_layer(base, bias, lora if name in lora_targets else None))
+        replace_module(model, name, make_lora_layer(base, bias, lora if name in lora_targets else None,
+                                                    compute_dtype=compute_dtype, device=device))
     return _finish(model), tokenizer
 
 

@@ -3,8 +3,12 @@
     peak per rank =  quantized weights   NF4 per linear (all but the head): ceil(n/2) + ceil(n/64)
                                          + 4·ceil(ceil(n/64)/256) + 4 bytes (as NF4Weight.nbytes)
                    + 16-bit weights      embeddings, norms, lm_head, biases · 2 bytes (tied once)
-                   + LoRA params + grads r·(in+out) per target · 4 bytes (fp32) each
-                   + optimizer states    Adam m, v: 8 B/param (8-bit: 2 B + 8 B per 256); paged
+                   + LoRA params + grads r·(in+out) per target, in the adapter dtype (LoraConfig.lora_dtype:
+                                         "auto" is the compute dtype on CUDA, fp32 on CPU)
+                   + optimizer states    bitsandbytes AdamW 32-bit: 8 B/param; 8-bit: 2 B + 8 B per 256;
+                                         torch AdamW: 2 states in the parameter's dtype
+                   + paged optimizer     the part of those states bitsandbytes puts in CUDA managed memory
+                                         (tensors of >= 1e5 values): invisible to torch's counters, own line
                    + activations         L · batch·seq·hidden·2   (checkpointed block inputs)
                                          + ONE of the two transients below, the larger:
                         block phase:  a recomputed block's saved tensors + backward workspace
@@ -13,7 +17,12 @@
                                       when 16-bit) + the hidden state's gradient; unchunked,
                                       12 B/(token·vocab) (fp32 log-softmax output, its gradient,
                                       the gradient of its input)
-                   + framework overhead  CUDA context + allocator slack (a constant, default 1 GiB)
+                   + allocator slack     ALLOCATOR_SLACK × what torch allocates (the caching allocator's
+                                         reserved − allocated: fragmentation, rounding, cached blocks)
+                   + CUDA context        CUDA_CONTEXT_BYTES (driver context, kernels, cuBLAS handles)
+
+    `recipe="peft"` predicts the peer (transformers + bitsandbytes + PEFT) for the same run instead:
+    `memory_peer.py` says which terms change and why.
 
     host memory to load (`host_load_bytes`, not in the GPU peak) = the largest 16-bit checkpoint tensor
     per process streaming to its GPU; under FSDP (rank 0 reads, then sends the shards) or on CPU,
@@ -22,56 +31,54 @@
 The per-block formula is in `_block_bytes_per_token`; every term there was checked against the
 tensors autograd saves in a transformers Llama layer (tests/test_memory.py). Parameter counts come
 from the model built on the meta device, so they are exact for any architecture; the activation
-formula assumes a pre-norm decoder block (RMSNorm, SDPA attention, gated or plain MLP).
+formula assumes a pre-norm decoder block (RMSNorm, SDPA attention, gated or plain MLP), and
+`memory_arch.model_shape` refuses what it does not describe (encoders, Mamba, mixture-of-experts).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import json
-import math
-import os
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from .config import LoraConfig, QuantConfig, resolve_dtype
+from .config import LoraConfig, QuantConfig, resolve_dtype, resolve_lora_dtype
 from .errors import ConfigError, QLoraLiteError
+from .memory_arch import (GB, GPU_MEMORY, GiB, ModelShape, builtin_configs, layer_index, load_model_config,
+                          model_shape, parse_budget)
+from .memory_peer import peer_terms
 
 __all__ = [
-    "GPU_MEMORY", "CUDA_OVERHEAD_BYTES", "MemoryEstimate", "FitResult", "MemoryBudgetError",
-    "estimate_memory", "fit_to_budget", "parse_budget", "builtin_configs", "load_model_config", "nf4_nbytes",
-    "memory_report", "plot_estimate",
+    "GPU_MEMORY", "CUDA_CONTEXT_BYTES", "ALLOCATOR_SLACK", "PAGED_MIN_NUMEL", "MemoryEstimate", "FitResult",
+    "MemoryBudgetError", "estimate_memory", "fit_to_budget", "largest_seq_len", "parse_budget", "builtin_configs",
+    "load_model_config", "nf4_nbytes", "memory_report", "plot_estimate", "GiB", "GB",
 ]
 
-GiB, GB = 1024**3, 10**9
-CUDA_OVERHEAD_BYTES = 1 * GiB  # CUDA context (~0.5 GiB with lazy module loading) + allocator slack; not yet measured
+# The two constants a GPU run calibrates (docs/memory.md, "Calibrating on a GPU"): measured on an H100
+# for the peer, Llama-2-7B 2048×1: reserved 8.44 GB against 7.01 GB allocated (+20.4 %); a slack of 20 %
+# reproduces Unsloth's published HF+FA2 maximum contexts at 24-80 GB (tests/test_memory.py's anchors).
+CUDA_CONTEXT_BYTES = 512 * 2**20  # torch's CUDA context with lazy module loading, + cuBLAS handles; not yet measured
+ALLOCATOR_SLACK = 0.20  # reserved = allocated · (1 + ALLOCATOR_SLACK) at the peak
+PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages a state tensor of >= 1e5 values (Optimizer8bit.get_state_buffer)
 BACKWARD_WORKSPACE_INTER = 3  # live (token × intermediate) gradient buffers while a block runs backward
 Optimizer = Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw"]
-_CONFIG_DIR = Path(__file__).parent / "configs"
+Recipe = Literal["qlora-lite", "peft"]
+_OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw")
 _COMPONENTS = {
-    "quantized_weights": "quantized weights (NF4)", "weights_16bit": "16-bit weights", "lora_params": "LoRA parameters",
-    "lora_grads": "LoRA gradients", "optimizer_states": "optimizer states", "activations": "activations",
-    "logits": "logits & loss", "framework_overhead": "framework overhead",
+    "quantized_weights": "quantized weights (NF4)", "weights_16bit": "unquantized weights", "lora_params": "LoRA parameters",
+    "lora_grads": "LoRA gradients", "optimizer_states": "optimizer states", "optimizer_paged": "optimizer, paged",
+    "activations": "activations", "logits": "logits & loss", "allocator_slack": "allocator slack",
+    "cuda_context": "CUDA context",
 }
-# Nominal memory per GPU (the driver shows a little less, e.g. 79.6 GiB on an H100: the overhead covers it).
-GPU_MEMORY: dict[str, int] = {name: int(gib * GiB) for name, gib in {
-    "T4": 16, "P100": 16, "V100-16GB": 16, "V100-32GB": 32, "A10": 24, "A10G": 24, "L4": 24, "A40": 48,
-    "A6000": 48, "L40S": 48, "RTX6000Ada": 48, "RTX3060": 12, "RTX3080": 10, "RTX3090": 24, "RTX4060Ti-16GB": 16,
-    "RTX4070Ti": 12, "RTX4080": 16, "RTX4090": 24, "RTX5090": 32, "A100-40GB": 40, "A100-80GB": 80, "H100": 80,
-    "H100-NVL": 94, "H200": 141, "B200": 180, "MI300X": 192}.items()}
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
+_NOT_ALLOCATED = ("optimizer_paged", "allocator_slack", "cuda_context")  # what max_memory_allocated never sees
 # Which LoRA inputs are the same tensor when dropout is off (the attention output is SDPA's own output).
 _INPUT_GROUP = {**dict.fromkeys(("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "Wqkv"), "attn_in"),
                 **dict.fromkeys(("o_proj", "out_proj"), "attn_out"),
                 **dict.fromkeys(("gate_proj", "up_proj", "gate_up_proj", "fc1", "c_fc", "w1", "w3"), "mlp_in")}
-_GATE_NAMES = {"gate_proj", "gate_up_proj", "w3"}
 
 
 class MemoryBudgetError(QLoraLiteError, ValueError):
@@ -82,96 +89,6 @@ class MemoryBudgetError(QLoraLiteError, ValueError):
         self.needed_bytes, self.budget_bytes, self.suggestions = needed_bytes, budget_bytes, suggestions
 
 
-# ---- model configs and shapes --------------------------------------------------------------------
-
-def builtin_configs() -> list[str]:
-    """Names of the config.json files shipped in qlora_lite/configs (e.g. "llama-2-7b")."""
-    return sorted(p.stem for p in _CONFIG_DIR.glob("*.json"))
-
-
-def load_model_config(config: Any) -> tuple[Any, str]:
-    """(PretrainedConfig, display name) from a config object, a built-in name, a config.json or a model dir."""
-    from transformers import AutoConfig, PretrainedConfig
-
-    if isinstance(config, PretrainedConfig):
-        return config, getattr(config, "name_or_path", "") or config.model_type
-    if not isinstance(config, (str, os.PathLike)):
-        raise ConfigError(f"model config must be a PretrainedConfig, a name or a path, not {type(config).__name__}")
-    text, path = str(config), Path(config)
-    if text in builtin_configs():
-        path = _CONFIG_DIR / f"{text}.json"
-    elif path.is_dir():
-        path = path / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{text!r} is not a built-in model ({', '.join(builtin_configs())}), "
-                          "a config.json file or a model directory with one", "model")
-    data = json.loads(path.read_text())
-    model_type = data.pop("model_type", None)
-    try:
-        return AutoConfig.for_model(model_type, **data), text if path.parent == _CONFIG_DIR else str(config)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{path}: not a transformers config.json ({exc})", "model") from None
-
-
-@dataclass(eq=False)
-class _Arch:
-    """What the estimate needs from a model, read off its meta-device instance."""
-
-    model: Any
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    total: int  # base parameters, a tied embedding/head counted once
-    linears: dict[str, tuple[int, int]]  # every linear but the head: name -> (out, in)
-    layer_params: int  # parameters inside decoder layer 0
-    gated: bool
-    targets: dict[str, tuple[str, ...]] = field(default_factory=dict)
-
-    def target_names(self, spec: str | list[str]) -> tuple[str, ...]:
-        from .inject import find_targets
-
-        key = json.dumps(spec)
-        if key not in self.targets:
-            self.targets[key] = tuple(find_targets(self.model, spec))
-        return self.targets[key]
-
-
-def _layer_index(name: str) -> int | None:
-    match = re.search(r"\.(\d+)\.", f".{name}")
-    return int(match.group(1)) if match else None
-
-
-@functools.lru_cache(maxsize=16)
-def _arch_from_json(config_json: str, model_type: str) -> _Arch:
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .inject import find_targets
-
-    cfg = AutoConfig.for_model(model_type, **{k: v for k, v in json.loads(config_json).items() if k != "model_type"})
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(cfg)
-    model.tie_weights()  # init_empty_weights skips the tying that a real instantiation does
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    linears = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features)
-               for n in find_targets(model, "all-linear")}
-    total = sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
-    layer0 = sum(p.numel() for n, p in model.named_parameters() if _layer_index(n) == 0)
-    heads = text.num_attention_heads
-    return _Arch(model, text.hidden_size, getattr(text, "intermediate_size", None) or 4 * text.hidden_size,
-                 text.num_hidden_layers, heads, getattr(text, "num_key_value_heads", None) or heads,
-                 getattr(text, "head_dim", None) or text.hidden_size // heads, text.vocab_size, total, linears, layer0,
-                 any(n.rsplit(".", 1)[-1] in _GATE_NAMES for n in linears))
-
-
-def _arch(cfg: Any) -> _Arch:
-    return _arch_from_json(cfg.to_json_string(use_diff=False), cfg.model_type)
-
-
 def nf4_nbytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
     """Bytes of one NF4 weight of `numel` values, exactly as `NF4Weight.nbytes` counts them."""
     blocks = -(-numel // blocksize)
@@ -180,7 +97,7 @@ def nf4_nbytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> in
     return -(-numel // 2) + 4 * blocks
 
 
-def _block_bytes_per_token(a: _Arch, layer_targets: list[tuple[str, int]], *, b: int, mask: int, r: int,
+def _block_bytes_per_token(a: ModelShape, layer_targets: list[tuple[str, int]], *, b: int, mask: int, r: int,
                            dropout: float) -> int:
     """Bytes autograd saves per token in one decoder block (compute dtype b bytes, dropout mask `mask` bytes).
 
@@ -205,6 +122,32 @@ def _block_bytes_per_token(a: _Arch, layer_targets: list[tuple[str, int]], *, b:
     return total
 
 
+
+
+def _optimizer_bytes(optimizer: str, tensors: list[int], param_bytes: int) -> tuple[int, int]:
+    """(bytes torch allocates, bytes bitsandbytes pages) of the optimizer states of these LoRA tensors.
+
+    bitsandbytes keeps 32-bit states for 16-bit parameters and puts a state tensor of >= 1e5 values in
+    CUDA managed memory (`get_paged`); its 8-bit AdamW keeps tensors under 4096 values 32-bit and adds
+    one fp32 absmax per 256 values for each of the two states. torch AdamW keeps exp_avg and exp_avg_sq
+    in the parameter's dtype (4 bytes per bf16 parameter).
+    """
+    if optimizer == "adamw":
+        return 2 * param_bytes * sum(tensors), 0
+    plain = paged = 0
+    for n in tensors:
+        if optimizer == "paged_adamw_8bit" and n >= 4096:
+            states, absmax = 2 * n, 8 * -(-n // 256)
+        else:
+            states, absmax = 8 * n, 0
+        plain += absmax
+        if n >= PAGED_MIN_NUMEL:
+            paged += states
+        else:
+            plain += states
+    return plain, paged
+
+
 # ---- the estimate ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -214,14 +157,18 @@ class MemoryEstimate:
     `activations` = checkpointed block inputs + one recomputed block + its backward workspace;
     `logits` = the loss phase's buffers. The two transients are never alive together, so
     `total_bytes` counts only the larger (`peak_phase`); `peak_breakdown()` splits the total.
+    `allocated_bytes` is what `torch.cuda.max_memory_allocated` sees (no context, no slack, no
+    paged optimizer state), `reserved_bytes` what `max_memory_reserved` sees.
     """
 
     model: str
+    recipe: str
     seq_len: int
     batch_size: int
     rank: int
     target_modules: str | list[str]
     lora_dropout: float
+    lora_dtype: str
     quantized: bool
     optimizer: str
     gradient_checkpointing: bool
@@ -239,10 +186,11 @@ class MemoryEstimate:
     lora_params: int
     lora_grads: int
     optimizer_states: int
-    optimizer_pageable: int
+    optimizer_paged: int
     activations: int
     logits: int
-    framework_overhead: int
+    allocator_slack: int
+    cuda_context: int
     peak_phase: str
     detail: dict[str, int]
     host_load_bytes: int
@@ -261,40 +209,74 @@ class MemoryEstimate:
         return sum(self.peak_breakdown().values())
 
     @property
+    def required_bytes(self) -> int:
+        """What must fit on the GPU: the total less the paged optimizer state, which CUDA managed memory
+        moves to host memory when the GPU runs full (the QLoRA paper's paged optimizers). Fits use this."""
+        return self.total_bytes - self.optimizer_paged
+
+    @property
+    def allocated_bytes(self) -> int:
+        """What torch's caching allocator hands out at the peak: `torch.cuda.max_memory_allocated`."""
+        peak = self.peak_breakdown()
+        return sum(v for k, v in peak.items() if k not in _NOT_ALLOCATED)
+
+    @property
+    def reserved_bytes(self) -> int:
+        """What the caching allocator holds at the peak: `torch.cuda.max_memory_reserved`."""
+        return self.allocated_bytes + self.allocator_slack
+
+    @property
+    def framework_overhead(self) -> int:
+        """CUDA context + allocator slack: the part of the total that is not a tensor."""
+        return self.cuda_context + self.allocator_slack
+
+    @property
     def transient_bytes(self) -> int:
         """Activations + logits at the peak: what a training step adds on top of the resident state."""
         peak = self.peak_breakdown()
         return peak["activations"] + peak["logits"]
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "total_bytes": self.total_bytes, "peak_breakdown": self.peak_breakdown()}
+        return {**dataclasses.asdict(self), "total_bytes": self.total_bytes, "allocated_bytes": self.allocated_bytes,
+                "reserved_bytes": self.reserved_bytes, "peak_breakdown": self.peak_breakdown()}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
     def to_table(self) -> str:
         total, peak = self.total_bytes, self.peak_breakdown()
-        lora = f"LoRA r={self.rank} on {self.target_modules}, dropout {self.lora_dropout}"
+        lora = f"LoRA r={self.rank} on {self.target_modules} ({self.lora_dtype}), dropout {self.lora_dropout}"
         ranks = f", {self.world_size} ranks ({'FSDP' if self.fsdp else 'DDP'})" if self.world_size > 1 else ""
+        recipe = "" if self.recipe == "qlora-lite" else " [peer: transformers + bitsandbytes + PEFT]"
+        cells = {k: (f"{peak[k] / GiB:.3f}", f"{peak[k] / GB:.3f}", f"{100 * peak[k] / total:.1f}%") for k in peak}
+        cells["total"] = (f"{total / GiB:.3f}", f"{total / GB:.3f}", "100.0%")
+        w = [max(8, *(len(c[i]) for c in cells.values())) + 1 for i in range(3)]  # columns grow with the numbers
+        label = max(len(v) for v in _COMPONENTS.values()) + 2
         rows = [f"{self.model}: seq {self.seq_len} × batch {self.batch_size}, {lora}, "
                 f"{'NF4 base' if self.quantized else '16-bit base'}, {self.compute_dtype}, {self.optimizer}, "
-                f"checkpointing {'on' if self.gradient_checkpointing else 'off'}{ranks}",
-                f"{'component':<26}{'GiB':>9}{'GB':>9}{'share':>8}"]
-        for key, label in _COMPONENTS.items():
-            rows.append(f"{label:<26}{peak[key] / GiB:>9.3f}{peak[key] / GB:>9.3f}{100 * peak[key] / total:>7.1f}%")
-        rows += ["-" * 52, f"{'total (peak per GPU)':<26}{total / GiB:>9.3f}{total / GB:>9.3f}{100:>7.1f}%"]
+                f"checkpointing {'on' if self.gradient_checkpointing else 'off'}{ranks}{recipe}",
+                f"{'component':<{label}}{'GiB':>{w[0]}}{'GB':>{w[1]}}{'share':>{w[2]}}"]
+        for key, name in _COMPONENTS.items():
+            rows.append(f"{name:<{label}}{cells[key][0]:>{w[0]}}{cells[key][1]:>{w[1]}}{cells[key][2]:>{w[2]}}")
+        rows += ["-" * (label + sum(w)),
+                 f"{'total (peak per GPU)':<{label}}{cells['total'][0]:>{w[0]}}{cells['total'][1]:>{w[1]}}"
+                 f"{cells['total'][2]:>{w[2]}}"]
         d = self.detail
         other = (f"logits & loss {d['logits_and_loss'] / GiB:.3f} GiB (freed before the block recomputes)"
                  if self.peak_phase == "block" else
                  f"block recompute {(d['recomputed_block'] + d['backward_workspace']) / GiB:.3f} GiB (after the logits are freed)")
         rows.append(f"peak during the {self.peak_phase} phase; not counted: {other}")
-        if self.optimizer_pageable:
-            rows.append(f"paged optimizer: up to {self.optimizer_pageable / GiB:.3f} GiB can move to CPU under pressure")
+        if self.device == "cuda":
+            rows.append(f"torch sees: {self.allocated_bytes / GiB:.3f} GiB allocated (max_memory_allocated), "
+                        f"{self.reserved_bytes / GiB:.3f} GiB reserved")
+        if self.optimizer_paged:
+            rows.append(f"paged optimizer: {self.optimizer_paged / GiB:.3f} GiB in CUDA managed memory, not in torch's "
+                        "counters; it can move to host memory under pressure")
         if self.device == "cuda":
             how = ("rank 0 holds the whole quantized model until every process has its shard" if self.fsdp
                    and self.world_size > 1 else "each process streams one checkpoint tensor at a time to its GPU")
             rows.append(f"host memory to load: {self.host_load_bytes / GiB:.2f} GiB ({how})")
-        rows.append(f"parameters: total {self.params_total:,}, NF4 {self.params_quantized:,}, 16-bit "
+        rows.append(f"parameters: total {self.params_total:,}, NF4 {self.params_quantized:,}, unquantized "
                     f"{self.params_16bit:,}, trainable {self.params_trainable:,} "
                     f"({100 * self.params_trainable / self.params_total:.2f}%)")
         return "\n".join(rows)
@@ -304,74 +286,91 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
                     quant: QuantConfig | None = QuantConfig(), optimizer: Optimizer = "paged_adamw_32bit",
                     gradient_checkpointing: bool = True, compute_dtype: str | torch.dtype = "bfloat16",
                     world_size: int = 1, fsdp: bool = False, device: Literal["cuda", "cpu"] = "cuda",
-                    overhead_bytes: int | None = None, loss_chunk_tokens: int = 1024) -> MemoryEstimate:
+                    context_bytes: int | None = None, allocator_slack: float | None = None,
+                    loss_chunk_tokens: int = 1024, recipe: Recipe = "qlora-lite") -> MemoryEstimate:
     """Peak memory per rank of one training step; `batch_size` is per device.
 
     `device="cpu"` estimates host memory (torch's CPU dropout keeps its mask in the compute dtype;
-    no CUDA context). `overhead_bytes` defaults to CUDA_OVERHEAD_BYTES on cuda and 0 on cpu.
+    no CUDA context, no allocator slack). `context_bytes` and `allocator_slack` override
+    CUDA_CONTEXT_BYTES and ALLOCATOR_SLACK (a GPU calibration passes what it measured). The
+    optimizer is the one training runs: torch AdamW on CPU and under FSDP (bitsandbytes' paged
+    optimizers need CUDA and plain tensors). `recipe="peft"` predicts the peer's footprint instead.
     """
     problems = [f"{n}={v!r} must be a positive integer" for n, v in
                 (("seq_len", seq_len), ("batch_size", batch_size), ("world_size", world_size))
                 if not isinstance(v, int) or isinstance(v, bool) or v <= 0]
-    if optimizer not in ("paged_adamw_32bit", "paged_adamw_8bit", "adamw"):
-        problems.append(f"optimizer={optimizer!r} must be 'paged_adamw_32bit', 'paged_adamw_8bit' or 'adamw'")
+    if optimizer not in _OPTIMIZERS:
+        problems.append(f"optimizer={optimizer!r} must be one of {', '.join(_OPTIMIZERS)}")
     if device not in ("cuda", "cpu"):
         problems.append(f"device={device!r} must be 'cuda' or 'cpu'")
+    if recipe not in ("qlora-lite", "peft"):
+        problems.append(f"recipe={recipe!r} must be 'qlora-lite' or 'peft'")
+    if allocator_slack is not None and not 0 <= allocator_slack < 10:
+        problems.append(f"allocator_slack={allocator_slack!r} must be a fraction of the allocated bytes, e.g. 0.2")
     if problems:
         raise ConfigError(problems, "memory estimate")
     cfg, name = load_model_config(config)
-    a = _arch(cfg)
+    a = model_shape(cfg)
     dtype = resolve_dtype(compute_dtype) if compute_dtype != "auto" else (
         torch.bfloat16 if device == "cuda" else torch.float32)
-    b, lora_b = dtype.itemsize, resolve_dtype(lora.lora_dtype).itemsize
+    peer = peer_terms(a, lora, dtype) if recipe == "peft" else None
+    lora_dtype = peer.lora_dtype if peer else resolve_lora_dtype(lora.lora_dtype, dtype, device)
+    optimizer = optimizer if device == "cuda" and not fsdp else "adamw"  # as train._optimizer_in_use
+    b, lora_b = dtype.itemsize, lora_dtype.itemsize
+    w16_b = peer.weight_bytes if peer else b
     targets = a.target_names(lora.target_modules)
 
-    # weights
+    # weights. FSDP2 (fsdp.py: every block one unit, the root unit the rest) keeps per rank 1/N of every
+    # parameter, plus the units it has gathered: the root unit (embeddings, final norm, head) whole from
+    # the forward's start to the backward's end (FSDP2 does not reshard the root after forward), and
+    # two blocks (the one computing and the next, prefetched)
     quantized_params = sum(o * i for o, i in a.linears.values()) if quant else 0
     n16 = a.total - quantized_params
     q_bytes = sum(nf4_nbytes(o * i, quant.blocksize, quant.double_quant) for o, i in a.linears.values()) if quant else 0
     q_layer = sum(nf4_nbytes(o * i, quant.blocksize, quant.double_quant)
-                  for n, (o, i) in a.linears.items() if _layer_index(n) == 0) if quant else 0
-    layer16 = a.layer_params - sum(o * i for n, (o, i) in a.linears.items() if _layer_index(n) == 0 and quant)
+                  for n, (o, i) in a.linears.items() if layer_index(n) == 0) if quant else 0
+    layer16 = a.layer_params - sum(o * i for n, (o, i) in a.linears.items() if layer_index(n) == 0 and quant)
     root16 = n16 - a.layers * layer16  # embeddings, final norm, lm_head
     sharded = fsdp and world_size > 1
+    gathered = min(2, a.layers)
     q_whole = q_bytes
-    if sharded:  # layers sharded + one gathered layer; the root unit (embeddings, head) is gathered for the loss
-        q_bytes = -(-q_bytes // world_size) + q_layer
-        w16_bytes = (-(-(a.layers * layer16) // world_size) + layer16 + root16) * b
+    if sharded:
+        q_bytes = -(-q_bytes // world_size) + gathered * q_layer
+        w16_bytes = (-(-n16 // world_size) + gathered * layer16 + root16) * w16_b
     else:
-        w16_bytes = n16 * b
+        w16_bytes = n16 * w16_b
 
-    # LoRA and optimizer: replicated under DDP (plus a gradient bucket copy); under FSDP sharded
-    # 1/N like the base, with one block's factors and gradients gathered while it computes
+    # LoRA and optimizer: replicated under DDP (plus a gradient bucket copy); under FSDP sharded 1/N
+    # like the base, with the gathered blocks' factors and gradients whole
     lora_tensors = [n for t in targets for n in (lora.r * a.linears[t][1], a.linears[t][0] * lora.r)]
     n_lora = sum(lora_tensors)
-    n_lora_layer = sum(lora.r * (a.linears[t][0] + a.linears[t][1]) for t in targets if _layer_index(t) == 0)
-    lora_resident = -(-n_lora // world_size) + n_lora_layer if sharded else n_lora
+    n_lora_layer = sum(lora.r * (a.linears[t][0] + a.linears[t][1]) for t in targets if layer_index(t) == 0)
+    lora_resident = -(-n_lora // world_size) + gathered * n_lora_layer if sharded else n_lora
     grads = lora_resident * lora_b * (2 if world_size > 1 and not fsdp else 1)
-    if optimizer == "paged_adamw_8bit" and not fsdp:  # bitsandbytes: tensors under 4096 values stay 32-bit
-        # (under FSDP training uses torch AdamW: bitsandbytes' optimizers do not take DTensor shards)
-        opt = sum(8 * n if n < 4096 else 2 * n + 8 * -(-n // 256) for n in lora_tensors)
-    else:
-        opt = 8 * n_lora
-    opt = -(-opt // world_size) if sharded else opt
+    opt, paged = _optimizer_bytes(optimizer, lora_tensors, lora_b)
+    if sharded:
+        opt = -(-opt // world_size)
 
     # activations
     tokens, h = seq_len * batch_size, a.hidden
-    layer0 = [(t.rsplit(".", 1)[-1], a.linears[t][1]) for t in targets if _layer_index(t) == 0]
+    layer0 = [(t.rsplit(".", 1)[-1], a.linears[t][1]) for t in targets if layer_index(t) == 0]
     mask = 1 if device == "cuda" else b  # CUDA's native dropout keeps a bool mask
     block = tokens * _block_bytes_per_token(a, layer0, b=b, mask=mask, r=lora.r, dropout=lora.lora_dropout)
     rope = 2 * seq_len * a.head_dim * b
     max_linear = max(o * i for o, i in a.linears.values())
     workspace = tokens * b * (h + BACKWARD_WORKSPACE_INTER * a.intermediate) + max_linear * b
     if gradient_checkpointing:
-        saved = a.layers * tokens * h * b + rope
+        saved = a.layers * tokens * h * (peer.residual_bytes if peer else b) + rope
         block -= tokens * h * 4 if b == 4 else 0  # in fp32 the first norm's "copy" is the checkpointed input
     else:
         saved, block = a.layers * block + rope, 0
+    if peer:
+        block += peer.block_extra(tokens)
     block_phase = block + workspace
     final_norm = tokens * (4 * h + 4)
-    if loss_chunk_tokens:  # loss.py: one chunk's logits at a time, plus the gradient of the hidden state
+    if peer:  # transformers' own loss: the full logits, and what the peer keeps besides
+        logits = tokens * a.vocab * 12 + peer.loss_extra(tokens)
+    elif loss_chunk_tokens:  # loss.py: one chunk's logits at a time, plus the gradient of the hidden state
         chunk = min(tokens, loss_chunk_tokens)
         logits = chunk * a.vocab * (4 if b == 4 else 4 + b) + tokens * h * b
     else:
@@ -383,53 +382,36 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
     largest = 2 * max(max_linear, a.vocab * h)
     staged = q_whole + n16 * b + n_lora * lora_b
     host_load = world_size * largest if device == "cuda" and not sharded else staged + largest
-    overhead = (CUDA_OVERHEAD_BYTES if device == "cuda" else 0) if overhead_bytes is None else overhead_bytes
     detail = {"saved_block_inputs": saved, "recomputed_block": block, "backward_workspace": workspace,
               "final_norm": final_norm, "logits_and_loss": logits}
-    return MemoryEstimate(
-        model=name, seq_len=seq_len, batch_size=batch_size, rank=lora.r, target_modules=lora.target_modules,
-        lora_dropout=lora.lora_dropout, quantized=quant is not None, optimizer=optimizer,
-        gradient_checkpointing=gradient_checkpointing, loss_chunk_tokens=loss_chunk_tokens, compute_dtype=str(dtype).removeprefix("torch."),
-        world_size=world_size, fsdp=fsdp, device=device, params_total=a.total + n_lora,
-        params_quantized=quantized_params, params_16bit=n16, params_trainable=n_lora, quantized_weights=q_bytes,
-        weights_16bit=w16_bytes, lora_params=lora_resident * lora_b, lora_grads=grads, optimizer_states=opt,
-        optimizer_pageable=opt if optimizer.startswith("paged") and not fsdp else 0, activations=saved + block_phase,
-        logits=logits, framework_overhead=overhead, peak_phase=phase, detail=detail, host_load_bytes=host_load)
+    cuda = device == "cuda"
+    fields = dict(
+        model=name, recipe=recipe, seq_len=seq_len, batch_size=batch_size, rank=lora.r,
+        target_modules=lora.target_modules, lora_dropout=lora.lora_dropout,
+        lora_dtype=str(lora_dtype).removeprefix("torch."), quantized=quant is not None, optimizer=optimizer,
+        gradient_checkpointing=gradient_checkpointing, loss_chunk_tokens=0 if peer else loss_chunk_tokens,
+        compute_dtype=str(dtype).removeprefix("torch."), world_size=world_size, fsdp=fsdp, device=device,
+        params_total=a.total + n_lora, params_quantized=quantized_params, params_16bit=n16, params_trainable=n_lora,
+        quantized_weights=q_bytes, weights_16bit=w16_bytes, lora_params=lora_resident * lora_b, lora_grads=grads,
+        optimizer_states=opt, optimizer_paged=paged, activations=saved + block_phase, logits=logits,
+        allocator_slack=0, cuda_context=(CUDA_CONTEXT_BYTES if context_bytes is None else context_bytes) if cuda else 0,
+        peak_phase=phase, detail=detail, host_load_bytes=host_load)
+    est = MemoryEstimate(**fields)
+    slack = ALLOCATOR_SLACK if allocator_slack is None else allocator_slack
+    return dataclasses.replace(est, allocator_slack=round(slack * est.allocated_bytes) if cuda else 0)
 
 
 # ---- budgets and fitting ---------------------------------------------------------------------------
 
-def _squash(name: str) -> str:
-    return re.sub(r"[\s_\-]", "", name).lower()
-
-
-def parse_budget(budget: str | int | float) -> int:
-    """Bytes from "24GB" (10⁹), "24GiB" (2³⁰), "1500MiB", a GPU name from GPU_MEMORY ("RTX4090") or a number."""
-    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-        if budget <= 0 or not math.isfinite(budget):
-            raise ConfigError(f"memory budget {budget!r} must be a positive number of bytes", "memory budget")
-        return int(budget)
-    if not isinstance(budget, str):
-        raise ConfigError(f"memory budget must be a size or a GPU name, not {type(budget).__name__}", "memory budget")
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", budget)
-    if match and match.group(2).lower() in _UNITS and float(match.group(1)) > 0:
-        return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-    gpus = {_squash(k): v for k, v in GPU_MEMORY.items()}
-    if _squash(budget) in gpus:
-        return gpus[_squash(budget)]
-    if match:
-        raise ConfigError(f"memory budget {budget!r}: give a positive size with a unit, e.g. '24GB' or '24GiB'",
-                          "memory budget")
-    close = difflib.get_close_matches(_squash(budget), list(gpus), n=3, cutoff=0.5)
-    names = [k for k in GPU_MEMORY if _squash(k) in close]
-    hint = f" (did you mean {' or '.join(names)}?)" if names else ""
-    raise ConfigError(f"unknown GPU {budget!r}{hint}; known GPUs: {', '.join(GPU_MEMORY)}; "
-                      "or give a size such as '24GB' or '24GiB'", "memory budget")
-
-
 @dataclass(frozen=True)
 class FitResult:
-    """The largest `varied` value (batch_size or seq_len) whose estimate fits the budget."""
+    """The largest `varied` value (batch_size or seq_len) whose estimate fits the budget.
+
+    The fit counts `required_bytes` against the budget: the tensors, ALLOCATOR_SLACK on top of
+    them and the CUDA context (not the paged optimizer state, which can move to host memory). So
+    the margin it keeps below the card is slack + context + `headroom_bytes`; `next_value` (one
+    step more) is the smallest value that does not fit.
+    """
 
     budget_bytes: int
     varied: Literal["batch_size", "seq_len"]
@@ -439,14 +421,23 @@ class FitResult:
     next_estimate: MemoryEstimate  # value + step: does not fit (unless `capped`)
     capped: bool = False
 
+    @property
+    def next_value(self) -> int:
+        return self.value + self.step
+
+    @property
+    def headroom_bytes(self) -> int:
+        """Budget left over at `value`, beyond the context and slack the estimate already counts."""
+        return self.budget_bytes - self.estimate.required_bytes
+
 
 def fit_to_budget(config: Any, budget_bytes: int | str, *, seq_len: int | None = None,
                   batch_size: int | None = None, max_batch_size: int = 1 << 16, max_seq_len: int = 1 << 20,
-                  **kwargs: Any) -> FitResult:
-    """With `seq_len` fixed, the largest batch size; with `batch_size` fixed, the largest seq_len (multiple of 64).
-
-    Doubling, then bisection. Other keywords go to `estimate_memory`. Raises MemoryBudgetError
-    (a ValueError) when even batch 1 / seq 64 does not fit, saying what would.
+                  seq_step: int = 64, **kwargs: Any) -> FitResult:
+    """With `seq_len` fixed, the largest batch size; with `batch_size` fixed, the largest seq_len
+    (a multiple of `seq_step`). Doubling, then bisection. Other keywords go to `estimate_memory`.
+    Raises MemoryBudgetError (a ValueError) when even batch 1 / one step of seq_len does not fit,
+    saying why and what would.
     """
     budget = parse_budget(budget_bytes)
     if (seq_len is None) == (batch_size is None):
@@ -458,58 +449,72 @@ def fit_to_budget(config: Any, budget_bytes: int | str, *, seq_len: int | None =
         def at(units: int) -> MemoryEstimate:
             return estimate_memory(config, seq_len=seq_len, batch_size=units, **kwargs)
     else:
-        varied, step, limit = "seq_len", 64, max(1, max_seq_len // 64)
+        varied, step, limit = "seq_len", seq_step, max(1, max_seq_len // seq_step)
 
         def at(units: int) -> MemoryEstimate:
-            return estimate_memory(config, seq_len=64 * units, batch_size=batch_size, **kwargs)
+            return estimate_memory(config, seq_len=seq_step * units, batch_size=batch_size, **kwargs)
 
     first = at(1)
-    if first.total_bytes > budget:
+    if first.required_bytes > budget:
         raise _budget_error(config, budget, first, kwargs)
     good, bad = 1, None
     while bad is None and good < limit:
         probe = min(2 * good, limit)
-        if at(probe).total_bytes <= budget:
+        if at(probe).required_bytes <= budget:
             good = probe
         else:
             bad = probe
     capped = bad is None
     while bad is not None and bad - good > 1:
         mid = (good + bad) // 2
-        good, bad = (mid, bad) if at(mid).total_bytes <= budget else (good, mid)
+        good, bad = (mid, bad) if at(mid).required_bytes <= budget else (good, mid)
     return FitResult(budget, varied, good * step, step, at(good), at(good + 1), capped)
 
 
+def largest_seq_len(config: Any, budget_bytes: int | str, *, batch_size: int = 1, seq_step: int = 64,
+                    **kwargs: Any) -> tuple[int, int]:
+    """(the largest seq_len that fits the budget, the next step up, which does not): what a GPU boundary
+    test trains at and just beyond. Keywords as `fit_to_budget`/`estimate_memory`."""
+    fit = fit_to_budget(config, budget_bytes, batch_size=batch_size, seq_step=seq_step, **kwargs)
+    return fit.value, fit.next_value
+
+
 def _budget_error(config: Any, budget: int, first: MemoryEstimate, kwargs: dict[str, Any]) -> MemoryBudgetError:
-    over = first.total_bytes - budget
+    over = first.required_bytes - budget
     base = dict(kwargs, seq_len=first.seq_len, batch_size=first.batch_size)
     lora = kwargs.get("lora", LoraConfig())
 
     def fits(**change: Any) -> MemoryEstimate | None:
         est = estimate_memory(config, **{**base, **change})
-        return est if est.total_bytes <= budget else None
+        return est if est.required_bytes <= budget else None
 
+    frozen = first.quantized_weights + first.weights_16bit
+    static = frozen + first.cuda_context
+    why = (f"the NF4 weights alone are {first.quantized_weights / GiB:.2f} GiB + {first.weights_16bit / GiB:.2f} GiB "
+           f"embeddings/head/norms{' (per rank)' if first.fsdp and first.world_size > 1 else ''}")
     ideas: list[str] = []
-    for r in (8, 4, 1):
-        if r < lora.r and (est := fits(lora=dataclasses.replace(lora, r=r))):
-            ideas.append(f"LoRA rank r={r} ({est.total_bytes / GiB:.2f} GiB)")
-            break
-    if kwargs.get("optimizer", "paged_adamw_32bit") != "paged_adamw_8bit" and (est := fits(optimizer="paged_adamw_8bit")):
-        ideas.append(f"optimizer='paged_adamw_8bit' ({est.total_bytes / GiB:.2f} GiB)")
-    if not kwargs.get("gradient_checkpointing", True) and (est := fits(gradient_checkpointing=True)):
-        ideas.append(f"gradient checkpointing ({est.total_bytes / GiB:.2f} GiB)")
-    if first.seq_len > 64 and fits(seq_len=64):
-        best = fit_to_budget(config, budget, batch_size=first.batch_size, max_seq_len=first.seq_len, **kwargs)
-        ideas.append(f"seq_len {best.value} at batch {first.batch_size}")
-    for n in (2, 4, 8, 16, 32, 64):
-        if (est := fits(world_size=n, fsdp=True)):
-            ideas.append(f"FSDP over {n} GPUs ({est.total_bytes / GiB:.2f} GiB each)")
-            break
-    static = first.quantized_weights + first.weights_16bit + first.framework_overhead
-    advice = "; ".join(ideas) if ideas else f"nothing smaller fits: the frozen weights alone need {static / GiB:.2f} GiB"
-    message = (f"{first.model} needs {first.total_bytes / GiB:.2f} GiB at seq_len {first.seq_len} × batch "
-               f"{first.batch_size}, {over / GiB:.2f} GiB over the {budget / GiB:.2f} GiB budget. What would fit: {advice}")
-    return MemoryBudgetError(message, first.total_bytes, budget, ideas)
+    if static <= budget:  # only then can a smaller adapter, optimizer or sequence help
+        for r in (8, 4, 1):
+            if r < lora.r and (est := fits(lora=dataclasses.replace(lora, r=r))):
+                ideas.append(f"LoRA rank r={r} ({est.required_bytes / GiB:.2f} GiB)")
+                break
+        if first.optimizer == "paged_adamw_32bit" and (est := fits(optimizer="paged_adamw_8bit")):
+            ideas.append(f"optimizer='paged_adamw_8bit' ({est.required_bytes / GiB:.2f} GiB)")
+        if not kwargs.get("gradient_checkpointing", True) and (est := fits(gradient_checkpointing=True)):
+            ideas.append(f"gradient checkpointing ({est.required_bytes / GiB:.2f} GiB)")
+        if first.seq_len > 64 and fits(seq_len=64):
+            best = fit_to_budget(config, budget, batch_size=first.batch_size, max_seq_len=first.seq_len, **kwargs)
+            ideas.append(f"seq_len {best.value} at batch {first.batch_size}")
+    if first.device == "cuda" and not (first.fsdp and first.world_size > 1):  # FSDP only where sharding helps
+        for n in (2, 4, 8, 16, 32, 64):
+            if (est := fits(world_size=n, fsdp=True)):
+                ideas.append(f"FSDP over {n} GPUs ({est.required_bytes / GiB:.2f} GiB each)")
+                break
+    advice = "; ".join(ideas) if ideas else "nothing smaller fits on this budget"
+    message = (f"{first.model} does not fit: it needs {first.required_bytes / GiB:.2f} GiB at seq_len {first.seq_len} × "
+               f"batch {first.batch_size}, {over / GiB:.2f} GiB over the {budget / GiB:.2f} GiB budget; {why}"
+               f"{' on that budget' if static > budget else ''}. What would fit: {advice}")
+    return MemoryBudgetError(message, first.required_bytes, budget, ideas)
 
 
 # ---- report -----------------------------------------------------------------------------------
@@ -527,23 +532,52 @@ def plot_estimate(est: MemoryEstimate, path: str | Path, capacity_bytes: int | N
         capacity=capacity_bytes / GiB if capacity_bytes else None, capacity_label=capacity_label)
 
 
+def _check_report_args(rank: Any, optimizer: Any, world_size: Any, fsdp: bool, recipe: Any) -> None:
+    problems = []
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        problems.append(f"rank={rank!r} must be a positive integer (typical: 8, 16, 64)")
+    if optimizer not in _OPTIMIZERS:
+        close = difflib.get_close_matches(str(optimizer), _OPTIMIZERS, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        problems.append(f"optimizer={optimizer!r} is not one of {', '.join(_OPTIMIZERS)}{hint}")
+    if fsdp and world_size == 1:
+        problems.append("fsdp=true shards over several GPUs: give --world_size 2 or more (one GPU needs no FSDP)")
+    if recipe not in ("qlora-lite", "peft"):
+        close = difflib.get_close_matches(str(recipe), ("qlora-lite", "peft"), n=1, cutoff=0.5)
+        problems.append(f"recipe={recipe!r} must be 'qlora-lite' or 'peft'" + (f" (did you mean {close[0]}?)" if close else ""))
+    if problems:
+        raise ConfigError(problems, "memory plan")
+
+
 def memory_report(model: str, seq_len: int = 2048, batch_size: int = 1, rank: int = 16, gpu: str | None = None,
                   optimizer: Optimizer = "paged_adamw_32bit", world_size: int = 1, fsdp: bool = False,
-                  json_output: bool = False, plot: str | None = None) -> str:
+                  json_output: bool = False, plot: str | None = None, recipe: Recipe = "qlora-lite",
+                  lora_dtype: str = "auto") -> str:
     """The body of `qlora-lite memory`: the breakdown table, and for a GPU whether it fits and the
-    largest batch and seq_len that do. `json_output` returns JSON; `plot` writes a PNG there."""
-    kwargs: dict[str, Any] = {"lora": LoraConfig(r=rank, lora_alpha=2 * rank), "optimizer": optimizer,
-                              "world_size": world_size, "fsdp": fsdp}
+    largest batch and seq_len that do. `json_output` returns JSON; `plot` writes a PNG there.
+    `recipe="peft"` plans the peer's recipe and prints ours beside it."""
+    _check_report_args(rank, optimizer, world_size, fsdp, recipe)
+    kwargs: dict[str, Any] = {"lora": LoraConfig(r=rank, lora_alpha=2 * rank, lora_dtype=lora_dtype),
+                              "optimizer": optimizer, "world_size": world_size, "fsdp": fsdp, "recipe": recipe}
     est = estimate_memory(model, seq_len=seq_len, batch_size=batch_size, **kwargs)
     result: dict[str, Any] = {"estimate": est.to_dict()}
     lines = [est.to_table()]
+    if recipe == "peft":
+        ours = estimate_memory(model, seq_len=seq_len, batch_size=batch_size, **{**kwargs, "recipe": "qlora-lite"})
+        saving = est.total_bytes - ours.total_bytes
+        result["qlora_lite_total_bytes"] = ours.total_bytes
+        lines.append(f"qlora-lite for the same run: {ours.total_bytes / GiB:.2f} GiB, {saving / GiB:.2f} GiB "
+                     f"({100 * saving / est.total_bytes:.0f}%) less than the peer's {est.total_bytes / GiB:.2f} GiB")
     capacity = parse_budget(gpu) if gpu else None
     if capacity is not None:
-        margin = capacity - est.total_bytes
+        margin = capacity - est.required_bytes
         verdict = (f"fits {gpu} ({capacity / GiB:.0f} GiB) with {margin / GiB:.2f} GiB to spare" if margin >= 0
                    else f"does NOT fit {gpu} ({capacity / GiB:.0f} GiB): {-margin / GiB:.2f} GiB over")
+        if margin >= 0 and est.total_bytes > capacity:
+            verdict += f", if {(est.total_bytes - capacity) / GiB:.2f} GiB of the paged optimizer state moves to host memory"
         result.update(gpu=gpu, capacity_bytes=capacity, fits=margin >= 0)
-        lines.append(verdict)
+        lines.append(verdict + f" (the total counts {est.allocator_slack / GiB:.2f} GiB allocator slack and "
+                     f"{est.cuda_context / GiB:.2f} GiB CUDA context)")
         positions = getattr(load_model_config(model)[0], "max_position_embeddings", None)
         for fixed, name in (({"seq_len": seq_len}, "batch_size"), ({"batch_size": batch_size}, "seq_len")):
             (key, value), = fixed.items()
@@ -555,7 +589,7 @@ def memory_report(model: str, seq_len: int = 2048, batch_size: int = 1, rank: in
                 continue
             result[f"max_{name}"] = fit.value
             beyond = name == "seq_len" and positions and fit.value > positions
-            lines.append(f"largest {name} at {key} {value}: {fit.value} ({fit.estimate.total_bytes / GiB:.2f} GiB)"
+            lines.append(f"largest {name} at {key} {value}: {fit.value} ({fit.estimate.required_bytes / GiB:.2f} GiB)"
                          + (" (search limit)" if fit.capped else "")
                          + (f" (beyond the model's {positions} positions)" if beyond else ""))
     if plot:

@@ -112,8 +112,8 @@ def compare(estimate: MemoryEstimate, measured: dict[str, Any]) -> str:
     if measured and all(isinstance(v, dict) for v in measured.values()):
         measured = {k: max(r[k] for r in measured.values() if k in r) for r in measured.values() for k in r}
     total, peak = estimate.total_bytes, estimate.peak_breakdown()
-    pairs = {"cuda_peak_allocated_bytes": ("CUDA peak allocated vs total - overhead", total - estimate.framework_overhead),
-             "cuda_peak_reserved_bytes": ("CUDA peak reserved vs total", total),
+    pairs = {"cuda_peak_allocated_bytes": ("CUDA peak allocated vs allocated_bytes", estimate.allocated_bytes),
+             "cuda_peak_reserved_bytes": ("CUDA peak reserved vs reserved_bytes", estimate.reserved_bytes),
              "peak_rss_bytes": ("host peak RSS vs total", total),
              "rss_growth_bytes": ("RSS growth in a step vs activations+logits", estimate.transient_bytes),
              **{k: (_COMPONENTS[k], peak[k]) for k in _COMPONENTS}}
@@ -139,7 +139,7 @@ def preflight(config: Any, device: torch.device | str, **estimate_kwargs: Any) -
     available, warnings = psutil.virtual_memory().available, []
     if kind == "cuda":
         budget, where = torch.cuda.get_device_properties(device).total_memory, torch.cuda.get_device_name(device)
-        needed = estimate.total_bytes
+        needed = estimate.required_bytes
         if estimate.host_load_bytes > available:
             warnings.append(f"loading needs about {estimate.host_load_bytes / GiB:.1f} GiB of host memory and "
                             f"{available / GiB:.1f} GiB is available; free memory or add swap before a long load")

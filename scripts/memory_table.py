@@ -55,27 +55,22 @@ def qlora_paper_table() -> str:
     return "\n".join(rows)
 
 
-def peft_peer_table() -> str:
-    """design.md's measured peer (transformers + bitsandbytes + PEFT, H100, peak allocated, r=16, 2048×1...)."""
-    published = [("llama-2-7b", 2048, 7.01), ("llama-3-8b", 2048, 13.5), ("llama-3-8b", 8192, 26.3),
-                 ("llama-3-8b", 16384, 43.3)]
-    rows = ["| model | seq × batch | published peak allocated (GB) | ours, allocated (GB) | + fp32 embeddings/head "
-            "| + bf16 logits kept | + autocast bf16 copy of the fp32 head | ours with PEFT's choices (GB) | diff "
-            "| ours with the chunked loss (GB) |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    for model, seq, gb in published:
-        e = estimate_memory(model, seq_len=seq, batch_size=1, loss_chunk_tokens=0)  # PEFT: the full logits
-        chunked = estimate_memory(model, seq_len=seq, batch_size=1)
-        cfg, _ = load_model_config(model)
-        head = cfg.vocab_size * cfg.hidden_size
-        ours = e.total_bytes - e.framework_overhead
-        upcast = 2 * (2 * head)  # embeddings + lm_head: 2 more bytes per parameter
-        logits = 2 * seq * cfg.vocab_size
-        cast = 2 * head
-        total = ours + upcast + logits + cast
-        rows.append(f"| {model} | {seq} × 1 | {gb:.2f} | {ours / GB:.2f} | +{upcast / GB:.2f} | +{logits / GB:.2f} "
-                    f"| +{cast / GB:.2f} | {total / GB:.2f} | {100 * (total / GB - gb) / gb:+.1f}% "
-                    f"| {(chunked.total_bytes - chunked.framework_overhead) / GB:.2f} |")
+def anchors_table() -> str:
+    """tests/test_memory.py's ANCHORS: every published and measured footprint, our prediction and the ratio."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("test_memory", ROOT / "tests" / "test_memory.py")
+    tests = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tests)
+    rows = ["| anchor | conditions | quantity | figure | prediction | ratio | tolerance | source |",
+            "|---|---|---|---|---|---|---|---|"]
+    for anchor, model, cond, quantity, figure, tol, source in tests.ANCHORS:
+        predicted = tests.anchor_prediction(model, cond, quantity)
+        shown = {k: (v.r if k == "lora" else v) for k, v in cond.items()}
+        cells = (f"{figure}", f"{predicted:.2f}" if quantity == "allocated" else f"{predicted:.0f}",
+                 f"{predicted / figure:.3f}", f"{tol[0]}–{tol[1]}") if figure else (
+            "fits" if quantity == "fits" else "OOM", f"{predicted:.3f} of the GPU", "", "≤ 1" if quantity == "fits" else "> 1")
+        rows.append(f"| {anchor} | {model} {shown} | {quantity} | " + " | ".join(cells) + f" | {source} |")
     return "\n".join(rows)
 
 
@@ -134,12 +129,12 @@ def main() -> None:
     parser.add_argument("--cpu-check", action="store_true", help="also measure a CPU training step's host memory")
     args = parser.parse_args()
     print("## Planner: batch 1, LoRA on all linears (alpha 2r, dropout 0.05, fp32 adapters), bf16, paged AdamW 32-bit,"
-          " checkpointing, 1 GiB overhead\n")
+          " checkpointing, CUDA context + 20% allocator slack\n")
     print(planner_table())
     print("\n## QLoRA paper setting (r=64, alpha 16, dropout 0.1)\n")
     print(qlora_paper_table())
-    print("\n## design.md's measured PEFT peer (peak allocated, without our 1 GiB overhead)\n")
-    print(peft_peer_table())
+    print("\n## Published and measured anchors (tests/test_memory.py)\n")
+    print(anchors_table())
     if args.cpu_check:
         print("\n## CPU host memory: one training step\n")
         print(cpu_check())
