@@ -425,7 +425,7 @@ def parse_rows(text: str) -> list[tuple[int, int]]:
 
 
 def predicted_peak(shape: str, seq: int, batch: int, r: int, device_type: str, loss_chunk_tokens: int) -> dict:
-    """The planner's prediction for ours on this row (and the peer's, where the planner models it)."""
+    """The planner's prediction for ours and for the peer's recipe on this row."""
     from qlora_lite.config import LoraConfig
     from qlora_lite.memory import estimate_memory
 
@@ -433,11 +433,13 @@ def predicted_peak(shape: str, seq: int, batch: int, r: int, device_type: str, l
     lora = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear")
     kwargs = dict(seq_len=seq, batch_size=batch, lora=lora, device=device_type,
                   compute_dtype="bfloat16" if device_type == "cuda" else "float32", loss_chunk_tokens=loss_chunk_tokens)
-    out = {"ours_bytes": estimate_memory(config, **kwargs).total_bytes}
-    try:  # the peer's recipe, where this version of the planner has it
-        out["peer_bytes"] = estimate_memory(config, **kwargs, recipe="peft").total_bytes
-    except TypeError:
-        pass
+    out = {}
+    for side, recipe in (("ours", "qlora-lite"), ("peer", "peft")):
+        est = estimate_memory(config, **kwargs, recipe=recipe)
+        # what torch.cuda.max_memory_allocated sees (no context, no allocator slack, no paged state)
+        out[f"{side}_bytes"] = est.allocated_bytes if device_type == "cuda" else est.total_bytes
+        out[f"{side}_reserved_bytes"] = est.reserved_bytes
+        out[f"{side}_required_bytes"] = est.required_bytes
     return out
 
 

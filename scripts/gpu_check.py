@@ -87,10 +87,10 @@ def plan(mode: str, scratch: Path) -> list[Part]:
         Part("tests", 150, [_python(), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests"],
              parse="pytest"),
         Part("bench-7b", 110, _bench("7b", "2048x1,512x4", ckpt["7b"], "cuda", 2, 4), parse="bench"),
-        Part("boundary-7b", 70, _boundary("7b", ckpt["7b"], "cuda", 24, 1, 2), parse="boundary",
+        Part("boundary-7b", 70, _boundary("7b", ckpt["7b"], "cuda", 24, 0, 1), parse="boundary",
              cleanup=[ckpt["7b"]]),
         Part("bench-llama3-8b", 100, _bench("llama3-8b", "8192x1", ckpt["llama3-8b"], "cuda", 1, 3), parse="bench"),
-        Part("boundary-llama3-8b", 80, _boundary("llama3-8b", ckpt["llama3-8b"], "cuda", 24, 1, 2), parse="boundary",
+        Part("boundary-llama3-8b", 80, _boundary("llama3-8b", ckpt["llama3-8b"], "cuda", 24, 0, 1), parse="boundary",
              cleanup=[ckpt["llama3-8b"]]),
         Part("bench-13b", 100, _bench("13b", "2048x1", ckpt["13b"], "cuda", 2, 3), parse="bench",
              cleanup=[ckpt["13b"]]),
@@ -235,12 +235,14 @@ def boundary(shape: str, cache: Path, device: str, cap_gib: float, warmup: int, 
     summary = json.loads(done.stdout[done.stdout.index("{"):])
     at_fit, step_up = (row["ours"] for row in summary["rows"])
     predicted = [row["predicted"]["ours_bytes"] for row in summary["rows"]]
+    required = [row["predicted"]["ours_required_bytes"] for row in summary["rows"]]
     result.update(
         fits_ran=not at_fit.get("oom"),
         at_fit={"seq": fit, "oom": bool(at_fit.get("oom")), "peak_allocated_bytes": at_fit["peak_bytes"],
                 "peak_reserved_bytes": at_fit.get("peak_reserved_bytes"), "predicted_bytes": predicted[0],
+                "predicted_required_bytes": required[0],
                 "tokens_per_s": at_fit.get("tokens_per_s")},
-        step_up={"seq": fit + 64, "planner_refuses": predicted[1] > cap_gib * GiB, "oom": bool(step_up.get("oom")),
+        step_up={"seq": fit + 64, "planner_refuses": required[1] > cap_gib * GiB, "oom": bool(step_up.get("oom")),
                  "peak_allocated_bytes": step_up["peak_bytes"], "peak_reserved_bytes": step_up.get("peak_reserved_bytes"),
                  "predicted_bytes": predicted[1]},
         device=summary["device"])
@@ -267,8 +269,9 @@ def markdown(results: dict) -> str:
     if bench:
         lines += ["", "## Training step, ours beside transformers + bitsandbytes + PEFT", "",
                   "| shape | seq×batch | ours tokens/s | peer tokens/s | speed ratio | ours peak alloc GiB | "
-                  "peer peak alloc GiB | memory ratio | ours reserved GiB | planner GiB | planner/measured | "
-                  "ours % of 6N bound |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "peer peak alloc GiB | memory ratio | ours reserved GiB | planner alloc GiB (ours) | "
+                  "planner/measured ours | planner/measured peer | ours % of 6N bound |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for p in bench:
             for r in p["rows"]:
                 o, q = r.get("ours") or {}, r.get("peer") or {}
@@ -278,6 +281,7 @@ def markdown(results: dict) -> str:
                     f"{_fmt(q.get('tokens_per_s'), q)} | {_num(ratio.get('tokens_per_s'))} | {_gib(o.get('peak_bytes'))} | "
                     f"{_gib(q.get('peak_bytes'))} | {_num(ratio.get('peak_bytes'))} | {_gib(o.get('peak_reserved_bytes'))} | "
                     f"{_gib(r['predicted'].get('ours_bytes'))} | {_num(o.get('predicted_over_measured'))} | "
+                    f"{_num(q.get('predicted_over_measured'))} | "
                     f"{_num(100 * o['bound_fraction'] if o.get('bound_fraction') else None, 1)} |")
     bounds = [p for p in results["parts"] if p["part"].startswith("boundary-") and p.get("at_fit")]
     if bounds:
@@ -304,7 +308,7 @@ def _fmt(tokens, side: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["gpu", "cpu-smoke"], default="gpu")
-    parser.add_argument("--total-s", type=float, help="the whole check's time budget (default: 500 s; CPU smoke 1800 s)")
+    parser.add_argument("--total-s", type=float, help="the whole check's time budget (default: 480 s; CPU smoke 1800 s)")
     parser.add_argument("--only", help="comma-separated part names to run")
     parser.add_argument("--env", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--boundary", help=argparse.SUPPRESS)
@@ -328,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch_root = shm if shm.is_dir() and shutil.disk_usage(shm).free > 40 * GiB else Path("/tmp")
     scratch = scratch_root / f"qlora-lite-gpu-check-{os.getpid()}"
     parts = plan(opts.mode, scratch)
-    total_s = opts.total_s or (500.0 if opts.mode == "gpu" else 1800.0)
+    total_s = opts.total_s or (480.0 if opts.mode == "gpu" else 1800.0)
     if opts.only:
         wanted = set(opts.only.split(","))
         parts = [p for p in parts if p.name in wanted]
