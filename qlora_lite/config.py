@@ -86,9 +86,12 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantConfig:
-    """How the frozen base weights are stored: NF4, blockwise, optionally double-quantized."""
+    """How the frozen base weights are stored: NF4, blockwise, optionally double-quantized.
+
+    Frozen: a shared instance (a default argument, a run's settings) cannot be changed under its users.
+    """
 
     blocksize: int = 64
     double_quant: bool = True
@@ -262,16 +265,20 @@ class TrainConfig:
             math.isfinite(self.learning_rate) and self.learning_rate > 0
         ):
             problems.append(f"learning_rate={self.learning_rate!r} must be a positive number (QLoRA: 1e-4 to 2e-4)")
-        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
-            problems.append(f"weight_decay={self.weight_decay!r} must be >= 0")
+        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) or not (
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0
+        ):
+            problems.append(f"weight_decay={self.weight_decay!r} must be a finite number >= 0")
         if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
             problems.append(f"warmup_steps={self.warmup_steps!r} must be a non-negative integer")
         elif _is_int(self.max_steps) and self.warmup_steps > self.max_steps:
             problems.append(f"warmup_steps={self.warmup_steps} exceeds max_steps={self.max_steps}")
         if self.lr_schedule not in ("cosine", "constant", "linear"):
             problems.append(f"lr_schedule={self.lr_schedule!r} must be 'cosine', 'constant' or 'linear'")
-        if not isinstance(self.max_grad_norm, (int, float)) or self.max_grad_norm < 0:
-            problems.append(f"max_grad_norm={self.max_grad_norm!r} must be >= 0 (0 disables clipping)")
+        if isinstance(self.max_grad_norm, bool) or not isinstance(self.max_grad_norm, (int, float)) or not (
+            math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0
+        ):
+            problems.append(f"max_grad_norm={self.max_grad_norm!r} must be a finite number >= 0 (0 disables clipping)")
         if self.optimizer not in ("paged_adamw_32bit", "paged_adamw_8bit", "adamw"):
             problems.append(f"optimizer={self.optimizer!r} must be 'paged_adamw_32bit', 'paged_adamw_8bit' or 'adamw'")
         if self.truncation not in ("truncate", "error"):
