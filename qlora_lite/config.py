@@ -202,7 +202,10 @@ class TrainConfig:
         log_every: a metrics.jsonl line every N steps (evals and the last step always)
         seed: data order, LoRA init and dropout
         device: auto, cpu, cuda or cuda:N
-        resume: continue from the newest checkpoint in out_dir
+        resume: continue from the newest checkpoint in out_dir (refused if its base, quantization or LoRA
+            settings differ from this run's)
+        overwrite_output_dir: start a new run in an out_dir that holds a previous one, removing its
+            metrics.jsonl, adapter/, memory.json and checkpoints/ (without it such an out_dir is refused)
         fsdp: shard the NF4 base, LoRA and optimizer state over the processes (FSDP2)
         progress: show a progress bar
         quant: NF4 settings, or null for 16-bit LoRA
@@ -235,6 +238,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+    overwrite_output_dir: bool = False
     fsdp: bool = False
     progress: bool = True
     quant: QuantConfig | None = field(default_factory=QuantConfig)
@@ -258,7 +262,7 @@ class TrainConfig:
             problems.append(f"loss_chunk_tokens={self.loss_chunk_tokens!r} must be a non-negative integer (0: off)")
         if self.global_batch_size is not None and (not _is_int(self.global_batch_size) or self.global_batch_size <= 0):
             problems.append(f"global_batch_size={self.global_batch_size!r} must be a positive integer or null")
-        for name in ("fsdp", "resume", "progress", "gradient_checkpointing", "packing"):
+        for name in ("fsdp", "resume", "overwrite_output_dir", "progress", "gradient_checkpointing", "packing"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r} must be true or false")
         if not isinstance(self.learning_rate, (int, float)) or isinstance(self.learning_rate, bool) or not (
