@@ -136,3 +136,14 @@ def test_a_settings_file_that_is_not_json_is_a_clear_error(run, tmp_path):
     (broken / SETTINGS_NAME).write_text("{")
     with pytest.raises(CheckpointError, match=f"{SETTINGS_NAME} is not valid JSON"):
         read_settings(broken)
+
+
+def test_the_merge_command_refuses_a_flag_that_contradicts_the_adapter(run, tiny_model_dir, tmp_path, capsys):
+    from qlora_lite.cli import main
+
+    code = main(["merge", "--base", str(tiny_model_dir), "--adapter", str(run.adapter_dir), "--out",
+                 str(tmp_path / "merged"), "--blocksize", "64"])
+    err = capsys.readouterr().err
+    assert code == 2 and "blocksize=64 was passed but the adapter was trained with blocksize=128" in err
+    assert len(err.strip().splitlines()) == 2  # the error and the --debug hint
+    assert not (tmp_path / "merged").exists()

@@ -189,7 +189,7 @@ def test_a_killed_run_resumes_without_logging_a_step_twice(tiny_model_dir, memor
 
 def test_a_previous_run_without_checkpoints_is_refused_unless_overwritten(tiny_model_dir, memorize_data, tmp_path):
     out = tmp_path / "run"
-    train(_cfg(tiny_model_dir, memorize_data, out, max_steps=1, eval_fraction=0.0))
+    train(_cfg(tiny_model_dir, memorize_data, out, max_steps=2, eval_fraction=0.0))
     shutil.rmtree(out / "checkpoints")
     for resume in (False, True):
         with pytest.raises(TrainingError, match=r"holds a previous run \(metrics.jsonl, adapter, memory.json\)"):
