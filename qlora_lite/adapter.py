@@ -3,9 +3,11 @@
     adapter_config.json          {"peft_type": "LORA", "r", "lora_alpha", "target_modules", ...}
     adapter_model.safetensors    base_model.model.<module path>.lora_A.weight  (r × in)
                                  base_model.model.<module path>.lora_B.weight  (out × r)
+    qlora_lite.json              the run settings that rebuild the base it trained on (settings.py)
 
-Files written here load with `peft.PeftModel.from_pretrained`, and PEFT's load here. Switching
-adapters only changes which A/B pair each layer uses: the NF4 base is never touched.
+Files written here load with `peft.PeftModel.from_pretrained` (it reads the first two only), and
+PEFT's load here. Switching adapters only changes which A/B pair each layer uses: the NF4 base is
+never touched.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,6 +29,9 @@ from .fsdp import full_tensor
 from .fsutil import atomic_directory
 from .inject import lora_layers
 from .layers import DEFAULT_ADAPTER, LoRALinear4bit
+
+if TYPE_CHECKING:  # (settings.py reads model directories: a level above this module)
+    from .settings import RunSettings
 
 __all__ = [
     "AdapterFile",
@@ -121,10 +127,11 @@ def _target_spec(model: nn.Module, adapted: list[str]) -> list[str] | str:
 
 def save_adapter(model: nn.Module, directory: str | Path, name: str | None = None,
                  base_model_name_or_path: str | None = None, overwrite: bool = True,
-                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
+                 tensors: dict[str, torch.Tensor] | None = None, settings: RunSettings | None = None) -> Path:
     """Write one adapter in PEFT's format, atomically (temp dir, fsync, rename).
 
     `tensors`: the `adapter_state_dict` already gathered (under FSDP every rank gathers, one writes).
+    `settings`: the run settings that rebuild the model it trained on, written beside it (qlora_lite.json).
     """
     from safetensors.torch import save_file
 
@@ -160,6 +167,8 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        if settings is not None:
+            settings.write(tmp)
     return directory
 
 

@@ -27,9 +27,11 @@ from statistics import median
 import torch
 
 from .adapter import AdapterFile, read_adapter
+from .config import QuantConfig
 from .errors import CheckpointError
 from .load import checkpoint_files
 from .nf4 import NF4Weight
+from .settings import check_base, quant_for, read_settings
 
 __all__ = [
     "Accounting", "account", "gpt3_175b_accounting", "nf4_bytes",
@@ -273,10 +275,11 @@ def amplification(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: fl
             "factor_random": delta_norm / proj_random if proj_random > 0 else math.inf}
 
 
-def quantization_error(W: torch.Tensor, delta_fro: float | None = None, blocksize: int = 64) -> dict:
+def quantization_error(W: torch.Tensor, delta_fro: float | None = None, blocksize: int = 64,
+                       double_quant: bool = True) -> dict:
     """NF4 round trip of W0: ‖W0 − deq(q(W0))‖_F, relative to ‖W0‖_F and to ‖ΔW‖_F."""
     W = W.float()
-    err = float(torch.linalg.norm(W - NF4Weight.from_tensor(W, blocksize).dequantize(torch.float32)))
+    err = float(torch.linalg.norm(W - NF4Weight.from_tensor(W, blocksize, double_quant).dequantize(torch.float32)))
     norm = float(torch.linalg.norm(W))
     return {"nf4_error_fro": err, "nf4_error_rel": err / norm if norm else 0.0,
             "nf4_error_over_delta": err / delta_fro if delta_fro else None}
@@ -354,7 +357,8 @@ class _BaseWeights:
         return NF4Weight.from_state_dict(state, key, backend="torch").dequantize(torch.float32), True
 
 
-def _module_stats(adapter: AdapterFile, module: str, top_k, base: _BaseWeights | None) -> ModuleStats:
+def _module_stats(adapter: AdapterFile, module: str, top_k, base: _BaseWeights | None,
+                  quant: QuantConfig) -> ModuleStats:
     A, B = adapter.lora_A[module], adapter.lora_B[module]
     if A.shape[0] > min(A.shape[1], B.shape[0]):
         raise CheckpointError(f"{adapter.path}: {module} has r={A.shape[0]} > min(in={A.shape[1]}, "
@@ -370,7 +374,7 @@ def _module_stats(adapter: AdapterFile, module: str, top_k, base: _BaseWeights |
             raise CheckpointError(f"{module}: base weight {tuple(W.shape)} but the adapter expects {stats.shape}")
         stats.base = amplification(W, A, B, adapter.scaling_for(module))
         if not prequantized:
-            stats.base.update(quantization_error(W, stats.base["delta_fro"]))
+            stats.base.update(quantization_error(W, stats.base["delta_fro"], quant.blocksize, quant.double_quant))
     return stats
 
 
@@ -404,15 +408,21 @@ def _compare(a1: AdapterFile, a2: AdapterFile, kinds: tuple[str, ...]) -> dict:
 
 def analyze(adapter_dir: str | Path, base_dir: str | Path | None = None, compare_to: str | Path | None = None,
             out_dir: str | Path = "analysis", top_k: tuple[int, ...] = (1, 2, 4, 8),
-            compare_kinds: tuple[str, ...] = ("q_proj", "v_proj"), plots: bool = True) -> Report:
+            compare_kinds: tuple[str, ...] = ("q_proj", "v_proj"), plots: bool = True, force: bool = False) -> Report:
     """Every analysis on one adapter, optionally against its base checkpoint (amplification, NF4
     error) and a second adapter (subspace similarity on the modules both adapt, for `compare_kinds`);
-    writes report.md, report.json and PNG plots into `out_dir`."""
+    writes report.md, report.json and PNG plots into `out_dir`. The NF4 error uses the quantization
+    recorded beside the adapter (settings.py), and a base other than the recorded one is refused
+    unless `force`."""
     from . import plots as plotting
 
     adapter = _as_adapter(adapter_dir)
+    settings = read_settings(adapter.path)
+    quant = quant_for(settings, None, adapter.path) or QuantConfig()
+    if base_dir is not None:
+        check_base(settings, base_dir, force)
     base = _BaseWeights(Path(base_dir)) if base_dir is not None else None
-    modules = [_module_stats(adapter, m, top_k, base) for m in _model_order(adapter.modules)]
+    modules = [_module_stats(adapter, m, top_k, base, quant) for m in _model_order(adapter.modules)]
     comparison = _compare(adapter, _as_adapter(compare_to), compare_kinds) if compare_to is not None else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -532,10 +542,10 @@ def _markdown(report: Report) -> str:
 
 
 def analyze_command(adapter: str, base: str | None = None, compare: str | None = None, out: str = "analysis",
-                    json_output: bool = False) -> str:
+                    json_output: bool = False, force: bool = False) -> str:
     """`qlora-lite analyze`: run `analyze` and return the text to print. `base="embedded"` selects the
     shipped model; without `base`, the adapter config's base_model_name_or_path is used if it is a local
-    model directory."""
+    model directory. `force`: analyse against a base other than the one recorded with the adapter."""
     note = ""
     if base == "embedded":
         from .embedded import embedded_model_dir
@@ -545,7 +555,7 @@ def analyze_command(adapter: str, base: str | None = None, compare: str | None =
         guess = _as_adapter(adapter).config.get("base_model_name_or_path")
         if guess and (Path(guess) / "config.json").is_file():
             base, note = guess, f"base: {guess} (from adapter_config.json)"
-    report = analyze(adapter, base, compare, out)
+    report = analyze(adapter, base, compare, out, force=force)
     if json_output:
         return json.dumps(report.to_dict(), indent=1, default=str)
     return "\n".join([*headline(report), *([note] if note else []), f"report: {out}/report.md",

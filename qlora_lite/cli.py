@@ -39,25 +39,31 @@ def demo(out: str | None = None, steps: int = 30, seq_len: int = 128, batch_size
     run_demo(out, steps, seq_len, batch_size, learning_rate, rank)
 
 
-def merge(base: str, adapter: str, out: str, dtype: str = "float16", base_kind: str = "quantized",
-          max_shard_size: str = "2GB", overwrite: bool = False, verify: bool = False, json_output: bool = False) -> None:
+def merge(base: str, adapter: str, out: str, dtype: str = "float16", base_kind: str | None = None,
+          blocksize: int | None = None, double_quant: bool | None = None, max_shard_size: str = "2GB",
+          overwrite: bool = False, verify: bool = False, force: bool = False, json_output: bool = False) -> None:
     """Merge an adapter into its base model and write a standard fp16/bf16 HF checkpoint.
 
     Args:
         base: the base model directory the adapter was trained on
-        adapter: the adapter directory (adapter_config.json + adapter_model.safetensors)
+        adapter: the adapter directory (adapter_config.json + adapter_model.safetensors [+ qlora_lite.json])
         out: the output directory (refused if it exists, unless --overwrite true)
         dtype: float16, bfloat16 or float32
-        base_kind: "quantized" merges onto dequantize(quantize(W0)), what training saw; "original" onto W0
+        base_kind: "quantized" merges onto dequantize(quantize(W0)), what QLoRA training saw; "original" onto W0;
+            default: what the adapter was trained on (qlora_lite.json)
+        blocksize: NF4 block size; default: the adapter's (qlora_lite.json), which a different value is refused against
+        double_quant: double quantization; default: the adapter's, as blocksize
         max_shard_size: largest output shard, e.g. 2GB
         overwrite: replace an existing output directory
         verify: load the result and compare its logits with base + adapter
+        force: merge onto a base whose fingerprint differs from the one recorded with the adapter
         json_output: print the report as JSON
     """
     from .merge import merge as run_merge
 
     report = run_merge(base, adapter, out, dtype=dtype, base=base_kind, max_shard_size=max_shard_size,
-                       overwrite=overwrite, verify=verify)
+                       quant={"blocksize": blocksize, "double_quant": double_quant}, overwrite=overwrite,
+                       verify=verify, force=force)
     print(json.dumps(asdict(report), default=str, indent=2) if json_output else report.summary())
 
 
@@ -88,7 +94,7 @@ def memory(model: str, seq_len: int = 2048, batch_size: int = 1, rank: int = 16,
 
 
 def analyze(adapter: str, base: str | None = None, compare: str | None = None, out: str = "analysis",
-            json_output: bool = False) -> None:
+            json_output: bool = False, force: bool = False) -> None:
     """The LoRA paper's analyses of an adapter: accounting, ΔW spectrum, subspace similarity, amplification.
 
     Args:
@@ -97,10 +103,11 @@ def analyze(adapter: str, base: str | None = None, compare: str | None = None, o
         compare: a second adapter (e.g. another rank or seed) for subspace similarity
         out: directory for report.md, report.json and plots
         json_output: print the report as JSON
+        force: analyse against a base whose fingerprint differs from the one recorded with the adapter
     """
     from .analysis import analyze_command
 
-    print(analyze_command(adapter, base=base, compare=compare, out=out, json_output=json_output))
+    print(analyze_command(adapter, base=base, compare=compare, out=out, json_output=json_output, force=force))
 
 
 def quantize(model: str, out: str, blocksize: int = 64, double_quant: bool = True, overwrite: bool = False) -> None:
@@ -119,26 +126,38 @@ def quantize(model: str, out: str, blocksize: int = 64, double_quant: bool = Tru
     print(f"wrote NF4 checkpoint to {path}")
 
 
-def generate(prompt: str, model: str = "embedded", adapter: str | None = None, max_new_tokens: int = 64,
-             temperature: float = 0.0, seed: int = 0) -> None:
+def generate(prompt: str, model: str | None = None, adapter: str | None = None, max_new_tokens: int = 64,
+             temperature: float = 0.0, seed: int = 0, force: bool = False) -> None:
     """Answer one prompt with the NF4 base (+ an adapter), for a quick look.
 
     Args:
         prompt: the user message
-        model: a model directory, or "embedded" for the shipped SmolLM2-135M-Instruct
-        adapter: an adapter directory to apply
+        model: a model directory, or "embedded" for the shipped SmolLM2-135M-Instruct; default: the adapter's
+            base (qlora_lite.json), else embedded
+        adapter: an adapter directory to apply (its base is rebuilt with the recorded quantization and dtype)
         max_new_tokens: answer length limit
         temperature: 0 for greedy decoding
         seed: sampling seed
+        force: use a model whose fingerprint differs from the one recorded with the adapter
     """
     from .adapter import load_adapter
-    from .config import QuantConfig
+    from .config import LoraConfig
     from .embedded import embedded_model_dir
     from .generate import answer
     from .load import load_model
+    from .settings import check_base, quant_for, read_settings
 
+    settings = read_settings(adapter) if adapter else None
+    if model is None:
+        recorded = settings.base.get("path") if settings else None
+        model = recorded if recorded and os.path.isdir(recorded) else "embedded"
     path = embedded_model_dir() if model == "embedded" else model
-    net, tokenizer = load_model(path, QuantConfig(), lora=None)
+    check_base(settings, path, force)
+    quant = quant_for(settings, None, adapter or ".")
+    dtype = settings.compute_dtype if settings else "auto"
+    # a 16-bit run's linears stay 16-bit, LoRA layers on its targets (load_model's quant=None needs a lora)
+    lora = LoraConfig(**settings.lora) if quant is None else None
+    net, tokenizer = load_model(path, quant, lora=lora, compute_dtype=dtype)
     if adapter:
         load_adapter(net, adapter)
     print(answer(net, tokenizer, prompt, max_new_tokens, temperature, seed))

@@ -86,9 +86,12 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-@dataclass
+@dataclass(frozen=True)
 class QuantConfig:
-    """How the frozen base weights are stored: NF4, blockwise, optionally double-quantized."""
+    """How the frozen base weights are stored: NF4, blockwise, optionally double-quantized.
+
+    Frozen: a shared instance (a default argument, a run's settings) cannot be changed under its users.
+    """
 
     blocksize: int = 64
     double_quant: bool = True
@@ -199,7 +202,10 @@ class TrainConfig:
         log_every: a metrics.jsonl line every N steps (evals and the last step always)
         seed: data order, LoRA init and dropout
         device: auto, cpu, cuda or cuda:N
-        resume: continue from the newest checkpoint in out_dir
+        resume: continue from the newest checkpoint in out_dir (refused if its base, quantization or LoRA
+            settings differ from this run's)
+        overwrite_output_dir: start a new run in an out_dir that holds a previous one, removing its
+            metrics.jsonl, adapter/, memory.json and checkpoints/ (without it such an out_dir is refused)
         fsdp: shard the NF4 base, LoRA and optimizer state over the processes (FSDP2)
         progress: show a progress bar
         quant: NF4 settings, or null for 16-bit LoRA
@@ -232,6 +238,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+    overwrite_output_dir: bool = False
     fsdp: bool = False
     progress: bool = True
     quant: QuantConfig | None = field(default_factory=QuantConfig)
@@ -255,23 +262,27 @@ class TrainConfig:
             problems.append(f"loss_chunk_tokens={self.loss_chunk_tokens!r} must be a non-negative integer (0: off)")
         if self.global_batch_size is not None and (not _is_int(self.global_batch_size) or self.global_batch_size <= 0):
             problems.append(f"global_batch_size={self.global_batch_size!r} must be a positive integer or null")
-        for name in ("fsdp", "resume", "progress", "gradient_checkpointing", "packing"):
+        for name in ("fsdp", "resume", "overwrite_output_dir", "progress", "gradient_checkpointing", "packing"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r} must be true or false")
         if not isinstance(self.learning_rate, (int, float)) or isinstance(self.learning_rate, bool) or not (
             math.isfinite(self.learning_rate) and self.learning_rate > 0
         ):
             problems.append(f"learning_rate={self.learning_rate!r} must be a positive number (QLoRA: 1e-4 to 2e-4)")
-        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
-            problems.append(f"weight_decay={self.weight_decay!r} must be >= 0")
+        if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) or not (
+            math.isfinite(self.weight_decay) and self.weight_decay >= 0
+        ):
+            problems.append(f"weight_decay={self.weight_decay!r} must be a finite number >= 0")
         if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
             problems.append(f"warmup_steps={self.warmup_steps!r} must be a non-negative integer")
         elif _is_int(self.max_steps) and self.warmup_steps > self.max_steps:
             problems.append(f"warmup_steps={self.warmup_steps} exceeds max_steps={self.max_steps}")
         if self.lr_schedule not in ("cosine", "constant", "linear"):
             problems.append(f"lr_schedule={self.lr_schedule!r} must be 'cosine', 'constant' or 'linear'")
-        if not isinstance(self.max_grad_norm, (int, float)) or self.max_grad_norm < 0:
-            problems.append(f"max_grad_norm={self.max_grad_norm!r} must be >= 0 (0 disables clipping)")
+        if isinstance(self.max_grad_norm, bool) or not isinstance(self.max_grad_norm, (int, float)) or not (
+            math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0
+        ):
+            problems.append(f"max_grad_norm={self.max_grad_norm!r} must be a finite number >= 0 (0 disables clipping)")
         if self.optimizer not in ("paged_adamw_32bit", "paged_adamw_8bit", "adamw"):
             problems.append(f"optimizer={self.optimizer!r} must be 'paged_adamw_32bit', 'paged_adamw_8bit' or 'adamw'")
         if self.truncation not in ("truncate", "error"):

@@ -274,7 +274,7 @@ class TokenizedDataset(Sequence[Example]):
     n_truncated: int  # records cut to seq_len
     n_skipped: int  # records left without any trainable token after truncation (dropped)
     total_tokens: int
-    trainable_tokens: int  # labels != -100
+    trainable_tokens: int  # labels != -100 after the one-token shift (what the loss trains on)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -325,19 +325,22 @@ def build_dataset(
     for where, shape, record in located:
         ids, labels = _tokenize_full(record, tokenizer, shape)
         n_truncated += _fit(ids, labels, seq_len, truncation, where)
-        if any(label != IGNORE_INDEX for label in labels):
+        # the model predicts token i+1 from tokens ≤ i: a label at position 0 is never trained
+        if any(label != IGNORE_INDEX for label in labels[1:]):
             examples.append({"input_ids": ids, "labels": labels})
     if not examples:
-        raise DataError(f"no record has a trainable token within seq_len={seq_len}; raise seq_len")
+        raise DataError(f"no record has a trainable token within seq_len={seq_len} (the first token of a "
+                        "sequence is never predicted); raise seq_len")
+    rows = _pack(examples, seq_len) if packing else examples
     return TokenizedDataset(
-        examples=_pack(examples, seq_len) if packing else examples,
+        examples=rows,
         seq_len=seq_len,
         packed=packing,
         n_records=len(located),
         n_truncated=n_truncated,
         n_skipped=len(located) - len(examples),
         total_tokens=sum(len(ex["input_ids"]) for ex in examples),
-        trainable_tokens=sum(label != IGNORE_INDEX for ex in examples for label in ex["labels"]),
+        trainable_tokens=sum(label != IGNORE_INDEX for ex in rows for label in ex["labels"][1:]),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .data import render_chat
+from .errors import ConfigError
 
 __all__ = ["answer"]
 
@@ -12,14 +13,23 @@ __all__ = ["answer"]
 @torch.no_grad()
 def answer(model, tokenizer, question: str, max_new_tokens: int = 48, temperature: float = 0.0,
            seed: int = 0) -> str:
-    """One assistant turn for `question`; temperature 0 is greedy (reproducible)."""
+    """One assistant turn for `question`; temperature 0 is greedy (reproducible).
+
+    Sampling draws from a stream seeded with `seed` inside `torch.random.fork_rng`, so the caller's
+    global random state is the same afterwards (transformers' sampler draws from the global generator
+    and takes no torch.Generator of its own).
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ConfigError(f"temperature={temperature!r} must be >= 0 (0: greedy)", "generate options")
     prompt = render_chat(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True)
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
+    device = next(model.parameters()).device
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
     was_training = model.training
     model.eval()
-    torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                            use_cache=True, **sampling)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                use_cache=True, **sampling)
     model.train(was_training)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

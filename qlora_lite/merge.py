@@ -46,6 +46,7 @@ from .layers import DenseWeight
 from .load import checkpoint_files, release_free_memory
 from .monitor import PeakRSS
 from .nf4 import NF4Weight
+from .settings import check_base, quant_for, read_settings
 from .shards import ShardReader, read_header
 from .verify import BaseKind, verify_merge
 
@@ -134,9 +135,10 @@ def parse_size(size: int | str) -> int:
 
 
 def merge_weight(w0: torch.Tensor, delta: torch.Tensor, base: BaseKind = "quantized",
-                 quant: QuantConfig = QuantConfig(), name: str = "weight") -> torch.Tensor:
+                 quant: QuantConfig | None = None, name: str = "weight") -> torch.Tensor:
     """fp32 dequantize(quantize(W0)) + s·B·A (what training saw); base="original": W0 + s·B·A."""
     if base == "quantized":
+        quant = quant or QuantConfig()
         w = NF4Weight.from_tensor(w0, quant.blocksize, quant.double_quant, backend="torch",
                                   name=name).dequantize(torch.float32)
     else:
@@ -385,16 +387,20 @@ def _write_metadata(tmp: Path, base_dir: Path, plan: _Plan, dtype_name: str) -> 
 
 
 def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float16",
-          base: BaseKind = "quantized", quant: QuantConfig = QuantConfig(), max_shard_size: int | str = "2GB",
-          overwrite: bool = False, verify: bool = False, progress: bool = True) -> MergeReport:
+          base: BaseKind | None = None, quant: QuantConfig | dict | None = None, max_shard_size: int | str = "2GB",
+          overwrite: bool = False, verify: bool = False, progress: bool = True, force: bool = False) -> MergeReport:
     """Merge the adapter into the base checkpoint, streaming tensor by tensor, into a 16/32-bit HF checkpoint.
 
-    base="quantized" (default) merges onto dequantize(quantize(W0)) with `quant`'s blocksize and double
-    quantization, the weights the adapter was trained against (always the pure-torch NF4 reference, which
-    reproduces bitsandbytes' CPU bytes; quant.backend is not used); base="original" onto W0 itself. Everything
+    base="quantized" merges onto dequantize(quantize(W0)), the weights the adapter was trained against,
+    with the blocksize and double quantization recorded beside the adapter (settings.py; `quant`, if given,
+    must agree; an adapter without that file takes `quant` or the defaults). It always uses the pure-torch
+    NF4 reference, which reproduces bitsandbytes' CPU bytes; quant.backend is not used. base="original"
+    merges onto W0 itself; the default (None) is what training used: "original" for a 16-bit LoRA run.
+    A base whose fingerprint differs from the recorded one is refused unless `force`. Everything
     is validated before the first byte is written; `out_dir` appears only complete (temp dir, fsync,
     rename), and with verify=True only if its logits match base + adapter (see verify_merge).
     """
+    quant, base = _rebuild_settings(base_dir, adapter_dir, quant, base, force)
     if dtype not in _OUT_DTYPES or base not in ("quantized", "original"):
         raise ConfigError(f"dtype={dtype!r} must be 'float16', 'bfloat16' or 'float32' and base={base!r} "
                           "'quantized' or 'original'", "merge options")
@@ -428,7 +434,7 @@ def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dt
         _write_metadata(tmp, base_dir, plan, str(out_dtype)[6:])
         if verify:  # a checkpoint that fails verification is never published
             verify_s = time.perf_counter()
-            verification = verify_merge(tmp, base_dir, adapter_dir, quant=quant, base=base)
+            verification = verify_merge(tmp, base_dir, adapter_dir, quant=quant, base=base, force=True)
             verify_s = time.perf_counter() - verify_s
     seconds = time.perf_counter() - start - verify_s  # planning, merging, fsync and rename; not verification
     merged = sum(it.merge for it in plan.items)
@@ -436,6 +442,19 @@ def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dt
     return MergeReport(out_dir, merged, len(plan.items) - merged - dequantized, dequantized, writer.bytes_written,
                        seconds, writer.bytes_written / seconds / 1e9, rss.peak, len(plan.shard_names),
                        str(out_dtype)[6:], base, sum(f.stat().st_size for f in plan.files), verification)
+
+
+def _rebuild_settings(base_dir, adapter_dir, quant, base, force) -> tuple[QuantConfig, BaseKind]:
+    """The quantization and base kind that rebuild what the adapter trained on (settings.py), the base checked."""
+    settings = read_settings(adapter_dir)
+    check_base(settings, base_dir, force)
+    recorded = quant_for(settings, quant, adapter_dir)
+    if base is None:
+        base = "original" if recorded is None else "quantized"
+    elif base == "quantized" and recorded is None:
+        raise ConfigError(f"{adapter_dir} was trained on the 16-bit base (quant: null), but base='quantized' was "
+                          "passed; use base='original' (or leave it out)", "merge options")
+    return recorded or QuantConfig(), base
 
 
 # ---- in-memory merge for 16-bit bases ---------------------------------------------------------------

@@ -1,22 +1,25 @@
-"""The training loop.
+"""The training recipe: setup (out_dir, data, model, optimizer, resume), the loop, save.
 
-    TrainConfig ──► load_model (NF4 base + LoRA) ──► build_dataset ──► split train / eval
+    TrainConfig ──► TrainingRun.setup():
+        check_out_dir     refuse what would mix two runs; a resume must match the checkpoint's settings
+        setup_data        tokenizer + records ──► train / eval sets (errors here cost no model load)
+        setup_model       NF4 base + LoRA: load_model, or FSDP (rank 0 quantizes; or in turns)
+        setup_optimizer   checkpointing, chunked loss, AdamW / paged AdamW, warmup + cosine
+        resume            adapter, optimizer, scheduler, RNG from the newest checkpoint
         │
         ▼  accelerate.Accelerator (CPU, one GPU, or N processes under `accelerate launch` / torchrun)
         │  N processes: DDP (each holds the base; LoRA grads all-reduced), or fsdp=true: FSDP2 shards
         │  the NF4 bytes, LoRA and optimizer state 1/N per process (fsdp.py)
-    for step: grad_accum × (batch ─► forward ─► loss/accum ─► backward)   [per-block checkpointing;
-              the loss chunk by chunk through the LM head (loss.py), never the full logits]
+    TrainingRun.train_loop(): per step grad_accum × (batch ─► forward ─► loss/accum ─► backward)
+              [per-block checkpointing; the loss chunk by chunk through the LM head (loss.py)]
               non-finite loss? stop, keep the last good checkpoint
               clip (max norm 0.3) ─► paged AdamW step ─► warmup + cosine schedule
-              metrics.jsonl every log_every steps + progress bar; eval every N; checkpoint every N and on
-              SIGINT/SIGTERM
+              emit_metrics (metrics.jsonl) every log_every steps + progress bar; eval every N;
+              checkpoint every N and on SIGINT/SIGTERM (checkpoint.py)
         │
-        ▼
-    out_dir/adapter (PEFT format), out_dir/metrics.jsonl, out_dir/checkpoints/step-000050 (zero-padded step number)
-
-A checkpoint holds the adapter, optimizer, scheduler, RNG states and the data position, so a
-resumed run continues bit-for-bit where an uninterrupted one would be.
+        ▼  TrainingRun.save()
+    out_dir/adapter (PEFT format + qlora_lite.json), out_dir/metrics.jsonl, out_dir/memory.json,
+    out_dir/checkpoints/step-000050 (zero-padded step number)
 """
 
 from __future__ import annotations
@@ -31,28 +34,26 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
 import torch
 
 from .adapter import adapter_state_dict, save_adapter
+from .checkpoint import (METRICS, check_out_dir, gather_objects, gather_training_state, latest_checkpoint,
+                         load_checkpoint, save_checkpoint, truncate_metrics)
 from .config import TrainConfig, resolve_dtype
 from .data import batch_iterator, build_dataset, collate, embedded_dataset_path, load_records, split_train_eval
 from .errors import TrainingError
-from .fsdp import (copy_into_parameter, fsdp_mesh, full_tensor, in_turns, load_sharded, load_sharded_optimizer_state,
-                   resident_base_bytes, shard_model, sharded_optimizer_state)
-from .fsutil import RunLock, atomic_directory, atomic_write_text
-from .inject import count_parameters, lora_layers
-from .load import is_prequantized, load_model, release_free_memory, resolve_device
+from .fsdp import fsdp_mesh, full_tensor, in_turns, load_sharded, resident_base_bytes, shard_model
+from .fsutil import RunLock, atomic_write_text
+from .load import is_prequantized, load_model, load_tokenizer, release_free_memory, resolve_device
 from .loss import install_chunked_loss, supports_chunked_loss
 from .memory import GiB, MemoryEstimate
 from .monitor import MemoryMonitor, preflight
+from .settings import RunSettings
 
-__all__ = ["train", "TrainResult", "evaluate", "latest_checkpoint", "build_optimizer", "lr_lambda",
+__all__ = ["train", "TrainingRun", "TrainResult", "evaluate", "latest_checkpoint", "build_optimizer", "lr_lambda",
            "enable_checkpointing", "check_launcher"]
-
-CHECKPOINTS = "checkpoints"
-T = TypeVar("T")
 
 
 @dataclass
@@ -111,80 +112,6 @@ def enable_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint (temp dirs of an interrupted write are ignored)."""
-    root = Path(out_dir) / CHECKPOINTS
-    done = sorted(p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()) if root.is_dir() else []
-    return done[-1] if done else None
-
-
-def _gather_training_state(model, optimizer, fsdp: bool, world: int) -> tuple[dict, dict, list]:
-    """(adapter tensors, optimizer state, every process's random state), whole. Every rank calls it:
-    under FSDP it all-gathers. Each process keeps its own random stream (dropout masks; the streams
-    differ, e.g. only rank 0 draws the LoRA init under FSDP), so a resume restores each one."""
-    optimizer_state = sharded_optimizer_state(model, optimizer) if fsdp else optimizer.state_dict()
-    return adapter_state_dict(model), optimizer_state, _gather_objects(_rng_state(), world)
-
-
-def _save_checkpoint(out_dir: Path, step: int, model, gathered: tuple[dict, dict, list], scheduler, state: dict,
-                     keep_last: int) -> Path:
-    target = out_dir / CHECKPOINTS / f"step-{step:06d}"
-    adapter_tensors, optimizer_state, rng_states = gathered
-    with atomic_directory(target, overwrite=True) as tmp:
-        save_adapter(model, tmp / "adapter", tensors=adapter_tensors)
-        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_states},
-                   tmp / "training_state.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=2))
-    old = sorted(p for p in (out_dir / CHECKPOINTS).glob("step-*") if p != target)
-    for stale in old[: max(0, len(old) - (keep_last - 1))]:
-        import shutil
-
-        shutil.rmtree(stale, ignore_errors=True)
-    return target
-
-
-def _load_checkpoint(path: Path, model, optimizer, scheduler, fsdp: bool, rank: int, world: int) -> dict:
-    from .adapter import read_adapter
-
-    state = json.loads((path / "trainer_state.json").read_text())
-    if state.get("fsdp", False) != fsdp:
-        raise TrainingError(f"{path} was written with fsdp={str(state.get('fsdp', False)).lower()} and this run has "
-                            f"fsdp={str(fsdp).lower()}; the optimizer state is stored differently. Resume with the "
-                            f"same setting, or start a new run initialised from {path / 'adapter'}")
-    if state.get("world_size", 1) != world:
-        raise TrainingError(
-            f"{path} was written by a run on {state.get('world_size', 1)} process(es) but this run has "
-            f"{world}; the data order and the per-process batch depend on it. Resume with "
-            f"{state.get('world_size', 1)} process(es), or start a new run initialised from {path / 'adapter'}")
-    adapter = read_adapter(path / "adapter")
-    layers = lora_layers(model)
-    for module in adapter.modules:
-        copy_into_parameter(layers[module].lora_A[layers[module].active_adapter], adapter.lora_A[module])
-        copy_into_parameter(layers[module].lora_B[layers[module].active_adapter], adapter.lora_B[module])
-    blob = torch.load(path / "training_state.pt", weights_only=False)
-    if fsdp:
-        load_sharded_optimizer_state(model, optimizer, blob["optimizer"])
-    else:
-        optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
-    _set_rng_state(blob["rng"][rank])
-    return state
 
 
 @torch.no_grad()
@@ -271,45 +198,6 @@ def _gradient_sync(model, accelerator, fsdp: bool, last_micro_batch: bool) -> It
             yield
 
 
-def _resolve_paths(cfg: TrainConfig) -> tuple[Path, Path | list]:
-    from .embedded import embedded_model_dir
-
-    model_path = embedded_model_dir() if cfg.model == "embedded" else Path(cfg.model)
-    data = embedded_dataset_path() if cfg.data == "embedded" else cfg.data
-    return model_path, data
-
-
-def train(cfg: TrainConfig, log=None, loaded=None) -> TrainResult:
-    """Run (or resume) one training run described by `cfg`; see the module docstring.
-
-    `loaded` = (model, tokenizer) from `load_model` skips loading (the demo reuses its model).
-    """
-    from datetime import timedelta
-
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    # An hour, not NCCL's 10 minutes: under FSDP the processes load a large model in turns (the
-    # waiting ones sit in a barrier), and a 70B checkpoint can take longer than that to read.
-    group = InitProcessGroupKwargs(timeout=timedelta(hours=1))
-    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision="no", kwargs_handlers=[group])
-    is_main = accelerator.is_main_process
-    log = log or (lambda msg: print(msg, file=sys.stderr) if is_main else None)
-    out_dir = Path(cfg.out_dir)
-    device = accelerator.device if cfg.device == "auto" else resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-
-    lock = RunLock(out_dir) if is_main else None
-    if lock:
-        lock.__enter__()
-    try:
-        return _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded)
-    finally:
-        if lock:
-            lock.__exit__(None, None, None)
-
-
 def check_launcher(accelerator) -> None:
     """Refuse accelerate's own FSDP/DeepSpeed wrapping: it would shard the model without knowing the
     NF4 storage. qlora-lite applies FSDP2 itself (`fsdp: true`)."""
@@ -342,188 +230,283 @@ def _memory_plan(cfg: TrainConfig, model_path: Path, batch_size: int, world: int
     return plan
 
 
-def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> TrainResult:
-    check_launcher(accelerator)
-    monitor = MemoryMonitor(device)
-    existing = latest_checkpoint(out_dir)
-    resume_from = existing if cfg.resume else None
-    if not cfg.resume and existing is not None:
-        raise TrainingError(f"{out_dir} already holds checkpoints; pass --resume to continue that run or choose "
-                            "another out_dir")
-    model_path, data = _resolve_paths(cfg)
-    world = accelerator.num_processes
-    batch_size = cfg.per_process_batch(world)
-    compute_dtype = resolve_dtype(cfg.quant.compute_dtype if cfg.quant else "auto", device)
-    mesh = fsdp_mesh(device) if cfg.fsdp else None  # every process together, before the turns below
-    plan = _memory_plan(cfg, model_path, batch_size, world, device, compute_dtype, log)
 
-    def load_and_shard():
-        if loaded is None:
-            # under FSDP on GPUs: quantize on the GPU, stage the bytes on the host, FSDP moves each shard back
-            storage = torch.device("cpu") if cfg.fsdp and device.type == "cuda" else None
-            model, tokenizer = load_model(model_path, cfg.quant, cfg.lora, device=device, compute_dtype=compute_dtype,
-                                          storage_device=storage)
+
+class TrainingRun:
+    """One training run in steps (the layout of a torchtune recipe): `setup()`, `train_loop()`, `save()`.
+
+    Each step is a method, so a test (or a subclass) can observe or replace one of them with
+    monkeypatch; `train()` runs them in order under the output directory's lock.
+    """
+
+    def __init__(self, cfg: TrainConfig, accelerator, device: torch.device, log, loaded=None):
+        from .embedded import embedded_model_dir
+
+        self.cfg, self.accelerator, self.device, self.log, self.loaded = cfg, accelerator, device, log, loaded
+        self.is_main, self.rank, self.world = (accelerator.is_main_process, accelerator.process_index,
+                                               accelerator.num_processes)
+        self.out_dir = Path(cfg.out_dir)
+        self.metrics_file = self.out_dir / METRICS
+        self.model_path = embedded_model_dir() if cfg.model == "embedded" else Path(cfg.model)
+        self.data_source = embedded_dataset_path() if cfg.data == "embedded" else cfg.data
+        self.batch_size = cfg.per_process_batch(self.world)
+        self.compute_dtype = resolve_dtype(cfg.quant.compute_dtype if cfg.quant else "auto", device)
+        self.monitor = MemoryMonitor(device)
+        self.state: dict[str, Any] = {"losses": [], "eval_losses": [], "tokens": 0, "world_size": self.world,
+                                      "fsdp": cfg.fsdp}
+        self.start_step = 0
+        self.plan: MemoryEstimate | None = None
+
+    # ---- setup ------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        check_launcher(self.accelerator)
+        self.settings = RunSettings.for_run(self.model_path, self.cfg.quant, self.cfg.lora, self.compute_dtype)
+        self.resume_from = check_out_dir(self.out_dir, self.cfg.resume, self.cfg.overwrite_output_dir, self.settings,
+                                         self.cfg.fsdp, self.world, self.is_main)
+        self.setup_data()
+        self.plan = _memory_plan(self.cfg, self.model_path, self.batch_size, self.world, self.device,
+                                 self.compute_dtype, self.log)
+        self.setup_model()
+        self.setup_optimizer()
+        if self.resume_from is not None:
+            self.resume(self.resume_from)
+
+    def setup_data(self) -> None:
+        """Tokenize the data before the model loads: a bad file costs seconds, not a model load."""
+        cfg = self.cfg
+        self.tokenizer = self.loaded[1] if self.loaded is not None else load_tokenizer(self.model_path)
+        records = load_records(self.data_source)
+        train_records, eval_records = split_train_eval(records, cfg.eval_fraction, cfg.seed)
+        self.train_set = build_dataset(train_records, self.tokenizer, cfg.seq_len, packing=cfg.packing,
+                                       truncation=cfg.truncation)
+        self.eval_set = (build_dataset(eval_records, self.tokenizer, cfg.seq_len, truncation="truncate")
+                         if eval_records else None)
+        self.log(f"data: {self.train_set.summary()}")
+
+    def setup_model(self) -> None:
+        """The NF4 base + LoRA: loaded here (three ways, see below) or handed in (`loaded`)."""
+        cfg, device, world = self.cfg, self.device, self.world
+        mesh = fsdp_mesh(device) if cfg.fsdp else None  # every process together, before the turns below
+        if cfg.fsdp and self.loaded is None and cfg.quant is not None and not is_prequantized(self.model_path):
+            # the checkpoint is read and quantized once, by rank 0; the others receive their shards
+            model, _, params = load_sharded(self.model_path, cfg.quant, cfg.lora, device, self.compute_dtype, mesh)
+            self.log("fsdp: rank 0 read and quantized the checkpoint; every process received its shards from it")
+        elif cfg.fsdp:
+            # (a 4-bit checkpoint, quant=None, or a model handed in) the processes load one after another,
+            # each freeing its whole copy once sharded: the host holds one whole model at a time
+            model, params = in_turns(lambda: self._load_and_shard(mesh))
+            self.log(f"fsdp: the {world} process(es) loaded the model in turns")
         else:
-            model, tokenizer = loaded
+            model, params = self._load_and_shard(mesh)
+        self.model, self.params = model, params
+        self.log(f"model {self.model_path}: {params}")
+        self.base_bytes = resident_base_bytes(model)  # this process's share under FSDP; the whole base otherwise
+        if cfg.fsdp:
+            self.log(f"fsdp: {world} process(es); this one holds {self.base_bytes:,} bytes "
+                     f"({self.base_bytes / GiB:.2f} GiB) of the quantized base")
+        self.monitor.mark("after_load")
+
+    def _load_and_shard(self, mesh):
+        from .inject import count_parameters
+
+        cfg = self.cfg
+        if self.loaded is None:
+            # under FSDP on GPUs: quantize on the GPU, stage the bytes on the host, FSDP moves each shard back
+            storage = torch.device("cpu") if cfg.fsdp and self.device.type == "cuda" else None
+            model, _ = load_model(self.model_path, cfg.quant, cfg.lora, device=self.device,
+                                  compute_dtype=self.compute_dtype, storage_device=storage, with_tokenizer=False)
+        else:
+            model = self.loaded[0]
         params = count_parameters(model)
         if cfg.fsdp:  # FSDP2 replaces the parameters with shards (the optimizer is built on those below)
-            shard_model(model, device, mesh)
+            shard_model(model, self.device, mesh)
             release_free_memory()  # give the freed whole copy back to the OS before the next process loads
-        return model, tokenizer, params
+        return model, params
 
-    if cfg.fsdp and loaded is None and cfg.quant is not None and not is_prequantized(model_path):
-        # the checkpoint is read and quantized once, by rank 0; the others receive their shards
-        model, tokenizer, params = load_sharded(model_path, cfg.quant, cfg.lora, device, compute_dtype, mesh)
-        log("fsdp: rank 0 read and quantized the checkpoint; every process received its shards from it")
-    elif cfg.fsdp:
-        # (a 4-bit checkpoint, quant=None, or a model handed in) the processes load one after another,
-        # each freeing its whole copy once sharded: the host holds one whole model at a time
-        model, tokenizer, params = in_turns(load_and_shard)
-        log(f"fsdp: the {world} process(es) loaded the model in turns")
-    else:
-        model, tokenizer, params = load_and_shard()
-    log(f"model {model_path}: {params}")
-    base_bytes = resident_base_bytes(model)  # this process's share under FSDP; the whole base otherwise
-    if cfg.fsdp:
-        log(f"fsdp: {world} process(es); this one holds {base_bytes:,} bytes ({base_bytes / GiB:.2f} GiB) of the "
-            "quantized base")
-    monitor.mark("after_load")
+    def setup_optimizer(self) -> None:
+        cfg, model = self.cfg, self.model
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(model)
+        model.train()
+        if cfg.loss_chunk_tokens:
+            why_not = supports_chunked_loss(model)
+            if why_not is None:
+                install_chunked_loss(model, cfg.loss_chunk_tokens)
+            else:
+                self.log(f"note: the loss uses the full logits: {why_not}")
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build_optimizer(self.trainable, cfg, self.device, self.log)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        if not cfg.fsdp:
+            self.model, optimizer = self.accelerator.prepare(model, optimizer)
+        self.optimizer = optimizer
 
-    records = load_records(data)
-    train_records, eval_records = split_train_eval(records, cfg.eval_fraction, cfg.seed)
-    train_set = build_dataset(train_records, tokenizer, cfg.seq_len, packing=cfg.packing, truncation=cfg.truncation)
-    eval_set = build_dataset(eval_records, tokenizer, cfg.seq_len, truncation="truncate") if eval_records else None
-    log(f"data: {train_set.summary()}")
+    def unwrapped(self):
+        """The model itself (DDP wraps it; an FSDP2 model is the model)."""
+        return self.model if self.cfg.fsdp else self.accelerator.unwrap_model(self.model)
 
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(model)
-    model.train()
-    if cfg.loss_chunk_tokens:
-        why_not = supports_chunked_loss(model)
-        if why_not is None:
-            install_chunked_loss(model, cfg.loss_chunk_tokens)
-        else:
-            log(f"note: the loss uses the full logits: {why_not}")
-    unwrap = (lambda m: m) if cfg.fsdp else accelerator.unwrap_model  # an FSDP2 model is the model itself
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(trainable, cfg, device, log)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    if not cfg.fsdp:
-        model, optimizer = accelerator.prepare(model, optimizer)
+    def resume(self, checkpoint: Path) -> None:
+        self.state = load_checkpoint(checkpoint, self.unwrapped(), self.optimizer, self.scheduler, self.cfg.fsdp,
+                                     self.rank)
+        self.start_step = self.state["step"]
+        if self.is_main:
+            truncate_metrics(self.metrics_file, self.start_step)
+        self.log(f"resumed from {checkpoint} at step {self.start_step}")
 
-    state = {"losses": [], "eval_losses": [], "tokens": 0, "world_size": world, "fsdp": cfg.fsdp}
-    start_step = 0
-    if resume_from is not None:
-        state = _load_checkpoint(resume_from, unwrap(model), optimizer, scheduler, cfg.fsdp,
-                                 accelerator.process_index, world)
-        start_step = state["step"]
-        log(f"resumed from {resume_from} at step {start_step}")
-    batches = batch_iterator(train_set, batch_size, seed=cfg.seed, start_step=start_step * cfg.grad_accum,
-                             rank=accelerator.process_index, world_size=world)
-    metrics_file = out_dir / "metrics.jsonl"
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    pad_id = tokenizer.pad_token_id
-    if eval_set is not None and start_step == 0:  # the baseline every later eval is compared with
-        baseline = evaluate(model, eval_set, batch_size, pad_id, device, accelerator.process_index, world)
-        state["eval_losses"].append([0, baseline])
-        log(f"eval loss before training: {baseline:.4f}")
-        if is_main:
-            with open(metrics_file, "a") as handle:
-                handle.write(json.dumps({"step": 0, "eval_loss": round(baseline, 6)}) + "\n")
+    # ---- the loop ---------------------------------------------------------------------------
 
-    progress = None
-    if cfg.progress and is_main:
-        from tqdm.auto import tqdm
+    def evaluate(self) -> float:
+        return evaluate(self.model, self.eval_set, self.batch_size, self.tokenizer.pad_token_id, self.device,
+                        self.rank, self.world)
 
-        progress = tqdm(total=cfg.max_steps, initial=start_step, desc="training", unit="step", dynamic_ncols=True)
-    step, interrupted, t_start, tokens_run = start_step, False, time.perf_counter(), 0
-    with _StopSignal() as stop:
-        while step < cfg.max_steps:
-            t0 = time.perf_counter()
-            step_loss, step_tokens = 0.0, 0
-            for micro in range(cfg.grad_accum):
-                batch = {k: v.to(device) for k, v in collate(next(batches), pad_id).items()}
-                with _gradient_sync(model, accelerator, cfg.fsdp, micro == cfg.grad_accum - 1):
-                    loss = model(**batch).loss
-                    if not torch.isfinite(loss):
-                        last = latest_checkpoint(out_dir)
-                        raise TrainingError(
-                            f"loss became {loss.item()} at step {step + 1}; training stopped and nothing was "
-                            f"overwritten (last good checkpoint: {last or 'none'}). Try a lower learning_rate, bf16 "
-                            f"instead of fp16, or a smaller max_grad_norm")
-                    accelerator.backward(loss / cfg.grad_accum)
-                step_loss += loss.item() / cfg.grad_accum
-                step_tokens += int(batch["attention_mask"].sum())
-            grad_norm = torch.tensor(float("nan"))
-            if cfg.max_grad_norm > 0:  # torch's clip handles FSDP's sharded grads (a DTensor norm)
-                clip = torch.nn.utils.clip_grad_norm_ if cfg.fsdp else accelerator.clip_grad_norm_
-                grad_norm = full_tensor(clip(trainable, cfg.max_grad_norm))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step == start_step + 1:
-                monitor.mark("first_step")
-            stop_now = stop.received is not None
-            if world > 1:  # one all-reduce: the global mean loss, and whether any process was told to stop
-                # (every process must stop after the same step, or their collectives would no longer pair up)
-                shared = accelerator.reduce(torch.tensor([step_loss, float(stop_now)], device=device), "sum")
-                step_loss, stop_now = shared[0].item() / world, shared[1].item() > 0
-            elapsed = time.perf_counter() - t0
-            tokens_run += step_tokens * world
-            state["losses"].append(step_loss)
-            state["tokens"] += step_tokens * world
-            record = {"step": step, "loss": round(step_loss, 6), "lr": scheduler.get_last_lr()[0],
-                      "grad_norm": round(float(grad_norm), 6),
-                      "tokens_per_s": round(step_tokens * world / elapsed, 1),  # all processes together
-                      "step_s": round(elapsed, 4), **monitor.current()}
-            if eval_set is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                eval_loss = evaluate(model, eval_set, batch_size, pad_id, device, accelerator.process_index, world)
-                state["eval_losses"].append([step, eval_loss])
-                record.update(eval_loss=round(eval_loss, 6), eval_ppl=round(math.exp(min(eval_loss, 50)), 3))
-            if is_main and (step % cfg.log_every == 0 or "eval_loss" in record or step == cfg.max_steps):
-                with open(metrics_file, "a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-            if progress:
-                progress.set_postfix(loss=f"{step_loss:.3f}", lr=f"{record['lr']:.2e}",
-                                     tok_s=f"{record['tokens_per_s']:.0f}", mem=monitor.short())
-                progress.update(1)
-            if step % cfg.save_every == 0 or step == cfg.max_steps or stop_now:
-                gathered = _gather_training_state(unwrap(model), optimizer, cfg.fsdp, world)
-                if is_main:
-                    _save_checkpoint(out_dir, step, unwrap(model), gathered, scheduler, state, cfg.keep_last)
-                accelerator.wait_for_everyone()
-            if stop_now:
-                interrupted = True
-                log(f"received signal {stop.received or '(on another process)'}: checkpoint saved at step {step}; "
-                    f"continue with --resume")
-                break
-    if progress:
-        progress.close()
-    monitor.mark("steady_state")
-    unwrapped = unwrap(model)
-    adapter_dir = None
-    summary = {**monitor.summary(), "base_bytes_per_process": _gather_objects(base_bytes, world),
-               "predicted": None if plan is None else {"total_bytes": plan.total_bytes, "peak_phase": plan.peak_phase,
-                                                       "breakdown": plan.peak_breakdown()}}
-    if not interrupted:
-        tensors = adapter_state_dict(unwrapped)  # every rank: under FSDP this all-gathers
-        if is_main:
-            adapter_dir = save_adapter(unwrapped, out_dir / "adapter", base_model_name_or_path=str(model_path),
-                                       tensors=tensors)
-            atomic_write_text(out_dir / "memory.json", json.dumps(summary, indent=2))
-    total_s = time.perf_counter() - t_start
-    return TrainResult(out_dir, step, interrupted, state["losses"], [tuple(x) for x in state["eval_losses"]],
-                       adapter_dir, tokens_run / total_s if total_s else 0.0, str(params), summary)
+    def emit_metrics(self, record: dict[str, Any]) -> None:
+        """The one place a step's metrics leave the run (metrics.jsonl; valid JSON: no NaN or inf)."""
+        if not self.is_main:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_file, "a") as handle:
+            handle.write(json.dumps(clean, allow_nan=False) + "\n")
+
+    def train_step(self, batches: Iterator, step: int) -> tuple[float, int, float]:
+        """One optimizer step over grad_accum micro-batches: (mean loss, tokens, gradient norm)."""
+        cfg, device = self.cfg, self.device
+        step_loss, step_tokens = 0.0, 0
+        for micro in range(cfg.grad_accum):
+            batch = {k: v.to(device) for k, v in collate(next(batches), self.tokenizer.pad_token_id).items()}
+            with _gradient_sync(self.model, self.accelerator, cfg.fsdp, micro == cfg.grad_accum - 1):
+                loss = self.model(**batch).loss
+                if not torch.isfinite(loss):
+                    last = latest_checkpoint(self.out_dir)
+                    raise TrainingError(
+                        f"loss became {loss.item()} at step {step + 1}; training stopped and nothing was "
+                        f"overwritten (last good checkpoint: {last or 'none'}). Try a lower learning_rate, bf16 "
+                        f"instead of fp16, or a smaller max_grad_norm")
+                self.accelerator.backward(loss / cfg.grad_accum)
+            step_loss += loss.item() / cfg.grad_accum
+            step_tokens += int(batch["attention_mask"].sum())
+        grad_norm = float("nan")  # (not computed without clipping)
+        if cfg.max_grad_norm > 0:  # torch's clip handles FSDP's sharded grads (a DTensor norm)
+            clip = torch.nn.utils.clip_grad_norm_ if cfg.fsdp else self.accelerator.clip_grad_norm_
+            grad_norm = float(full_tensor(clip(self.trainable, cfg.max_grad_norm)))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return step_loss, step_tokens, grad_norm
+
+    def train_loop(self) -> tuple[int, bool]:
+        """Steps from the start (or resumed) step to max_steps; returns (last step, interrupted)."""
+        cfg, world = self.cfg, self.world
+        if self.eval_set is not None and self.start_step == 0:  # the baseline every later eval is compared with
+            baseline = self.evaluate()
+            self.state["eval_losses"].append([0, baseline])
+            self.log(f"eval loss before training: {baseline:.4f}")
+            self.emit_metrics({"step": 0, "eval_loss": round(baseline, 6)})
+        batches = batch_iterator(self.train_set, self.batch_size, seed=cfg.seed,
+                                 start_step=self.start_step * cfg.grad_accum, rank=self.rank, world_size=world)
+        progress = None
+        if cfg.progress and self.is_main:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=cfg.max_steps, initial=self.start_step, desc="training", unit="step",
+                            dynamic_ncols=True)
+        step, interrupted, self.t_start, self.tokens_run = self.start_step, False, time.perf_counter(), 0
+        with _StopSignal() as stop:
+            while step < cfg.max_steps:
+                t0 = time.perf_counter()
+                step_loss, step_tokens, grad_norm = self.train_step(batches, step)
+                step += 1
+                if step == self.start_step + 1:
+                    self.monitor.mark("first_step")
+                stop_now = stop.received is not None
+                if world > 1:  # one all-reduce: the global mean loss, and whether any process was told to stop
+                    # (every process must stop after the same step, or their collectives would no longer pair up)
+                    shared = self.accelerator.reduce(torch.tensor([step_loss, float(stop_now)], device=self.device),
+                                                     "sum")
+                    step_loss, stop_now = shared[0].item() / world, shared[1].item() > 0
+                elapsed = time.perf_counter() - t0
+                self.tokens_run += step_tokens * world
+                self.state["losses"].append(step_loss)
+                self.state["tokens"] += step_tokens * world
+                record = {"step": step, "loss": round(step_loss, 6), "lr": self.scheduler.get_last_lr()[0],
+                          "grad_norm": round(grad_norm, 6),
+                          "tokens_per_s": round(step_tokens * world / elapsed, 1),  # all processes together
+                          "step_s": round(elapsed, 4), **self.monitor.current()}
+                if self.eval_set is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                    eval_loss = self.evaluate()
+                    self.state["eval_losses"].append([step, eval_loss])
+                    record.update(eval_loss=round(eval_loss, 6), eval_ppl=round(math.exp(min(eval_loss, 50)), 3))
+                if step % cfg.log_every == 0 or "eval_loss" in record or step == cfg.max_steps:
+                    self.emit_metrics(record)
+                if progress:
+                    progress.set_postfix(loss=f"{step_loss:.3f}", lr=f"{record['lr']:.2e}",
+                                         tok_s=f"{record['tokens_per_s']:.0f}", mem=self.monitor.short())
+                    progress.update(1)
+                if step % cfg.save_every == 0 or step == cfg.max_steps or stop_now:
+                    self.save_checkpoint(step)
+                if stop_now:
+                    interrupted = True
+                    self.log(f"received signal {stop.received or '(on another process)'}: checkpoint saved at step "
+                             f"{step}; continue with --resume")
+                    break
+        if progress:
+            progress.close()
+        self.monitor.mark("steady_state")
+        return step, interrupted
+
+    def save_checkpoint(self, step: int) -> None:
+        gathered = gather_training_state(self.unwrapped(), self.optimizer, self.cfg.fsdp, self.world)
+        if self.is_main:
+            save_checkpoint(self.out_dir, step, self.unwrapped(), gathered, self.scheduler, self.state,
+                            self.cfg.keep_last, self.settings)
+        self.accelerator.wait_for_everyone()
+
+    # ---- save -------------------------------------------------------------------------------
+
+    def save(self, step: int, interrupted: bool) -> TrainResult:
+        """The adapter (with its run settings) and memory.json, unless interrupted; the result."""
+        plan = self.plan
+        summary = {**self.monitor.summary(), "base_bytes_per_process": gather_objects(self.base_bytes, self.world),
+                   "predicted": None if plan is None else {"total_bytes": plan.total_bytes,
+                                                           "peak_phase": plan.peak_phase,
+                                                           "breakdown": plan.peak_breakdown()}}
+        adapter_dir = None
+        if not interrupted:
+            unwrapped = self.unwrapped()
+            tensors = adapter_state_dict(unwrapped)  # every rank: under FSDP this all-gathers
+            if self.is_main:
+                adapter_dir = save_adapter(unwrapped, self.out_dir / "adapter",
+                                           base_model_name_or_path=str(self.model_path), tensors=tensors,
+                                           settings=self.settings)
+                atomic_write_text(self.out_dir / "memory.json", json.dumps(summary, indent=2))
+        total_s = time.perf_counter() - self.t_start
+        return TrainResult(self.out_dir, step, interrupted, self.state["losses"],
+                           [tuple(x) for x in self.state["eval_losses"]], adapter_dir,
+                           self.tokens_run / total_s if total_s else 0.0, str(self.params), summary)
 
 
-def _gather_objects(value: T, world: int) -> list[T]:
-    """`value` from every process, in rank order (gloo/nccl through torch.distributed)."""
-    if world == 1:
-        return [value]
-    import torch.distributed as dist
+def train(cfg: TrainConfig, log=None, loaded=None) -> TrainResult:
+    """Run (or resume) one training run described by `cfg`; see the module docstring.
 
-    values: list = [None] * world
-    dist.all_gather_object(values, value)
-    return values
+    `loaded` = (model, tokenizer) from `load_model` skips loading (the demo reuses its model).
+    """
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    # An hour, not NCCL's 10 minutes: under FSDP the processes load a large model in turns (the
+    # waiting ones sit in a barrier), and a 70B checkpoint can take longer than that to read.
+    group = InitProcessGroupKwargs(timeout=timedelta(hours=1))
+    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision="no", kwargs_handlers=[group])
+    is_main = accelerator.is_main_process
+    log = log or (lambda msg: print(msg, file=sys.stderr) if is_main else None)
+    device = accelerator.device if cfg.device == "auto" else resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    with RunLock(cfg.out_dir) if is_main else contextlib.nullcontext():
+        run = TrainingRun(cfg, accelerator, device, log, loaded)
+        run.setup()
+        step, interrupted = run.train_loop()
+        return run.save(step, interrupted)

@@ -25,6 +25,7 @@ from .errors import VerificationError
 from .inject import replace_module
 from .layers import DenseWeight, LoRALinear4bit
 from .load import load_model, load_tokenizer
+from .settings import check_base, quant_for, read_settings
 
 __all__ = ["verify_merge", "top1_flips", "DEFAULT_PROMPTS"]
 
@@ -119,9 +120,9 @@ def _reference_model(base_dir: Path, adapter_dir: Path, quant: QuantConfig, base
 
 
 def verify_merge(merged_dir: str | Path, base_dir: str | Path, adapter_dir: str | Path,
-                 prompts: list[str] | None = None, quant: QuantConfig = QuantConfig(),
+                 prompts: list[str] | None = None, quant: QuantConfig | None = None,
                  max_abs_logit_diff: float | None = None, min_top1_agreement: float = _DEFAULT_MIN_TOP1,
-                 tie_margin: float | None = None, base: BaseKind = "quantized") -> dict[str, Any]:
+                 tie_margin: float | None = None, base: BaseKind = "quantized", force: bool = False) -> dict[str, Any]:
     """Compare the merged checkpoint (plain transformers, fp32) with base + adapter (qlora_lite, fp32).
 
     Prompts default to DEFAULT_PROMPTS (fixed random token ids where the checkpoint has no tokenizer).
@@ -129,11 +130,16 @@ def verify_merge(merged_dir: str | Path, base_dir: str | Path, adapter_dir: str 
     float32 / float16 / bfloat16; top-1 agreement up to ties (flips within the tie margin agree) at least
     `min_top1_agreement`. An honest bf16 merge of SmolLM2-135M agrees on 99.2% of tokens outright and on 100%
     up to ties; a bf16 merge onto the wrong base on 75% and 85%.
+    The reference is rebuilt with the quantization recorded beside the adapter (settings.py; `quant`, if
+    given, must agree) on a base whose fingerprint matches the recorded one (unless `force`).
     Raises VerificationError past either threshold, or if transformers reports missing/unexpected keys.
     """
     from transformers import AutoModelForCausalLM
 
     merged_dir, base_dir, adapter_dir = Path(merged_dir), Path(base_dir), Path(adapter_dir)
+    settings = read_settings(adapter_dir)
+    check_base(settings, base_dir, force)
+    quant = quant_for(settings, quant, adapter_dir) or QuantConfig()  # (16-bit runs: base="original")
     saved = json.loads((merged_dir / "config.json").read_text()).get("dtype", "float32")
     merged, info = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32, output_loading_info=True)
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}

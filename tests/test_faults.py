@@ -198,20 +198,20 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_pat
         from pathlib import Path
         from qlora_lite.config import QuantConfig, LoraConfig
         from qlora_lite.load import load_model
-        import qlora_lite.train as T
+        import qlora_lite.checkpoint as T
         model, _ = load_model({str(tiny_model_dir)!r}, QuantConfig(backend="torch"), LoraConfig(r=4), device="cpu",
                               with_tokenizer=False)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         out = Path({str(tmp_path / "run")!r})
-        T._save_checkpoint(out, 1, model, T._gather_training_state(model, opt, False, 1), sched, {{"losses": []}}, keep_last=3)
+        T.save_checkpoint(out, 1, model, T.gather_training_state(model, opt, False, 1), sched, {{"losses": []}}, keep_last=3)
         real_save = torch.save
         def slow_save(obj, path):
             real_save(obj, path)
             print("WRITING", flush=True)
             time.sleep(120)
         torch.save = slow_save
-        T._save_checkpoint(out, 2, model, T._gather_training_state(model, opt, False, 1), sched, {{"losses": []}}, keep_last=3)
+        T.save_checkpoint(out, 2, model, T.gather_training_state(model, opt, False, 1), sched, {{"losses": []}}, keep_last=3)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()

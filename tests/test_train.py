@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from qlora_lite.config import LoraConfig, QuantConfig, TrainConfig
 from qlora_lite.errors import TrainingError
 from qlora_lite.inject import count_parameters, lora_layers
 from qlora_lite.load import load_model
-from qlora_lite.train import latest_checkpoint, train
+from qlora_lite.train import TrainingRun, latest_checkpoint, train
 
 
 def _cfg(model_dir, data, out, **kw):
@@ -28,24 +29,24 @@ def _cfg(model_dir, data, out, **kw):
 
 
 def test_training_lowers_loss_and_moves_only_lora(tiny_model_dir, memorize_data, tmp_path):
-    result = train(_cfg(tiny_model_dir, memorize_data, tmp_path / "run", max_steps=40, learning_rate=3e-3,
-                        lora=LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0)))
+    cfg = _cfg(tiny_model_dir, memorize_data, tmp_path / "run", max_steps=40, learning_rate=3e-3,
+               lora=LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0))
+    torch.manual_seed(cfg.seed)  # the LoRA init, as train() would draw it
+    model, tokenizer = load_model(tiny_model_dir, cfg.quant, cfg.lora, device="cpu")
+    frozen = {name: {k: v.clone() for k, v in layer.base.state_dict().items()}
+              for name, layer in lora_layers(model).items()}
+    result = train(cfg, loaded=(model, tokenizer))  # the very model object trained
     first, last = sum(result.losses[:3]) / 3, sum(result.losses[-3:]) / 3
     assert last < 0.8 * first, (first, last)  # a frozen random 2-layer base limits how far LoRA alone gets
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == list(range(0, 41)) and "eval_loss" in lines[-1] and "eval_loss" in lines[0]
     assert result.eval_losses[-1][1] < result.eval_losses[0][1]
 
-    # The NF4 base after training is byte-identical to a fresh quantization of the checkpoint.
-    fresh, _ = load_model(tiny_model_dir, QuantConfig(backend="torch"), LoraConfig(r=8), device="cpu")
-    trained, _ = load_model(tiny_model_dir, QuantConfig(backend="torch"), LoraConfig(r=8), device="cpu")
-    from qlora_lite.adapter import load_adapter
-
-    load_adapter(trained, result.adapter_dir, name="trained")
-    for name, layer in lora_layers(trained).items():
-        fresh_sd = lora_layers(fresh)[name].base.state_dict()
-        assert all(torch.equal(v, layer.base.state_dict()[k]) for k, v in fresh_sd.items())
+    # The NF4 base the model trained on is byte for byte what it held before training; only LoRA moved.
     adapter = read_adapter(result.adapter_dir)
+    for name, layer in lora_layers(model).items():
+        assert all(torch.equal(v, layer.base.state_dict()[k]) for k, v in frozen[name].items()), name
+        torch.testing.assert_close(adapter.lora_B[name], layer.lora_B[layer.active_adapter].detach(), rtol=0, atol=0)
     assert any(b.abs().sum() > 0 for b in adapter.lora_B.values())  # B started at zero and moved
 
 
@@ -80,28 +81,18 @@ def test_trainable_count_is_r_times_in_plus_out(tiny_model_dir):
     assert count_parameters(model).trainable == expected == by_hand
 
 
-def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tiny_model_dir, memorize_data, tmp_path):
+def test_resume_gives_the_same_adapter_as_an_uninterrupted_run(tiny_model_dir, memorize_data, tmp_path, monkeypatch):
     straight = train(_cfg(tiny_model_dir, memorize_data, tmp_path / "straight", max_steps=20, save_every=20))
-    first_half = _cfg(tiny_model_dir, memorize_data, tmp_path / "resumed", max_steps=20, save_every=10)
-    # Stop after 10 steps exactly as a crash would: keep only the step-10 checkpoint.
-    cfg10 = _cfg(tiny_model_dir, memorize_data, tmp_path / "resumed", max_steps=20, save_every=10)
-    object.__setattr__(cfg10, "max_steps", 20)
-    import qlora_lite.train as train_module
+    real_save = TrainingRun.save_checkpoint
 
-    original = train_module._save_checkpoint
-    calls = []
-
-    def save_then_crash(*args, **kwargs):
-        path = original(*args, **kwargs)
-        calls.append(path)
+    def save_then_crash(run, step):
+        real_save(run, step)
         raise KeyboardInterrupt  # the process dies right after the step-10 checkpoint
 
-    train_module._save_checkpoint = save_then_crash
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(first_half)
-    finally:
-        train_module._save_checkpoint = original
+    monkeypatch.setattr(TrainingRun, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tiny_model_dir, memorize_data, tmp_path / "resumed", max_steps=20, save_every=10))
+    monkeypatch.undo()
     assert latest_checkpoint(tmp_path / "resumed").name == "step-000010"
     resumed = train(_cfg(tiny_model_dir, memorize_data, tmp_path / "resumed", max_steps=20, save_every=10,
                          resume=True))
@@ -127,18 +118,14 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, me
 
     def poisoned_collate(batch, pad_id):
         calls["n"] += 1
-        out = real_collate(batch, pad_id)
         if calls["n"] == 4:  # the 4th training batch: make the model's embeddings produce NaN
-            torch.nn.Embedding.forward = lambda self, x: torch.full((*x.shape, self.embedding_dim), float("nan"))
-        return out
+            monkeypatch.setattr(torch.nn.Embedding, "forward",
+                                lambda self, x: torch.full((*x.shape, self.embedding_dim), float("nan")))
+        return real_collate(batch, pad_id)
 
-    embedding_forward = torch.nn.Embedding.forward
     monkeypatch.setattr(train_module, "collate", poisoned_collate)
-    try:
-        with pytest.raises(TrainingError, match="lower learning_rate") as info:
-            train(_cfg(tiny_model_dir, memorize_data, tmp_path / "run", max_steps=10, save_every=2, eval_fraction=0.0))
-    finally:
-        torch.nn.Embedding.forward = embedding_forward
+    with pytest.raises(TrainingError, match="lower learning_rate") as info:
+        train(_cfg(tiny_model_dir, memorize_data, tmp_path / "run", max_steps=10, save_every=2, eval_fraction=0.0))
     assert "step-000002" in str(info.value)
     ckpt = latest_checkpoint(tmp_path / "run")
     assert ckpt.name == "step-000002"
@@ -179,3 +166,57 @@ def test_two_runs_on_one_directory_do_not_collide(tiny_model_dir, memorize_data,
     with RunLock(tmp_path / "run"):
         with pytest.raises(QLoraLiteError, match="in use"):
             train(_cfg(tiny_model_dir, memorize_data, tmp_path / "run", max_steps=2))
+
+
+def _steps(out_dir) -> list[int]:
+    def no_nan(name):
+        raise AssertionError(f"{name} in metrics.jsonl is not valid JSON")
+
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line, parse_constant=no_nan)["step"] for line in lines]
+
+
+def test_a_killed_run_resumes_without_logging_a_step_twice(tiny_model_dir, memorize_data, tmp_path):
+    out = tmp_path / "run"
+    # max_grad_norm 0: no gradient norm is computed; it is logged as null, never as NaN
+    train(_cfg(tiny_model_dir, memorize_data, out, max_steps=2, save_every=2, eval_fraction=0.0, max_grad_norm=0.0))
+    with open(out / "metrics.jsonl", "a") as handle:  # kill -9 after step 3 was logged, mid-way through step 4's line
+        handle.write(json.dumps({"step": 3, "loss": 1.0}) + '\n{"step": 4, "lo')
+    train(_cfg(tiny_model_dir, memorize_data, out, max_steps=4, save_every=2, eval_fraction=0.0, max_grad_norm=0.0,
+               resume=True))
+    assert _steps(out) == [1, 2, 3, 4]
+
+
+def test_a_previous_run_without_checkpoints_is_refused_unless_overwritten(tiny_model_dir, memorize_data, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(tiny_model_dir, memorize_data, out, max_steps=2, eval_fraction=0.0))
+    shutil.rmtree(out / "checkpoints")
+    for resume in (False, True):
+        with pytest.raises(TrainingError, match=r"holds a previous run \(metrics.jsonl, adapter, memory.json\)"):
+            train(_cfg(tiny_model_dir, memorize_data, out, max_steps=2, eval_fraction=0.0, resume=resume))
+    train(_cfg(tiny_model_dir, memorize_data, out, max_steps=2, eval_fraction=0.0, overwrite_output_dir=True))
+    assert _steps(out) == [1, 2]  # one run's metrics, not two
+
+
+@pytest.mark.parametrize("data, seq_len, message", [
+    ("missing.jsonl", 64, "no such file"),
+    # a text record trains every token, but the first one is never predicted: nothing left at seq_len 1
+    ("text.jsonl", 1, "no record has a trainable token within seq_len=1"),
+])
+def test_the_data_is_checked_before_the_model_loads(tiny_model_dir, tmp_path, monkeypatch, data, seq_len, message):
+    import qlora_lite.train as train_module
+    from qlora_lite.errors import DataError
+
+    (tmp_path / "text.jsonl").write_text('{"text": "The code word number 1 is apple."}\n' * 4)
+    monkeypatch.setattr(train_module, "load_model", lambda *a, **k: pytest.fail("the model loaded first"))
+    path = tmp_path / data
+    with pytest.raises(DataError, match=message):
+        train(_cfg(tiny_model_dir, path, tmp_path / "run", seq_len=seq_len))
+
+
+def test_a_non_finite_max_grad_norm_is_refused():
+    from qlora_lite.errors import ConfigError
+
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="max_grad_norm=.* must be a finite number"):
+            TrainConfig(max_grad_norm=value)
