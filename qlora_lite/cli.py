@@ -134,9 +134,10 @@ def generate(prompt: str, model: str = "embedded", adapter: str | None = None, m
     from .adapter import load_adapter
     from .config import QuantConfig
     from .embedded import embedded_model_dir
-    from .generate import answer
+    from .generate import answer, check_temperature
     from .load import load_model
 
+    check_temperature(temperature)  # before minutes of loading
     path = embedded_model_dir() if model == "embedded" else model
     net, tokenizer = load_model(path, QuantConfig(), lora=None)
     if adapter:

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .data import render_chat
+from .errors import ConfigError
 
-__all__ = ["answer"]
+__all__ = ["answer", "check_temperature"]
+
+
+def check_temperature(temperature: float) -> None:
+    """0 is greedy, > 0 samples; anything else (a negative value silently meant greedy) is refused."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise ConfigError(f"temperature={temperature!r} must be 0 (greedy) or a positive number (sampling)",
+                          "generate options")
 
 
 @torch.no_grad()
 def answer(model, tokenizer, question: str, max_new_tokens: int = 48, temperature: float = 0.0,
            seed: int = 0) -> str:
     """One assistant turn for `question`; temperature 0 is greedy (reproducible)."""
+    check_temperature(temperature)
     prompt = render_chat(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True)
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
     was_training = model.training

@@ -38,7 +38,7 @@ import torch
 from .adapter import adapter_state_dict, save_adapter
 from .config import TrainConfig, resolve_dtype
 from .data import batch_iterator, build_dataset, collate, embedded_dataset_path, load_records, split_train_eval
-from .errors import TrainingError
+from .errors import DataError, TrainingError
 from .fsdp import (copy_into_parameter, fsdp_mesh, full_tensor, in_turns, load_sharded, load_sharded_optimizer_state,
                    resident_base_bytes, shard_model, sharded_optimizer_state)
 from .fsutil import RunLock, atomic_directory, atomic_write_text
@@ -392,7 +392,12 @@ def _train_locked(cfg, accelerator, device, out_dir, log, is_main, loaded) -> Tr
     records = load_records(data)
     train_records, eval_records = split_train_eval(records, cfg.eval_fraction, cfg.seed)
     train_set = build_dataset(train_records, tokenizer, cfg.seq_len, packing=cfg.packing, truncation=cfg.truncation)
-    eval_set = build_dataset(eval_records, tokenizer, cfg.seq_len, truncation="truncate") if eval_records else None
+    try:
+        eval_set = build_dataset(eval_records, tokenizer, cfg.seq_len, truncation="truncate") if eval_records else None
+    except DataError:  # the training records fit: say that the held-out ones are the problem
+        raise DataError(f"none of the {len(eval_records)} held-out evaluation record(s) (eval_fraction="
+                        f"{cfg.eval_fraction}) has a trainable token within seq_len={cfg.seq_len}; raise seq_len, "
+                        "or set eval_fraction: 0") from None
     log(f"data: {train_set.summary()}")
 
     if cfg.gradient_checkpointing:
