@@ -132,6 +132,8 @@ def check_finite(tensor: torch.Tensor, name: str, where: str | Path) -> None:
     """CheckpointError naming the tensor if it holds NaN or inf (one aminmax pass: NaN/inf propagate)."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return
+    if tensor.element_size() == 1:  # float8: no aminmax kernel on CPU
+        tensor = tensor.to(torch.float16)
     low, high = torch.aminmax(tensor.reshape(-1))
     if not (torch.isfinite(low) and torch.isfinite(high)):
         raise CheckpointError(f"{where}: tensor {name} contains NaN or inf; the checkpoint is corrupt or was saved "

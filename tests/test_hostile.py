@@ -425,3 +425,47 @@ def test_stale_temp_dirs_of_dead_writers_are_removed(tmp_path):
     with atomic_directory(tmp_path / "out") as tmp:
         (tmp / "a").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, unrelated.name, "out"])
+
+
+def test_a_tiny_model_over_a_tiny_gpu_names_the_overhead_not_the_weights(pristine):
+    """`memory --gpu 1GB` on a tiny model said "the frozen weights alone need 1.01 GiB": the CUDA overhead."""
+    from qlora_lite.memory import CUDA_OVERHEAD_BYTES, MemoryBudgetError, fit_to_budget
+
+    with pytest.raises(MemoryBudgetError) as info:
+        fit_to_budget(str(pristine / "base"), "1GB", batch_size=1)
+    message = str(info.value)
+    assert f"reserve {CUDA_OVERHEAD_BYTES / 2**30:.2f} GiB besides" in message, message
+    assert "the frozen weights need 0.00 GiB" in message, message
+
+
+def test_evaluation_is_capped_and_announced(tmp_path, tiny_model_dir, memorize_data, monkeypatch, capsys):
+    """A large held-out set made the step-0 evaluation look hung; every evaluation uses the same capped subset."""
+    import qlora_lite.train as train_mod
+
+    sizes, real = [], train_mod.evaluate
+
+    def spy(model, examples, *args, **kwargs):
+        sizes.append(len(examples))
+        return real(model, examples, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "MAX_EVAL_EXAMPLES", 3)
+    monkeypatch.setattr(train_mod, "evaluate", spy)
+    train_mod.train(TrainConfig(model=str(tiny_model_dir), data=str(memorize_data), out_dir=str(tmp_path / "out"),
+                                seq_len=32, max_steps=2, warmup_steps=0, eval_every=1, eval_fraction=0.5,
+                                device="cpu", lora={"r": 4}, quant={"backend": "torch"}, progress=False))
+    err = capsys.readouterr().err
+    assert sizes == [3, 3, 3], sizes  # step 0, 1 and 2, each on 3 of the 16 held-out examples
+    assert "tokenizing 32 records" in err and "eval: 3 of 16 held-out examples" in err, err
+
+
+def test_gpt2_conv1d_is_named_as_unsupported():
+    """GPT-2's Conv1D projections were described as "matches no linear layer"."""
+    from accelerate import init_empty_weights
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from qlora_lite.inject import find_targets
+
+    with init_empty_weights():
+        model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ConfigError, match=r"\['c_attn', 'c_fc', 'c_proj'\] are GPT-2-style Conv1D"):
+        find_targets(model, "all-linear")
