@@ -188,6 +188,13 @@ def read_adapter(directory: str | Path) -> AdapterFile:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{config_file} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file} is not a JSON object; an adapter config maps names such as r, "
+                              "lora_alpha and target_modules to values")
+    bad = [f"{k}={config.get(k)!r}" for k in ("r", "lora_alpha") if k in config
+           and (isinstance(config[k], bool) or not isinstance(config[k], (int, float)) or not config[k] > 0)]
+    if bad:
+        raise CheckpointError(f"{config_file}: {', '.join(bad)} must be positive numbers")
     if config.get("peft_type", "LORA") != "LORA" or "r" not in config:
         raise CheckpointError(f"{config_file} is not a LoRA adapter config (peft_type={config.get('peft_type')!r})")
     if config.get("use_dora"):
@@ -209,6 +216,9 @@ def read_adapter(directory: str | Path) -> AdapterFile:
         a, b = lora_A[module], lora_B[module]
         if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
             raise CheckpointError(f"{weights_file}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}; shapes do not chain")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):  # a diverged run: refuse before any use
+            raise CheckpointError(f"{weights_file}: {module}'s lora_A/lora_B contain NaN or inf (a diverged training "
+                                  "run?); use an earlier checkpoint's adapter")
     adapter = AdapterFile(config, lora_A, lora_B, directory)
     for module in lora_A:
         if lora_A[module].shape[0] != adapter.rank_for(module):
@@ -224,8 +234,10 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT_AD
     layers = lora_layers(model)
     missing = [m for m in adapter.modules if m not in layers]
     if missing:
-        raise CheckpointError(f"{adapter.path}: adapter targets modules this model lacks or did not wrap, e.g. "
-                              f"{missing[:3]}; load the model with target_modules covering {sorted({m.rsplit('.', 1)[-1] for m in missing})}")
+        raise CheckpointError(f"{adapter.path}: adapter targets modules this model has no LoRA layer for, e.g. "
+                              f"{missing[:3]}; use the base model it was trained on (a model built with "
+                              f"load_model(lora=...) needs target_modules covering "
+                              f"{sorted({m.rsplit('.', 1)[-1] for m in missing})})")
     for module in adapter.modules:
         layer = layers[module]
         a, b = adapter.lora_A[module], adapter.lora_B[module]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import median
@@ -32,6 +31,7 @@ from .errors import CheckpointError
 from .load import checkpoint_files
 from .nf4 import NF4Weight
 from .settings import check_base, quant_for, read_settings
+from .shards import ShardReader, read_quant_shape
 
 __all__ = [
     "Accounting", "account", "gpt3_175b_accounting", "nf4_bytes",
@@ -56,26 +56,16 @@ def nf4_bytes(n: int, blocksize: int = 64) -> int:
 
 
 def _base_shapes(base_dir: Path) -> dict[str, tuple[int, ...]]:
-    """{tensor name: logical shape} from the safetensors headers (8-byte length + JSON); no tensor data
-    is read. bnb-4bit weights report their unpacked shape (from the small quant-state tensor)."""
+    """{tensor name: logical shape} from the validated safetensors headers (shards.read_header); no tensor
+    data is read. bnb-4bit weights report their unpacked shape (from the small quant-state tensor)."""
     shapes: dict[str, tuple[int, ...]] = {}
     for file in checkpoint_files(base_dir):
-        try:
-            with open(file, "rb") as handle:
-                header = json.loads(handle.read(struct.unpack("<Q", handle.read(8))[0]))
-        except (OSError, struct.error, ValueError) as exc:
-            raise CheckpointError(f"{file}: unreadable safetensors header ({exc}); the file may be truncated") from None
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            if name.endswith(".weight.quant_state.bitsandbytes__nf4"):
-                from safetensors import safe_open
-
-                with safe_open(str(file), framework="pt") as handle:
-                    state = json.loads(bytes(handle.get_tensor(name).tolist()).decode())
-                shapes[name.split(".weight.")[0] + ".weight"] = tuple(state["shape"])
-            elif ".weight." not in name:  # skips bnb companions (absmax, quant_map, ...)
-                shapes.setdefault(name, tuple(info["shape"]))
+        with ShardReader(file) as reader:
+            for name, entry in reader.entries.items():
+                if name.endswith(".weight.quant_state.bitsandbytes__nf4"):
+                    shapes[name.split(".weight.")[0] + ".weight"] = read_quant_shape(reader, name)
+                elif ".weight." not in name:  # skips bnb companions (absmax, quant_map, ...)
+                    shapes.setdefault(name, entry.shape)
     return shapes
 
 

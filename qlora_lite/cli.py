@@ -143,10 +143,11 @@ def generate(prompt: str, model: str | None = None, adapter: str | None = None, 
     from .adapter import load_adapter
     from .config import LoraConfig
     from .embedded import embedded_model_dir
-    from .generate import answer
+    from .generate import answer, check_temperature
     from .load import load_model
     from .settings import check_base, quant_for, read_settings
 
+    check_temperature(temperature)  # before minutes of loading
     settings = read_settings(adapter) if adapter else None
     if model is None:
         recorded = settings.base.get("path") if settings else None

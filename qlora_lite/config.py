@@ -289,7 +289,9 @@ class TrainConfig:
             problems.append(f"truncation={self.truncation!r} must be 'truncate' or 'error'")
         if not isinstance(self.eval_fraction, (int, float)) or not 0.0 <= self.eval_fraction < 1.0:
             problems.append(f"eval_fraction={self.eval_fraction!r} must be in [0, 1)")
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:  # torch generators overflow past 2**63 (+ epoch)
+            problems.append(f"seed={self.seed!r} must be an integer from 0 to 4294967295")
+        if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", str(self.device)):
             problems.append(f"device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         if self.quant is not None and not isinstance(self.quant, (QuantConfig, dict)):
             problems.append("quant must be a QuantConfig, a mapping, or null for 16-bit LoRA")
@@ -333,7 +335,13 @@ def load_yaml_config(path: str | Path) -> TrainConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing YAML file", "run file")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:  # e.g. a tab or an unclosed quote: name the line, not a scanner traceback
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where} is not valid YAML ({getattr(exc, 'problem', None) or exc}); fix the "
+                          "syntax", "run file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of options, got {type(data).__name__}", "run file")
     return config_from_dict(TrainConfig, data)

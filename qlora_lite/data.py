@@ -111,8 +111,13 @@ def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
     if not path.is_file():
         raise DataError(f"{path}: no such file; pass the path of a .jsonl file with one record per line")
     located = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start + 1} of the line); save the file "
+                                "as UTF-8") from None
             if not line.strip():
                 continue
             where = f"{path}:{lineno} (record {len(located)})"

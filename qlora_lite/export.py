@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from .config import QuantConfig
-from .fsutil import atomic_directory
+from .fsutil import atomic_directory, refuse_output_over_inputs
 from .load import _build_skeleton, checkpoint_files, read_safetensors_keys
 from .inject import find_targets
 from .nf4 import NF4Weight
@@ -33,6 +33,7 @@ def write_quantized(model_dir: str | Path, out_dir: str | Path, blocksize: int =
     from safetensors.torch import save_file
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    refuse_output_over_inputs(out_dir, {"model": model_dir})  # --out X --overwrite true replaced the original
     files = checkpoint_files(model_dir)
     skeleton, _config, prequant = _build_skeleton(model_dir, torch.bfloat16)
     if prequant is not None:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .data import render_chat
 from .errors import ConfigError
 
-__all__ = ["answer"]
+__all__ = ["answer", "check_temperature"]
+
+
+def check_temperature(temperature: float) -> None:
+    """0 is greedy, > 0 samples; anything else (a negative value silently meant greedy) is refused."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise ConfigError(f"temperature={temperature!r} must be 0 (greedy) or a positive number (sampling)",
+                          "generate options")
 
 
 @torch.no_grad()
@@ -19,8 +28,7 @@ def answer(model, tokenizer, question: str, max_new_tokens: int = 48, temperatur
     global random state is the same afterwards (transformers' sampler draws from the global generator
     and takes no torch.Generator of its own).
     """
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise ConfigError(f"temperature={temperature!r} must be >= 0 (0: greedy)", "generate options")
+    check_temperature(temperature)
     prompt = render_chat(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True)
     device = next(model.parameters()).device
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)

@@ -62,6 +62,11 @@ def find_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]
         if found and unmatched:
             raise ConfigError(_no_match_message(unmatched, linears), "target_modules")
     if not found:
+        conv1d = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "Conv1D"})
+        if conv1d:  # GPT-2 and kin keep their projections in transformers' Conv1D (a transposed linear)
+            raise ConfigError(f"this model's projections {conv1d} are GPT-2-style Conv1D layers, which qlora-lite "
+                              "does not quantize or adapt; use a model with nn.Linear projections (Llama, Qwen, "
+                              "Mistral, Gemma, ...)", "model")
         raise ConfigError(_no_match_message(target_modules, linears), "target_modules")
     return found
 

@@ -23,14 +23,15 @@ import torch
 from torch import nn
 
 from .config import LoraConfig, QuantConfig, resolve_dtype
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .inject import find_targets, freeze_base, make_lora_layer, replace_module
 from .layers import DenseWeight
 from .nf4 import NF4Weight, resolve_backend
-from .shards import ShardReader, read_header
+from .shards import ShardReader, TensorEntry, read_header
 
 __all__ = ["load_model", "load_skeleton", "is_prequantized", "load_tokenizer", "checkpoint_files", "resolve_device",
-           "read_safetensors_keys", "release_free_memory"]
+           "read_safetensors_keys", "release_free_memory", "tensor_catalog", "check_finite", "tied_head",
+           "check_tied_head"]
 
 logger = logging.getLogger(__name__)
 _QUANT_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
@@ -40,7 +41,11 @@ _QUANT_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={str(device)!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:<index>'",
+                          "device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("device='cuda' requested but CUDA is not available; use device='cpu' or 'auto'")
     return device
@@ -55,12 +60,15 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}/config.json is missing; a Hugging Face model directory needs it "
                               "(save with model.save_pretrained(dir))")
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({exc}); re-save the model") from None
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}/config.json is not valid JSON ({exc}); fix or re-save it") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}/config.json is not a JSON object; fix or re-save it")
+    weight_map = _weight_map(path)
+    if weight_map is not None:
+        index = path / "model.safetensors.index.json"
         files = sorted({path / name for name in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -77,6 +85,89 @@ def checkpoint_files(path: str | Path) -> list[Path]:
         raise CheckpointError(f"{path} holds only PyTorch .bin weights; convert them to safetensors "
                               "(load with transformers and save_pretrained(..., safe_serialization=True))")
     raise CheckpointError(f"no weights in {path}: expected model.safetensors or model.safetensors.index.json")
+
+
+def _weight_map(path: Path) -> dict[str, str] | None:
+    """The index's {tensor: shard file name}, or None for a checkpoint without an index."""
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise TypeError("names must be strings")
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{index} is not a valid safetensors index ({exc}); re-save the model") from None
+    return weight_map
+
+
+def tensor_catalog(path: str | Path) -> dict[str, tuple[Path, TensorEntry]]:
+    """{tensor name: (its shard, its header entry)} of a model directory, from the headers alone.
+
+    A tensor stored in two shards, or an index whose weight_map disagrees with what the shards hold, is
+    refused: which copy a loader would take is then a matter of file order (loading used the stale one).
+    """
+    path = Path(path)
+    files = checkpoint_files(path)
+    catalog: dict[str, tuple[Path, TensorEntry]] = {}
+    for file in files:
+        for key, entry in read_header(file).items():
+            if key in catalog:
+                raise CheckpointError(f"{key} is stored twice ({catalog[key][0].name} and {file.name}); the "
+                                      "checkpoint is inconsistent: re-save it with transformers")
+            catalog[key] = (file, entry)
+    weight_map = _weight_map(path)
+    if weight_map is not None:
+        index = path / "model.safetensors.index.json"
+        for key in sorted(set(weight_map) | set(catalog)):
+            stored = catalog[key][0].name if key in catalog else None
+            if weight_map.get(key) != stored:
+                where = f"in {stored}" if stored else "in no shard"
+                raise CheckpointError(f"{index.name} says {key} is in {weight_map.get(key)}, but it is {where}; the "
+                                      "index and the shards disagree: re-save or re-download the checkpoint")
+    return catalog
+
+
+def check_finite(tensor: torch.Tensor, name: str, where: str | Path) -> None:
+    """CheckpointError naming the tensor if it holds NaN or inf (one aminmax pass: NaN/inf propagate)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    if tensor.element_size() == 1:  # float8: no aminmax kernel on CPU
+        tensor = tensor.to(torch.float16)
+    low, high = torch.aminmax(tensor.reshape(-1))
+    if not (torch.isfinite(low) and torch.isfinite(high)):
+        raise CheckpointError(f"{where}: tensor {name} contains NaN or inf; the checkpoint is corrupt or was saved "
+                              "from a diverged run: re-download or re-save it")
+
+
+def tied_head(model: nn.Module) -> tuple[str, str] | None:
+    """(output-embedding weight key, input-embedding weight key) when config ties them, else None."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return None
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embed is None:
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    return f"{names[id(head)]}.weight", f"{names[id(embed)]}.weight"
+
+
+def check_tied_head(path: str | Path, catalog: dict[str, tuple[Path, TensorEntry]], tied: tuple[str, str] | None
+                    ) -> None:
+    """Refuse tie_word_embeddings=true beside a stored head that differs from the embeddings.
+
+    Tying would silently replace the stored head (transformers warns and keeps one of them); which one
+    the user meant cannot be guessed, so loading and merging refuse alike. An identical copy is fine.
+    """
+    if tied is None or tied[0] not in catalog or tied[1] not in catalog:
+        return
+    tensors = []
+    for key in tied:
+        with ShardReader(catalog[key][0]) as reader:
+            tensors.append(reader.get(key))
+    if tensors[0].shape != tensors[1].shape or not torch.equal(tensors[0], tensors[1]):
+        raise CheckpointError(f"{path}/config.json sets tie_word_embeddings=true but the checkpoint stores a "
+                              f"{tied[0]} that differs from {tied[1]}; set tie_word_embeddings to false in config.json "
+                              f"to use the stored head, or delete {tied[0]} from the checkpoint to tie them")
 
 
 def read_safetensors_keys(file: Path) -> list[str]:
@@ -140,11 +231,18 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, lora: LoraCon
     storage = device if storage_device is None else torch.device(storage_device)
     compute_dtype = resolve_dtype(quant.compute_dtype if quant and compute_dtype == "auto" else compute_dtype, device)
     files = checkpoint_files(path)
-    tokenizer = load_tokenizer(path) if with_tokenizer else None
+    catalog = tensor_catalog(path)
     model, config, prequant = _build_skeleton(path, compute_dtype)
+    tokenizer = load_tokenizer(path) if with_tokenizer else None
+    tied = tied_head(model)
+    check_tied_head(path, catalog, tied)
 
     linear_names = find_targets(model, "all-linear")
     lora_targets = set(find_targets(model, lora.target_modules)) if lora is not None else set()
+    if tied is not None and tied[0].removesuffix(".weight") in lora_targets:
+        raise ConfigError(f"target_modules selects {tied[0].removesuffix('.weight')}, which is tied to the input "
+                          "embeddings (tie_word_embeddings); LoRA on it is not supported: leave it out of "
+                          "target_modules", "lora")
     if quant is None and prequant is not None:
         raise CheckpointError(f"{path} is a 4-bit checkpoint; it cannot be loaded as 16-bit (quant=None)")
     quantized = set(linear_names) if (quant is not None or prequant) else set()
@@ -166,13 +264,16 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, lora: LoraCon
                 module_name, _, leaf = key.rpartition(".")
                 owner = _quant_owner(key)
                 if owner is not None and owner in quantized:
-                    pending_quant[owner][key] = handle.get(key).to(storage)
+                    tensor = handle.get(key)
+                    check_finite(tensor, key, file)
+                    pending_quant[owner][key] = tensor.to(storage)
                     seen.add(f"{owner}.weight")
                     continue
                 if key not in expected:
                     unexpected.append(key)
                     continue
                 tensor = handle.get(key)
+                check_finite(tensor, key, file)  # norms and embeddings too, not only what NF4 quantizes
                 if leaf == "weight" and module_name in quantized and tensor.dtype == torch.uint8:
                     pending_quant[module_name][key] = tensor.to(storage)
                     seen.add(key)
@@ -243,7 +344,7 @@ def load_skeleton(path: str | Path, quant: QuantConfig, lora: LoraConfig | None,
     if is_prequantized(path):
         raise CheckpointError(f"{path} is a 4-bit checkpoint; load_skeleton builds the quantize-at-load model only")
     compute_dtype = resolve_dtype(quant.compute_dtype if compute_dtype == "auto" else compute_dtype, device)
-    stored = {name: entry.dtype for file in checkpoint_files(path) for name, entry in read_header(file).items()}
+    stored = {name: entry.dtype for name, (_file, entry) in tensor_catalog(path).items()}
     tokenizer = load_tokenizer(path)
     model, _, _ = _build_skeleton(path, compute_dtype)
     lora_targets = set(find_targets(model, lora.target_modules)) if lora is not None else set()

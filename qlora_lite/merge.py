@@ -24,6 +24,7 @@ Host memory: the adapter plus a few copies of the largest tensor; output bytes g
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -40,10 +41,10 @@ from torch import nn
 from .adapter import AdapterFile, read_adapter
 from .config import QuantConfig
 from .errors import CheckpointError, ConfigError, MergeError, MergeOverflowError, VerificationError
-from .fsutil import DiskFullError, OutputExistsError, atomic_directory
+from .fsutil import DiskFullError, RunLock, atomic_directory, refuse_existing, refuse_output_over_inputs
 from .inject import find_targets, lora_layers
 from .layers import DenseWeight
-from .load import checkpoint_files, release_free_memory
+from .load import check_tied_head, checkpoint_files, release_free_memory, tensor_catalog, tied_head
 from .monitor import PeakRSS
 from .nf4 import NF4Weight
 from .settings import check_base, quant_for, read_settings
@@ -156,11 +157,10 @@ def _cast_checked(name: str, w: torch.Tensor, dtype: torch.dtype, merged: bool) 
         return w
     low, high = (v.item() for v in torch.aminmax(w))
     peak = max(abs(low), abs(high))
-    if not (math.isfinite(low) and math.isfinite(high)):
-        if merged:
-            raise MergeError(f"{name}: the merged weight contains NaN or inf (the adapter or the base weight is "
-                             "not finite); check the adapter file, e.g. a diverged training run")
-        return w.to(dtype)  # already non-finite in the base: copied as it is
+    if not (math.isfinite(low) and math.isfinite(high)):  # load_model refuses such a base too
+        cause = "the adapter or the base weight is not finite" if merged else "the base checkpoint stores it so"
+        raise MergeError(f"{name}: the merged weight contains NaN or inf ({cause}); re-download or re-save the "
+                         "base, or check the adapter, e.g. a diverged training run")
     if math.isinf(torch.tensor(peak, dtype=torch.float32).to(dtype).item()):
         raise MergeOverflowError(f"{name}: values reach {peak:.6g}, beyond {str(dtype)[6:]}'s range (float16 max "
                                  "65504); merge with dtype='bfloat16' (float32's range) or dtype='float32'")
@@ -168,24 +168,6 @@ def _cast_checked(name: str, w: torch.Tensor, dtype: torch.dtype, merged: bool) 
 
 
 # ---- planning: everything is read and checked before anything is written ------------------------
-
-def _scan(files: list[Path], base_dir: Path) -> dict[str, tuple[Path, tuple[int, ...], torch.dtype]]:
-    """Every tensor's shard, shape and dtype, from the headers alone (corrupt or truncated shards fail here)."""
-    catalog: dict[str, tuple[Path, tuple[int, ...], torch.dtype]] = {}
-    for file in files:
-        for key, entry in read_header(file).items():
-            if key in catalog:
-                raise CheckpointError(f"{key} is stored twice ({catalog[key][0].name} and {file.name}); the "
-                                      "checkpoint is inconsistent: re-save it with transformers")
-            catalog[key] = (file, entry.shape, entry.dtype)
-    index = base_dir / "model.safetensors.index.json"
-    if index.is_file():
-        for key, name in json.loads(index.read_text())["weight_map"].items():
-            if key not in catalog or catalog[key][0].name != name:
-                raise CheckpointError(f"{index} says {key} is in {name}, but that shard does not hold it; "
-                                      "the index and the shards disagree: re-save or re-download the checkpoint")
-    return catalog
-
 
 def _prequant_shapes(config: dict, catalog: dict, base_dir: Path) -> dict[str, tuple[int, ...]]:
     """For a bnb-4bit checkpoint: the logical shape of each packed weight (from its quant state)."""
@@ -228,15 +210,14 @@ def _validate_adapter(adapter: AdapterFile, catalog: dict, nf4_shapes: dict, con
             problems.append(f"{module}: base weight has shape {list(shape)}, not a 2-D linear weight")
         elif (b.shape[0], a.shape[1]) != tuple(shape):
             problems.append(f"{module}: adapter is out={b.shape[0]} x in={a.shape[1]}, base weight is {list(shape)}")
-        elif not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            problems.append(f"{module}: lora_A/lora_B contain NaN or inf")
     if problems:
         raise CheckpointError(f"{adapter.path} does not fit the base checkpoint ({len(problems)} problems, e.g. "
                               + "; ".join(problems[:5]) + "); merge it into the base model it was trained on")
 
 
-def _linear_modules(base_dir: Path) -> set[str]:
-    """The linears load_model stores in NF4 (every nn.Linear but the LM head), from a meta-device skeleton."""
+def _skeleton_facts(base_dir: Path) -> tuple[set[str], tuple[str, str] | None]:
+    """From a meta-device skeleton: the linears load_model stores in NF4 (every nn.Linear but the LM head)
+    and the tied (head, embedding) weight keys, as load_model sees them."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -249,7 +230,7 @@ def _linear_modules(base_dir: Path) -> set[str]:
     except (ValueError, OSError) as exc:
         raise CheckpointError(f"{base_dir}/config.json: transformers cannot build a causal LM from it ({exc})"
                               ) from None
-    return set(find_targets(skeleton, "all-linear"))
+    return set(find_targets(skeleton, "all-linear")), tied_head(skeleton)
 
 
 def _plan(base_dir: Path, adapter_dir: Path, dtype: torch.dtype, base: BaseKind, max_bytes: int) -> _Plan:
@@ -258,14 +239,17 @@ def _plan(base_dir: Path, adapter_dir: Path, dtype: torch.dtype, base: BaseKind,
         config = json.loads((base_dir / "config.json").read_text())
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{base_dir}/config.json is not valid JSON ({exc}); re-save the model") from None
-    catalog = _scan(files, base_dir)
+    entries = tensor_catalog(base_dir)  # tensors stored twice, an index that disagrees with the shards: refused
+    catalog = {key: (file, entry.shape, entry.dtype) for key, (file, entry) in entries.items()}
     nf4_shapes = _prequant_shapes(config, catalog, base_dir)
     if nf4_shapes and base == "original":
         raise ConfigError(f"{base_dir} is a 4-bit checkpoint without original weights; use base='quantized'",
                           "merge options")
     adapter = read_adapter(adapter_dir)
     _validate_adapter(adapter, catalog, nf4_shapes, config)
-    in_nf4 = _linear_modules(base_dir) if base == "quantized" else set()
+    linears, tied = _skeleton_facts(base_dir)
+    check_tied_head(base_dir, entries, tied)  # as load_model: never publish a silently dropped head
+    in_nf4 = linears if base == "quantized" else set()
     quant_keys = {k: v[0] for k, v in catalog.items() if nf4_shapes and _QUANT_KEY.search(k)}
     items = []
     for key, (file, shape, src) in catalog.items():
@@ -319,9 +303,15 @@ class _ShardWriter:
             os.write(fd, self.headers[item.shard])
         view = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
         position = len(self.headers[item.shard]) + item.offset
-        while view.nbytes:
-            written = os.pwrite(fd, view, position)
-            view, position = view[written:], position + written
+        try:
+            while view.nbytes:
+                written = os.pwrite(fd, view, position)
+                view, position = view[written:], position + written
+        except OSError as exc:  # name the file; EFBIG is a file size limit (ulimit -f), ENOSPC a full disk
+            hint = (": the file size limit (ulimit -f) is below the shard size; raise it or pass a smaller "
+                    "--max_shard_size" if exc.errno == errno.EFBIG else "")
+            raise OSError(exc.errno, f"writing {self.paths[item.shard].name} of the merged checkpoint at byte "
+                          f"{position}: {exc.strerror}{hint}") from exc
         self.bytes_written += item.nbytes
         self.remaining[item.shard] -= 1
         if self.remaining[item.shard] == 0:
@@ -407,10 +397,15 @@ def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dt
     out_dtype = _OUT_DTYPES[dtype]
     max_bytes = parse_size(max_shard_size)
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
-    if out_dir.resolve() in (base_dir.resolve(), adapter_dir.resolve()):
-        raise ConfigError(f"out_dir {out_dir} is one of the inputs; choose a new directory", "merge options")
-    if out_dir.exists() and not overwrite:
-        raise OutputExistsError(f"{out_dir} already exists; choose another output path or pass overwrite=True")
+    refuse_output_over_inputs(out_dir, {"base model": base_dir, "adapter": adapter_dir})
+    refuse_existing(out_dir, overwrite)  # before planning; atomic_directory checks again at the commit
+    with RunLock.beside(out_dir):  # a second merge into the same out_dir is refused while this one runs
+        return _merge_locked(base_dir, adapter_dir, out_dir, out_dtype, base, quant, max_bytes, overwrite, verify,
+                             progress)
+
+
+def _merge_locked(base_dir: Path, adapter_dir: Path, out_dir: Path, out_dtype: torch.dtype, base: BaseKind,
+                  quant: QuantConfig, max_bytes: int, overwrite: bool, verify: bool, progress: bool) -> MergeReport:
     start, verification, verify_s = time.perf_counter(), None, 0.0
     plan = _plan(base_dir, adapter_dir, out_dtype, base, max_bytes)
     parent = out_dir.resolve().parent

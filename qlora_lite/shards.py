@@ -18,7 +18,7 @@ import torch
 
 from .errors import CheckpointError
 
-__all__ = ["TensorEntry", "read_header", "ShardReader"]
+__all__ = ["TensorEntry", "read_header", "ShardReader", "read_quant_shape"]
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -42,7 +42,9 @@ class TensorEntry:
 
 
 def read_header(file: str | Path) -> dict[str, TensorEntry]:
-    """Parse and check a safetensors header: JSON, known dtypes, offsets inside the file, sizes that match."""
+    """Parse and check a safetensors header as safetensors itself does: JSON, known dtypes, sizes that match
+    the shapes, and byte ranges that lie in the file, are disjoint and cover the data exactly (an overlap
+    would silently alias two tensors)."""
     file = Path(file)
     fix = "re-download or re-save it"
     try:
@@ -88,7 +90,32 @@ def read_header(file: str | Path) -> dict[str, TensorEntry]:
             raise CheckpointError(f"{file}: tensor {name!r} ends at byte {data_start + end} but the file has "
                                   f"{size}; the file is truncated; {fix}")
         entries[name] = TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
+    _check_layout(file, entries, data_start, size, fix)
     return entries
+
+
+def _check_layout(file: Path, entries: dict[str, TensorEntry], data_start: int, size: int, fix: str) -> None:
+    """Byte ranges back to back from the data start to the end of the file (safetensors' own rule)."""
+    position, previous = data_start, None
+    for entry in sorted(entries.values(), key=lambda e: (e.start, e.end)):
+        if entry.start < position:
+            raise CheckpointError(f"{file}: tensors {previous!r} and {entry.name!r} overlap (bytes "
+                                  f"{entry.start - data_start}..{position - data_start} of the data); corrupt header; {fix}")
+        if entry.start > position:
+            raise CheckpointError(f"{file}: bytes {position - data_start}..{entry.start - data_start} of the data "
+                                  f"belong to no tensor (before {entry.name!r}); corrupt header; {fix}")
+        position, previous = entry.end, entry.name
+    if position != size:
+        raise CheckpointError(f"{file}: {size - position} bytes after the last tensor belong to no tensor; "
+                              f"corrupt or not safetensors; {fix}")
+
+
+def read_quant_shape(reader: ShardReader, key: str) -> tuple[int, ...]:
+    """The logical shape of a bitsandbytes 4-bit weight from its `….quant_state.bitsandbytes__nf4` tensor."""
+    try:
+        return tuple(json.loads(bytes(reader.get(key).numpy()))["shape"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{reader.file}: unreadable quant state {key} ({exc}); re-save it") from None
 
 
 class ShardReader:
@@ -112,11 +139,13 @@ class ShardReader:
     def get(self, name: str) -> torch.Tensor:
         entry = self.entries[name]
         out = torch.empty(entry.shape, dtype=entry.dtype)
-        if entry.nbytes:
-            view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-            self._handle.seek(entry.start)
-            read = self._handle.readinto(view)
-            if read != entry.nbytes:
-                raise CheckpointError(f"{self.file}: tensor {name!r} is cut short ({read} of {entry.nbytes} bytes); "
-                                      "the file is truncated; re-download or re-save it")
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if entry.nbytes else memoryview(b"")
+        self._handle.seek(entry.start)
+        filled = 0
+        while filled < entry.nbytes:  # one read returns at most 2,147,479,552 bytes on Linux (and less on a signal)
+            read = self._handle.readinto(view[filled:])
+            if not read:
+                raise CheckpointError(f"{self.file}: tensor {name!r} is cut short ({filled} of {entry.nbytes} "
+                                      "bytes); the file is truncated; re-download or re-save it")
+            filled += read
         return out

@@ -43,7 +43,7 @@ from .checkpoint import (METRICS, check_out_dir, gather_objects, gather_training
                          load_checkpoint, save_checkpoint, truncate_metrics)
 from .config import TrainConfig, resolve_dtype
 from .data import batch_iterator, build_dataset, collate, embedded_dataset_path, load_records, split_train_eval
-from .errors import TrainingError
+from .errors import DataError, TrainingError
 from .fsdp import fsdp_mesh, full_tensor, in_turns, load_sharded, resident_base_bytes, shard_model
 from .fsutil import RunLock, atomic_write_text
 from .load import is_prequantized, load_model, load_tokenizer, release_free_memory, resolve_device
@@ -54,6 +54,11 @@ from .settings import RunSettings
 
 __all__ = ["train", "TrainingRun", "TrainResult", "evaluate", "latest_checkpoint", "build_optimizer", "lr_lambda",
            "enable_checkpointing", "check_launcher"]
+
+# Evaluations (step 0 and every eval_every) use at most this many held-out examples: a 304k-record file
+# held out ~30k and its step-0 evaluation ran for minutes without output. The held-out split is already a
+# seeded random sample, so its first examples are one too; every evaluation uses the same ones.
+MAX_EVAL_EXAMPLES = 1000
 
 
 @dataclass
@@ -277,12 +282,21 @@ class TrainingRun:
         cfg = self.cfg
         self.tokenizer = self.loaded[1] if self.loaded is not None else load_tokenizer(self.model_path)
         records = load_records(self.data_source)
+        self.log(f"data: tokenizing {len(records):,} records")  # minutes for a large file: say what is happening
         train_records, eval_records = split_train_eval(records, cfg.eval_fraction, cfg.seed)
         self.train_set = build_dataset(train_records, self.tokenizer, cfg.seq_len, packing=cfg.packing,
                                        truncation=cfg.truncation)
-        self.eval_set = (build_dataset(eval_records, self.tokenizer, cfg.seq_len, truncation="truncate")
-                         if eval_records else None)
+        try:
+            self.eval_set = (build_dataset(eval_records, self.tokenizer, cfg.seq_len, truncation="truncate")
+                             if eval_records else None)
+        except DataError:  # the training records fit: say that the held-out ones are the problem
+            raise DataError(f"none of the {len(eval_records)} held-out evaluation record(s) (eval_fraction="
+                            f"{cfg.eval_fraction}) has a trainable token within seq_len={cfg.seq_len}; raise seq_len, "
+                            "or set eval_fraction: 0") from None
         self.log(f"data: {self.train_set.summary()}")
+        if self.eval_set is not None and len(self.eval_set) > MAX_EVAL_EXAMPLES:
+            self.log(f"eval: {MAX_EVAL_EXAMPLES:,} of {len(self.eval_set):,} held-out examples (MAX_EVAL_EXAMPLES)")
+            self.eval_set = self.eval_set.examples[:MAX_EVAL_EXAMPLES]
 
     def setup_model(self) -> None:
         """The NF4 base + LoRA: loaded here (three ways, see below) or handed in (`loaded`)."""

@@ -161,6 +161,10 @@ def verify_merge(merged_dir: str | Path, base_dir: str | Path, adapter_dir: str 
     with torch.no_grad():
         for ids in batches:
             got, want = merged.eval()(input_ids=ids).logits.float(), reference(input_ids=ids).logits.float()
+            for logits, which in ((got, f"the merged checkpoint {merged_dir}"), (want, "base + adapter")):
+                if not torch.isfinite(logits).all():  # max(0.0, nan) is 0.0: a NaN model would otherwise pass
+                    raise VerificationError(f"{which} computes NaN or inf logits ({int((~torch.isfinite(logits)).sum())} "
+                                            f"of {logits.numel()}); a base or adapter weight is not finite")
             diff = (got - want).abs()
             max_diff, total_diff = max(max_diff, diff.max().item()), total_diff + diff.mean().item() * ids.numel()
             all_flips, decisive = top1_flips(got, want, tie_margin)

@@ -62,6 +62,13 @@ def _safetensors_bytes(header: dict, payload: bytes) -> bytes:
     ({"w": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16, "unknown dtype"),
     ({"w": {"dtype": "F32", "shape": [5], "data_offsets": [0, 16]}}, b"\0" * 16, "needs 20"),
     ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [16, 0]}}, b"\0" * 16, "invalid offsets"),
+    # safetensors itself refuses these ("invalid offset"); an overlap aliases two tensors' bytes
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+      "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, b"\0" * 24, "'a' and 'b' overlap"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "'a' and 'b' overlap"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, b"\0" * 16, "bytes 0..8 of the data belong to no"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 12, "4 bytes after the last tensor"),
 ])
 def test_corrupt_safetensors_headers(tmp_path, header, payload, message):
     file = tmp_path / "model.safetensors"
@@ -74,6 +81,42 @@ def test_corrupt_safetensors_headers(tmp_path, header, payload, message):
     with pytest.raises(CheckpointError, match=message) as info:
         read_header(file)
     assert str(file) in str(info.value)
+
+
+def test_a_tensor_over_2_gib_is_read_in_several_reads(tmp_path, monkeypatch):
+    """Linux returns at most 2,147,479,552 bytes per read(); one readinto reported a 2.49 GB embedding as
+    truncated. A sparse file holds a U8 tensor just over 2 GiB; the reads are counted, not copied (a fake
+    readinto with the kernel's cap), so the test takes no time and no memory."""
+    from qlora_lite.shards import ShardReader
+
+    n = 2**31 + 64
+    header = json.dumps({"big": {"dtype": "U8", "shape": [n], "data_offsets": [0, n]}}).encode()
+    file = tmp_path / "model.safetensors"
+    with open(file, "wb") as handle:
+        handle.write(len(header).to_bytes(8, "little") + header)
+        handle.truncate(8 + len(header) + n)
+    reads = []
+
+    class LinuxCappedFile:
+        def __init__(self, real):
+            self.real, self.position = real, 0
+
+        def seek(self, position):
+            self.position = position
+
+        def readinto(self, view):
+            count = min(len(view), 2_147_479_552, 8 + len(header) + n - self.position)
+            reads.append(count)
+            self.position += count
+            return count
+
+        def close(self):
+            self.real.close()
+
+    with ShardReader(file) as reader:
+        reader._handle = LinuxCappedFile(reader._handle)
+        tensor = reader.get("big")
+    assert tensor.shape == (n,) and reads == [2_147_479_552, n - 2_147_479_552]
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
