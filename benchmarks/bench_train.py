@@ -280,7 +280,8 @@ def run_side(opts) -> dict:
         torch.cuda.empty_cache()
         if opts.memory_cap_gib:
             total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, opts.memory_cap_gib * GiB / total), device)
+            index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda" has none
+            torch.cuda.set_per_process_memory_fraction(min(1.0, opts.memory_cap_gib * GiB / total), index)
             gpu["memory_cap_bytes"] = int(opts.memory_cap_gib * GiB)
     torch.manual_seed(opts.seed)
     rss = PeakRss()
