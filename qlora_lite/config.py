@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from .errors import ConfigError
+from .nf4 import SUPPORTED_BLOCKSIZES
 
 __all__ = [
     "QuantConfig",
@@ -31,7 +32,6 @@ __all__ = [
     "load_yaml_config",
 ]
 
-SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,

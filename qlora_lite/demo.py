@@ -111,7 +111,7 @@ def run_demo(out: str | None = None, steps: int = 30, seq_len: int = 128, batch_
     adapter = read_adapter(out_dir / "adapter")
     adapter_bytes = _dir_bytes(out_dir / "adapter")
     base_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
-    nf4_bytes = sum(layer.base.nbytes for layer in _nf4_layers(model))
+    nf4_bytes = sum(layer.weight.nbytes for layer in _nf4_layers(model))
     analysis_lines = _analysis_headline(out_dir / "adapter", model_dir)
     lines = [
         "# qlora-lite demo",
@@ -165,9 +165,8 @@ def run_demo(out: str | None = None, steps: int = 30, seq_len: int = 128, batch_
 
 def _nf4_layers(model):
     from .inject import lora_layers
-    from .nf4 import NF4Weight
 
-    return [layer for layer in lora_layers(model).values() if isinstance(layer.base, NF4Weight)]
+    return [layer for layer in lora_layers(model).values() if layer.quantized]
 
 
 def _analysis_headline(adapter_dir: Path, base_dir: Path) -> list[str]:

@@ -51,7 +51,7 @@ def write_quantized(model_dir: str | Path, out_dir: str | Path, blocksize: int =
                 if leaf == "weight" and module in linears:
                     dtypes.add(str(tensor.dtype).removeprefix("torch."))
                     q = NF4Weight.from_tensor(tensor, quant.blocksize, quant.double_quant, quant.backend, name=key)
-                    tensors.update({k: v.contiguous() for k, v in q.state_dict(key).items()})
+                    tensors.update({k: v.contiguous() for k, v in q.state_dict(prefix=f"{key}.").items()})
                 else:
                     tensors[key] = tensor.contiguous()
     config = json.loads((model_dir / "config.json").read_text())

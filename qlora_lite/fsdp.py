@@ -1,11 +1,9 @@
 """The quantized base sharded across processes with PyTorch's FSDP2 (`fully_shard`).
 
-    LoRALinear4bit.base = NF4Weight (plain tensors, a Python container)
-        │ shard_model: the same bytes become frozen nn.Parameters of a small module
-        ▼
-    NF4Parameters   packed uint8 (n/2, 1) · absmax codes uint8 · nested absmax fp32 · offset fp32 (1,)
-        │ fully_shard(every decoder block), fully_shard(root)
-        ▼
+    LoRALinear4bit.weight = NF4Weight: packed uint8 (n/2, 1) · absmax (codes uint8 | fp32 bits) ·
+        │                   nested absmax (fp32 bits) as frozen parameters, offset (1,) a buffer
+        │ fully_shard(every decoder block), fully_shard(root): no conversion, the storage is already
+        ▼ registered frozen parameters
     every parameter a DTensor sharded on dim 0: rank k keeps ~1/N of each tensor (bytes, scales, LoRA)
         forward / backward of a block: FSDP all-gathers its bytes ─► dequantize ─► matmul ─► frees them
 
@@ -15,12 +13,13 @@ keeping their slice. The host holds one whole NF4 model (rank 0's) and the check
 once. A checkpoint already in NF4, or a model handed in, is loaded in turns instead (`in_turns`):
 process k loads the whole model, keeps its slices, frees the rest, then k+1 starts.
 
-Why plain uint8 parameters rather than bitsandbytes' `quant_storage` or a tensor subclass:
+Why plain uint8/int32 parameters rather than bitsandbytes' `quant_storage` or a tensor subclass:
 FSDP2 shards each parameter on its own and all-gathers mixed dtypes through one uint8 buffer, so
 the bytes need not be disguised as bf16 (FSDP1's flat parameters had to be of one dtype, which is
 why QLoRA+FSDP1 stored NF4 in the compute dtype), and no subclass has to teach FSDP ~40 tensor ops
 (torchao's NF4Tensor). The quantization metadata (shape, dtype, block size) are Python attributes
 of the module, and the absmax tensors are sharded too, so a rank keeps 1/N of all 4.127 bits.
+Parameter counts and state-dict keys (bitsandbytes') are the same before and after sharding.
 
 No communication is written here: FSDP2 all-gathers and reduce-scatters; the helpers below only
 gather the small LoRA tensors and the optimizer state for checkpoints, through DTensor / DCP.
@@ -40,56 +39,11 @@ from .inject import ParameterCount, count_parameters, lora_layers
 from .load import is_prequantized, load_model, load_skeleton, release_free_memory
 from .nf4 import NF4Weight
 
-__all__ = ["NF4Parameters", "shard_model", "load_sharded", "fsdp_mesh", "in_turns", "resident_base_bytes",
+__all__ = ["shard_model", "load_sharded", "fsdp_mesh", "in_turns", "resident_base_bytes",
            "full_tensor", "ensure_process_group", "sharded_optimizer_state", "load_sharded_optimizer_state",
            "copy_into_parameter"]
 
 T = TypeVar("T")
-
-
-class NF4Parameters(nn.Module):
-    """An `NF4Weight`'s bytes as frozen parameters, with the `NF4Weight` interface the layer uses.
-
-    Outside a forward/backward under FSDP the parameters are local shards; inside, FSDP has put
-    the all-gathered tensors in their place, which is when `dequantize` is called.
-    """
-
-    def __init__(self, weight: NF4Weight):
-        super().__init__()
-        self.shape, self.dtype, self.blocksize, self.backend = weight.shape, weight.dtype, weight.blocksize, weight.backend
-        self.packed = nn.Parameter(weight.packed, requires_grad=False)
-        self.absmax = nn.Parameter(weight.absmax, requires_grad=False)
-        self.double_quant = weight.double_quant
-        if self.double_quant:  # 1-D: FSDP shards on dim 0 and cannot shard a 0-d tensor
-            self.nested_absmax = nn.Parameter(weight.nested_absmax, requires_grad=False)
-            self.offset = nn.Parameter(weight.offset.reshape(1), requires_grad=False)
-
-    def weight(self) -> NF4Weight:
-        return NF4Weight(self.packed, self.absmax, self.shape, self.dtype, self.blocksize,
-                         self.nested_absmax if self.double_quant else None,
-                         self.offset.reshape(()) if self.double_quant else None, self.backend)
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self.weight().dequantize(dtype)
-
-    @property
-    def device(self) -> torch.device:
-        return self.packed.device
-
-    @property
-    def numel(self) -> int:
-        return self.shape.numel()
-
-    def _apply(self, fn, recurse=True):
-        # Device moves only: a dtype cast of the model (`.half()`) must never touch the bytes.
-        probe = fn(torch.empty(0, device=self.device))
-        for name, param in self._parameters.items():
-            if param.device != probe.device:
-                self._parameters[name] = nn.Parameter(param.to(probe.device), requires_grad=False)
-        return self
-
-    def extra_repr(self) -> str:
-        return f"shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}"
 
 
 def ensure_process_group(device: torch.device) -> None:
@@ -143,10 +97,25 @@ def in_turns(fn: Callable[[], T]) -> T:
     return result
 
 
-def _as_parameters(model: nn.Module) -> None:
-    for layer in lora_layers(model).values():
-        if isinstance(layer.base, NF4Weight):
-            layer.base = NF4Parameters(layer.base)
+def _unshared_storage(model: nn.Module) -> None:
+    # A cached decoded absmax would be a whole (unsharded) fp32 copy on every rank; FSDP decodes per call.
+    for module in model.modules():
+        if isinstance(module, NF4Weight):
+            module.cache_absmax = False
+
+
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and persistent buffer by its registered name, as `set_model_state_dict` lists
+    them for a broadcast (a tied tensor under each of its names)."""
+    named: dict[str, torch.Tensor] = {}
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        for name, param in module.named_parameters(recurse=False):
+            named[dot + name] = param.detach()
+        for name, buffer in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                named[dot + name] = buffer
+    return named
 
 
 def _fully_shard(model: nn.Module, mesh) -> None:
@@ -159,14 +128,14 @@ def _fully_shard(model: nn.Module, mesh) -> None:
 
 
 def shard_model(model: nn.Module, device: torch.device, mesh=None) -> nn.Module:
-    """Turn every NF4 base into `NF4Parameters` and shard the model with FSDP2 over all ranks.
+    """Shard the model with FSDP2 over all ranks (the NF4 storage is sharded as it is).
 
     Each transformer block is one FSDP unit (all-gathered for its forward and again for its
     backward, freed in between); the root unit holds embeddings, final norm and head. Sharding
     itself communicates nothing (each process keeps its slice of its own full tensors), which is
     why processes may shard one after another (`in_turns`); `mesh` comes from `fsdp_mesh`.
     """
-    _as_parameters(model)
+    _unshared_storage(model)
     _fully_shard(model, mesh if mesh is not None else fsdp_mesh(device))
     return model
 
@@ -202,9 +171,11 @@ def load_sharded(path, quant: QuantConfig, lora: LoraConfig | None, device: torc
     if dist.get_rank() != 0:
         model, tokenizer = load_skeleton(path, quant, lora, device, compute_dtype)
     params = count_parameters(model)
-    _as_parameters(model)
+    _unshared_storage(model)
     if dist.get_rank() == 0:
-        whole = dict(model.state_dict())  # the whole tensors, on the host, until they have been sent
+        # the whole tensors, on the host, until they have been sent; by registered name, which is how
+        # set_model_state_dict matches them (the state dict's bitsandbytes keys name no parameter)
+        whole = _named_tensors(model)
     _fully_shard(model, mesh)
     set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     whole.clear()
@@ -236,14 +207,12 @@ def copy_into_parameter(param: torch.Tensor, value: torch.Tensor) -> None:
 
 
 def resident_base_bytes(model: nn.Module) -> int:
-    """Bytes of the quantized base this rank holds (its shards under FSDP; everything otherwise)."""
+    """Bytes of the frozen base this rank holds (its shards under FSDP; everything otherwise)."""
     total = 0
     for layer in lora_layers(model).values():
-        base = layer.base
-        if isinstance(base, NF4Parameters):
-            total += sum(_local(p).numel() * p.element_size() for p in base.parameters())
-        else:
-            total += base.nbytes
+        weight = layer.weight
+        tensors = [*weight.parameters(), *weight.buffers()] if layer.quantized else [weight]
+        total += sum(_local(t).numel() * t.element_size() for t in tensors)
     return total
 
 

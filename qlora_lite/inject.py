@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import LoraConfig, QuantConfig, resolve_lora_dtype
 from .errors import ConfigError
-from .layers import DEFAULT_ADAPTER, DenseWeight, LoRALinear4bit
+from .layers import DEFAULT_ADAPTER, LoRALinear4bit
 from .nf4 import NF4Weight
 
 __all__ = [
@@ -84,10 +84,10 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def make_lora_layer(base: NF4Weight | DenseWeight, bias: torch.Tensor | None, lora: LoraConfig | None,
+def make_lora_layer(base: NF4Weight | torch.Tensor, bias: torch.Tensor | None, lora: LoraConfig | None,
                     adapter_name: str = DEFAULT_ADAPTER, compute_dtype: torch.dtype = torch.float32,
                     device: str | torch.device | None = None) -> LoRALinear4bit:
-    """A LoRA layer on `base`; with `lora=None` a frozen quantized linear with no adapter.
+    """A LoRA layer on `base` (NF4, or a plain 16-bit weight); with `lora=None` a frozen linear with no adapter.
     `compute_dtype` and `device` (the base's when None) decide `lora_dtype="auto"` (resolve_lora_dtype)."""
     if lora is None:
         return LoRALinear4bit(base, bias, adapter_name=None)
@@ -113,7 +113,7 @@ def inject_lora(model: nn.Module, lora: LoraConfig, quant: QuantConfig | None = 
             base = NF4Weight.from_tensor(linear.weight.detach(), quant.blocksize, quant.double_quant, quant.backend,
                                          name=f"{name}.weight")
         else:
-            base = DenseWeight(linear.weight.detach())
+            base = linear.weight.detach()
         bias = None if linear.bias is None else linear.bias.detach()
         replace_module(model, name, make_lora_layer(base, bias, lora if name in targets else None,
                                                     compute_dtype=linear.weight.dtype))
@@ -147,8 +147,14 @@ class ParameterCount:
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:
-    """Counts by parameter value; a tied embedding/head is counted once."""
-    seen: set[int] = set()
+    """Counts by parameter value; a tied embedding/head is counted once.
+
+    An NF4 weight counts its values (`NF4Weight.numel`), not its packed bytes and scales, so the count
+    is the model's size whether the storage is whole, sharded by FSDP or on the meta device
+    (a DTensor's numel is the whole tensor's).
+    """
+    storage = [m for m in model.modules() if isinstance(m, NF4Weight)]
+    seen: set[int] = {id(p) for m in storage for p in m.parameters()}
     trainable = total = 0
     for param in model.parameters():
         if id(param) in seen:
@@ -156,6 +162,5 @@ def count_parameters(model: nn.Module) -> ParameterCount:
         seen.add(id(param))
         total += param.numel()
         trainable += param.numel() if param.requires_grad else 0
-    quantized = sum(m.base.numel for m in lora_layers(model).values() if isinstance(m.base, NF4Weight))
-    dense_bases = sum(m.base.weight.numel() for m in lora_layers(model).values() if isinstance(m.base, DenseWeight))
-    return ParameterCount(trainable, total + quantized + dense_bases, quantized)
+    quantized = sum(m.numel for m in storage)
+    return ParameterCount(trainable, total + quantized, quantized)

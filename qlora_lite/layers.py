@@ -20,41 +20,22 @@ from torch import nn
 
 from .nf4 import NF4Weight
 
-__all__ = ["LoRALinear4bit", "DenseWeight", "AdapterSpec", "DEFAULT_ADAPTER"]
+__all__ = ["LoRALinear4bit", "AdapterSpec", "DEFAULT_ADAPTER"]
 
 DEFAULT_ADAPTER = "default"
 
 
-class DenseWeight:
-    """A frozen 16/32-bit weight with the `NF4Weight` interface, for plain-LoRA control runs."""
+def _dense(base: NF4Weight | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W0 in `dtype`: dequantized from NF4, or the plain frozen weight of a 16-bit control run."""
+    return base.dequantize(dtype) if isinstance(base, NF4Weight) else base.to(dtype)
 
-    def __init__(self, weight: torch.Tensor):
-        self.weight = weight.detach()
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.weight.shape
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.weight.device
-
-    @property
-    def nbytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size()
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self.weight if dtype is None else self.weight.to(dtype)
-
-    def to(self, device: torch.device | str) -> DenseWeight:
-        return DenseWeight(self.weight.to(device))
-
-    def state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
-        return {prefix: self.weight}
+def _hand_packed_bytes_to_storage(layer: LoRALinear4bit, state_dict: dict, prefix: str, *_) -> None:
+    """bitsandbytes keeps the packed bytes under the layer's own `weight` key, which PyTorch's load
+    gives to the layer; pass them on to the NF4 storage module registered under that name."""
+    key = prefix + "weight"
+    if layer.quantized and key in state_dict:
+        state_dict[key + ".packed"] = state_dict.pop(key)
 
 
 @dataclass(frozen=True)
@@ -79,7 +60,7 @@ class _LoRABaseMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_lora, lora_A, lora_B, bias, base, scaling):
-        weight = base.dequantize(x.dtype)
+        weight = _dense(base, x.dtype)
         y = torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
         del weight
         ctx.base, ctx.scaling, ctx.has_lora = base, scaling, lora_A is not None
@@ -101,7 +82,7 @@ class _LoRABaseMatmul(torch.autograd.Function):
             x_lora, xa, lora_A, lora_B = ctx.saved_tensors
             gb = flat_g @ lora_B.to(grad_y.dtype)  # (tokens, r)
         if ctx.needs_input_grad[0]:
-            grad_x = grad_y @ ctx.base.dequantize(grad_y.dtype)
+            grad_x = grad_y @ _dense(ctx.base, grad_y.dtype)
             if ctx.has_lora and ctx.lora_input_is_input and ctx.needs_input_grad[1]:
                 grad_x.view(-1, grad_x.shape[-1]).addmm_(gb, s * lora_A.to(grad_y.dtype))
         if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
@@ -117,20 +98,21 @@ class _LoRABaseMatmul(torch.autograd.Function):
 
 
 class LoRALinear4bit(nn.Module):
-    """A linear layer with a frozen NF4 base (or a `DenseWeight`, for 16-bit LoRA) and named adapters.
+    """A linear layer with a frozen base `weight` and named LoRA adapters.
 
-    `.to(device)` moves the base's bytes; dtype conversions (`.half()`, `.to(bf16)`) apply to the
-    LoRA parameters and bias only — the quantized base is never re-cast or re-quantized.
+    `weight` is an `NF4Weight` (a module whose bytes and scales are registered frozen tensors;
+    its state dict is bitsandbytes' `weight`, `weight.absmax`, ...) or, for a 16-bit LoRA control
+    run, a plain frozen `nn.Parameter` as in `nn.Linear`. Both move with `.to(device)` and are
+    visited by `parameters()`, `state_dict()` and FSDP like any other tensor of the model; a dtype
+    cast (`.half()`) re-casts a plain weight and leaves the NF4 bytes and scales alone.
     """
 
-    def __init__(self, base: NF4Weight | DenseWeight, bias: torch.Tensor | None = None, r: int = 16,
+    def __init__(self, base: NF4Weight | torch.Tensor, bias: torch.Tensor | None = None, r: int = 16,
                  lora_alpha: float = 32.0, lora_dropout: float = 0.0, use_rslora: bool = False,
                  init_lora_weights: str = "kaiming", lora_dtype: torch.dtype = torch.float32,
                  adapter_name: str | None = DEFAULT_ADAPTER):
         super().__init__()
-        if isinstance(base, torch.Tensor):
-            base = DenseWeight(base)
-        self.base = base
+        self.weight = base if isinstance(base, NF4Weight) else nn.Parameter(base.detach(), requires_grad=False)
         self.out_features, self.in_features = base.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.lora_A = nn.ParameterDict()
@@ -141,6 +123,16 @@ class LoRALinear4bit(nn.Module):
         self._disabled = False
         if adapter_name is not None:  # None: a frozen quantized linear that carries no adapter
             self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype)
+        self.register_load_state_dict_pre_hook(_hand_packed_bytes_to_storage)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the base is stored NF4 (else a plain 16/32-bit weight)."""
+        return isinstance(self.weight, NF4Weight)
+
+    def base_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W0 in `dtype`: what the layer computes with (dequantized where it is NF4)."""
+        return _dense(self.weight, dtype)
 
     # ---- adapters --------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
@@ -148,7 +140,7 @@ class LoRALinear4bit(nn.Module):
                     dtype: torch.dtype = torch.float32, activate: bool = True) -> None:
         if r <= 0 or r > min(self.in_features, self.out_features):
             raise ValueError(f"rank r={r} must be in [1, min(in, out) = {min(self.in_features, self.out_features)}]")
-        device = self.base.device
+        device = self.weight.device
         lora_A = torch.empty(r, self.in_features, dtype=dtype, device=device)
         if init_lora_weights == "gaussian":
             nn.init.normal_(lora_A, std=1 / r)
@@ -194,9 +186,9 @@ class LoRALinear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = None if self._disabled else self.active_adapter
         if name is None:
-            return _LoRABaseMatmul.apply(x, x, None, None, self.bias, self.base, 0.0)
+            return _LoRABaseMatmul.apply(x, x, None, None, self.bias, self.weight, 0.0)
         x_lora = self.lora_dropout[name](x)
-        return _LoRABaseMatmul.apply(x, x_lora, self.lora_A[name], self.lora_B[name], self.bias, self.base,
+        return _LoRABaseMatmul.apply(x, x_lora, self.lora_A[name], self.lora_B[name], self.bias, self.weight,
                                      self.adapters[name].scaling)
 
     def delta_weight(self, name: str | None = None) -> torch.Tensor:
@@ -206,34 +198,10 @@ class LoRALinear4bit(nn.Module):
 
     def merged_weight(self, name: str | None = None) -> torch.Tensor:
         """dequantize(W0) + s·B·A, in fp32: exactly the weight the adapter forward computes with."""
-        return self.base.dequantize(torch.float32) + self.delta_weight(name)
-
-    # ---- module plumbing --------------------------------------------------------------------
-    def _apply(self, fn, recurse=True):
-        # Learn the target device from a probe; the base keeps its dtype and bytes.
-        probe = fn(torch.empty(0, device=self.base.device))
-        if probe.device != self.base.device:
-            self.base = self.base.to(probe.device)
-        return super()._apply(fn, recurse)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if not isinstance(self.base, nn.Module):  # FSDP storage (fsdp.NF4Parameters) saves itself
-            destination.update(self.base.state_dict(prefix + "weight"))
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        # The base is frozen and loaded by load.py; here we only accept (and ignore) its keys.
-        base_keys = [k for k in state_dict if k == prefix + "weight" or k.startswith(prefix + "weight.")]
-        saved = {k: state_dict.pop(k) for k in base_keys}
-        try:
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                          unexpected_keys, error_msgs)
-        finally:
-            state_dict.update(saved)
+        return self.base_weight(torch.float32) + self.delta_weight(name)
 
     def extra_repr(self) -> str:
-        kind = type(self.base).__name__
+        kind = "NF4" if self.quantized else str(self.weight.dtype).removeprefix("torch.")
         spec = self.adapters.get(self.active_adapter) if self.active_adapter else None
         lora = f"r={spec.r}, alpha={spec.lora_alpha}" if spec else "no adapter"
         return f"in={self.in_features}, out={self.out_features}, base={kind}, {lora}, active={self.active_adapter!r}"

@@ -25,7 +25,6 @@ from torch import nn
 from .config import LoraConfig, QuantConfig, resolve_dtype
 from .errors import CheckpointError, ConfigError
 from .inject import find_targets, freeze_base, make_lora_layer, replace_module
-from .layers import DenseWeight
 from .nf4 import NF4Weight, resolve_backend
 from .shards import ShardReader, TensorEntry, read_header
 
@@ -248,7 +247,7 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, lora: LoraCon
     quantized = set(linear_names) if (quant is not None or prequant) else set()
     kept_dense = lora_targets - quantized
     expected = dict(model.state_dict(keep_vars=True))
-    bases: dict[str, NF4Weight | DenseWeight] = {}
+    bases: dict[str, NF4Weight | torch.Tensor] = {}
     pending_quant: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     seen: set[str] = set()
     unexpected: list[str] = []
@@ -287,7 +286,7 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, lora: LoraCon
                     bases[module_name] = NF4Weight.from_tensor(tensor.to(device), quant.blocksize, quant.double_quant,
                                                                quant.backend, name=key).to(storage)
                 elif leaf == "weight" and module_name in kept_dense:
-                    bases[module_name] = DenseWeight(tensor.to(device=storage, dtype=compute_dtype))
+                    bases[module_name] = tensor.to(device=storage, dtype=compute_dtype)
                 else:
                     _set_tensor(model, key, tensor.to(device=storage, dtype=_target_dtype(tensor, compute_dtype)))
                 del tensor

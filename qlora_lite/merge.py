@@ -43,7 +43,6 @@ from .config import QuantConfig
 from .errors import CheckpointError, ConfigError, MergeError, MergeOverflowError, VerificationError
 from .fsutil import DiskFullError, RunLock, atomic_directory, refuse_existing, refuse_output_over_inputs
 from .inject import find_targets, lora_layers
-from .layers import DenseWeight
 from .load import check_tied_head, checkpoint_files, release_free_memory, tensor_catalog, tied_head
 from .monitor import PeakRSS
 from .nf4 import NF4Weight
@@ -464,16 +463,16 @@ def merge_adapter(model: nn.Module, name: str | None = None) -> list[str]:
               if (name or l.active_adapter) in l.adapters and getattr(l, "merged_adapter", None) is None}
     if not layers:
         raise MergeError(f"no unmerged adapter {name!r} to merge in this model")
-    nf4 = [p for p, l in layers.items() if not isinstance(l.base, DenseWeight)]
+    nf4 = [p for p, l in layers.items() if l.quantized]
     if nf4:
         raise MergeError(f"{nf4[0]} (and {len(nf4) - 1} more) have a 4-bit NF4 base: merging s·B·A into 4 bits "
                          "rounds the update away (each weight can only land on one of 16 levels per block; this is "
                          "how PEFT's merge_and_unload on a 4-bit model loses a fine-tune). Use "
                          "qlora_lite.merge.merge(base_dir, adapter_dir, out_dir) to write a 16-bit merged checkpoint")
     for path, layer in layers.items():
-        adapter, w = name or layer.active_adapter, layer.base.weight
+        adapter, w = name or layer.active_adapter, layer.weight
         merged = w.float() + layer.delta_weight(adapter)
-        layer.base = DenseWeight(_cast_checked(f"{path}.weight", merged, w.dtype, merged=True))
+        layer.weight = nn.Parameter(_cast_checked(f"{path}.weight", merged, w.dtype, merged=True), requires_grad=False)
         layer.merged_adapter, layer.active_adapter = adapter, None
     return list(layers)
 
@@ -484,8 +483,8 @@ def unmerge_adapter(model: nn.Module) -> list[str]:
     for path, layer in lora_layers(model).items():
         adapter = getattr(layer, "merged_adapter", None)
         if adapter is not None:
-            w = layer.base.weight
-            layer.base = DenseWeight((w.float() - layer.delta_weight(adapter)).to(w.dtype))
+            w = layer.weight
+            layer.weight = nn.Parameter((w.float() - layer.delta_weight(adapter)).to(w.dtype), requires_grad=False)
             layer.merged_adapter, layer.active_adapter = None, adapter
             undone.append(path)
     return undone

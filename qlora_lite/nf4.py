@@ -22,16 +22,15 @@ from __future__ import annotations
 import functools
 import json
 import math
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
-
-from .config import SUPPORTED_BLOCKSIZES
+from torch import nn
 
 __all__ = [
     "NF4_CODE",
     "NESTED_BLOCKSIZE",
+    "SUPPORTED_BLOCKSIZES",
     "NF4Weight",
     "dynamic_map",
     "bitsandbytes_available",
@@ -52,6 +51,7 @@ NF4_CODE = torch.tensor(
 )
 _NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the double-quantized absmax
+SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 Backend = Literal["auto", "bitsandbytes", "torch"]
@@ -208,25 +208,56 @@ def _dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocks
 
 
 # --------------------------------------------------------------------------------------------
-# the container
+# the storage
 # --------------------------------------------------------------------------------------------
 
-@dataclass(eq=False)
-class NF4Weight:
-    """A frozen 2-D weight stored as NF4 with bitsandbytes' layout.
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """An fp32 tensor as its int32 bit pattern (a zero-copy view); uint8 codes stay as they are."""
+    return t.view(torch.int32) if t.dtype == torch.float32 else t
 
-    `absmax` holds fp32 block scales, or with double quantization their uint8 codes, in which
-    case `nested_absmax` (fp32, one per 256 blocks) and `offset` (fp32 scalar) complete it.
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+class NF4Weight(nn.Module):
+    """A frozen 2-D weight stored as NF4 with bitsandbytes' layout: one module, registered tensors.
+
+    Registered (what `.to(device)`, FSDP2's `fully_shard` and parameter iteration see):
+      `packed`             uint8 (ceil(n/2), 1)  frozen parameter, 2 codes per byte
+      `absmax_raw`         frozen parameter: the block scales, fp32, or with double quantization
+                           their uint8 codes
+      `nested_absmax_raw`  frozen parameter, fp32, one per 256 blocks (double quantization only)
+      `offset_raw`         buffer of one fp32 (double quantization only)
+    fp32 tensors are held as their int32 bit pattern: PyTorch's dtype casts (`.half()`,
+    `.to(torch.bfloat16)`) touch floating tensors only, so a model-wide cast leaves the format
+    alone with no override, exactly as it leaves the uint8 bytes. `absmax`, `nested_absmax` and
+    `offset` are the fp32 views (no copy). Shape, dtype and block size are Python attributes.
+
+    `state_dict()` writes bitsandbytes' keys for a `Linear4bit` named by the prefix (registered as a
+    layer's `weight`: `weight`, `weight.absmax`, `weight.quant_map`, ...; standalone: "weight");
+    `load_state_dict` reads them (or the registered names, which `torch.distributed.checkpoint`
+    hands back when FSDP broadcasts a model).
     """
 
-    packed: torch.Tensor
-    absmax: torch.Tensor
-    shape: torch.Size
-    dtype: torch.dtype
-    blocksize: int = 64
-    nested_absmax: torch.Tensor | None = None
-    offset: torch.Tensor | None = None
-    backend: Literal["bitsandbytes", "torch"] = "torch"
+    def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...] | torch.Size,
+                 dtype: torch.dtype, blocksize: int = 64, nested_absmax: torch.Tensor | None = None,
+                 offset: torch.Tensor | None = None, backend: Literal["bitsandbytes", "torch"] = "torch",
+                 cache_absmax: bool | None = None):
+        super().__init__()
+        self.shape, self.dtype, self.blocksize, self.backend = torch.Size(shape), dtype, blocksize, backend
+        # None: cache the decoded block scales on CPU only (see `block_absmax`)
+        self.cache_absmax = cache_absmax
+        self._absmax_cache: tuple | None = None
+        self.packed = _frozen(packed)
+        self.absmax_raw = _frozen(_bits(absmax))
+        if nested_absmax is None:
+            self.register_parameter("nested_absmax_raw", None)
+            self.register_buffer("offset_raw", None)
+        else:
+            self.nested_absmax_raw = _frozen(_bits(nested_absmax))
+            # (1,), not 0-d: a broadcast (fsdp.load_sharded) then sends it to the device as a tensor
+            self.register_buffer("offset_raw", _bits(offset.reshape(1)))
 
     # ---- construction ------------------------------------------------------------------
     @classmethod
@@ -263,14 +294,28 @@ class NF4Weight:
         blocks = -(-n // blocksize)
         packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device)
         if not double_quant:
-            return cls(packed, torch.empty(blocks, device=device), torch.Size(shape), dtype, blocksize, backend=backend)
-        return cls(packed, torch.empty(blocks, dtype=torch.uint8, device=device), torch.Size(shape), dtype, blocksize,
+            return cls(packed, torch.empty(blocks, device=device), shape, dtype, blocksize, backend=backend)
+        return cls(packed, torch.empty(blocks, dtype=torch.uint8, device=device), shape, dtype, blocksize,
                    torch.empty(-(-blocks // NESTED_BLOCKSIZE), device=device), torch.empty((), device=device), backend)
 
     # ---- properties ----------------------------------------------------------------------
     @property
+    def absmax(self) -> torch.Tensor:
+        """fp32 block scales, or with double quantization their uint8 codes."""
+        raw = self.absmax_raw
+        return raw if raw.dtype == torch.uint8 else raw.view(torch.float32)
+
+    @property
+    def nested_absmax(self) -> torch.Tensor | None:
+        return None if self.nested_absmax_raw is None else self.nested_absmax_raw.view(torch.float32)
+
+    @property
+    def offset(self) -> torch.Tensor | None:
+        return None if self.offset_raw is None else self.offset_raw.view(torch.float32).reshape(())
+
+    @property
     def double_quant(self) -> bool:
-        return self.nested_absmax is not None
+        return self.nested_absmax_raw is not None
 
     @property
     def device(self) -> torch.device:
@@ -283,10 +328,7 @@ class NF4Weight:
     @property
     def nbytes(self) -> int:
         """Bytes this weight occupies (the shared 16- and 256-entry code tables excluded)."""
-        total = self.packed.numel() * self.packed.element_size() + self.absmax.numel() * self.absmax.element_size()
-        if self.double_quant:
-            total += self.nested_absmax.numel() * 4 + 4
-        return total
+        return sum(t.numel() * t.element_size() for t in (*self.parameters(), *self.buffers()))
 
     @property
     def bits_per_param(self) -> float:
@@ -294,9 +336,30 @@ class NF4Weight:
 
     # ---- compute --------------------------------------------------------------------------
     def block_absmax(self) -> torch.Tensor:
-        """fp32 absmax per 64-block (decoding the double quantization if present)."""
+        """fp32 absmax per block (decoding the double quantization if present).
+
+        The decoded scales never change while the base is frozen, yet every dequantize (forward,
+        and backward for grad_x) would decode them again. They are cached where that pays and costs
+        little: on CPU by default (`cache_absmax=None`), where the decode is a gather plus a
+        repeat_interleave per call; not on GPU, where the decode is one small kernel and the fp32
+        copy would cost 0.5 bit/param of GPU memory (12% of the 4.127-bit format). `cache_absmax`
+        True/False forces it. The cache is keyed by the storages and versions it came from, so a
+        move, a load or an in-place write recomputes it.
+        """
         if not self.double_quant:
-            return self.absmax.float()
+            return self.absmax
+        cache = self.device.type == "cpu" if self.cache_absmax is None else self.cache_absmax
+        if not cache:
+            self._absmax_cache = None
+            return self._decode_absmax()
+        sources = (self.absmax_raw, self.nested_absmax_raw, self.offset_raw)
+        key = tuple((t.data_ptr(), t._version, t.device) for t in sources)
+        if self._absmax_cache is None or self._absmax_cache[0] != key:
+            # the aliases keep the source storages alive, so their addresses cannot be reused by others
+            self._absmax_cache = (key, self._decode_absmax(), [t.detach() for t in sources])
+        return self._absmax_cache[1]
+
+    def _decode_absmax(self) -> torch.Tensor:
         return _dequantize_blockwise_8bit(self.absmax, self.nested_absmax, NESTED_BLOCKSIZE) + self.offset
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -312,51 +375,83 @@ class NF4Weight:
         # Measured with bitsandbytes 0.50.2: its CPU NF4 dequantize kernel returns wrong values when
         # a row's length is not a multiple of the block size (blocks straddling rows, e.g. 128x96),
         # and odd row lengths go through a torch.compile fallback. Those shapes use the torch path.
-        return self.device.type != "cpu" or self.shape[-1] % self.blocksize == 0
+        # Off CPU and CUDA (e.g. meta) bitsandbytes has no kernel.
+        if self.device.type == "cpu":
+            return self.shape[-1] % self.blocksize == 0
+        return self.device.type == "cuda"
 
     def _quant_state(self, dtype: torch.dtype):
         from bitsandbytes.functional import QuantState
 
+        code = NF4_CODE.to(self.device)
+        if self.double_quant and (self.cache_absmax or (self.cache_absmax is None and self.device.type == "cpu")):
+            # the cached decoded scales: bitsandbytes then skips its own absmax decode
+            return QuantState(absmax=self.block_absmax(), shape=self.shape, code=code, blocksize=self.blocksize,
+                              quant_type="nf4", dtype=dtype)
         state2 = None
         if self.double_quant:
             state2 = QuantState(absmax=self.nested_absmax, code=dynamic_map().to(self.device),
                                 blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
-        return QuantState(absmax=self.absmax, shape=self.shape, code=NF4_CODE.to(self.device),
-                          blocksize=self.blocksize, quant_type="nf4", dtype=dtype,
-                          offset=self.offset, state2=state2)
-
-    def to(self, device: torch.device | str) -> NF4Weight:
-        """Same bytes on another device; never a dtype change, never a re-quantization."""
-        device = torch.device(device)
-        if device == self.device:
-            return self
-
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
-
-        backend = self.backend if device.type in ("cuda", "cpu") else "torch"
-        return NF4Weight(move(self.packed), move(self.absmax), self.shape, self.dtype, self.blocksize,
-                         move(self.nested_absmax), move(self.offset), backend)
+        return QuantState(absmax=self.absmax, shape=self.shape, code=code, blocksize=self.blocksize,
+                          quant_type="nf4", dtype=dtype, offset=self.offset, state2=state2)
 
     def with_backend(self, backend: Backend) -> NF4Weight:
-        return NF4Weight(self.packed, self.absmax, self.shape, self.dtype, self.blocksize,
-                         self.nested_absmax, self.offset, resolve_backend(backend, self.device))
+        """The same tensors (shared, not copied) dequantized through another backend."""
+        return NF4Weight(self.packed.detach(), self.absmax.detach(), self.shape, self.dtype, self.blocksize,
+                         None if self.nested_absmax is None else self.nested_absmax.detach(),
+                         None if self.offset is None else self.offset.detach(),
+                         resolve_backend(backend, self.device), self.cache_absmax)
 
-    # ---- serialization ------------------------------------------------------------------
-    def state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
-        """Tensors under exactly the keys transformers + bitsandbytes write for a `Linear4bit`."""
+    # ---- serialization: bitsandbytes' keys --------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        name = prefix[:-1] or "weight"  # as a layer's `weight`; standalone, named like one
         meta: dict = {"quant_type": "nf4", "blocksize": self.blocksize,
                       "dtype": _DTYPE_NAMES[self.dtype], "shape": list(self.shape)}
-        out = {prefix: self.packed, f"{prefix}.absmax": self.absmax,
-               f"{prefix}.quant_map": NF4_CODE.to(self.device).clone()}
+
+        def value(t: torch.Tensor) -> torch.Tensor:
+            return t if keep_vars else t.detach()
+
+        destination[name] = value(self.packed)
+        destination[f"{name}.absmax"] = value(self.absmax)
+        destination[f"{name}.quant_map"] = NF4_CODE.to(self.device).clone()
         if self.double_quant:
-            out[f"{prefix}.nested_absmax"] = self.nested_absmax
-            out[f"{prefix}.nested_quant_map"] = dynamic_map().to(self.device).clone()
+            destination[f"{name}.nested_absmax"] = value(self.nested_absmax)
+            destination[f"{name}.nested_quant_map"] = dynamic_map().to(self.device).clone()
             meta.update({"nested_blocksize": NESTED_BLOCKSIZE, "nested_dtype": "float32",
-                         "nested_offset": self.offset.item()})
+                         # a meta skeleton has no values to save
+                         "nested_offset": None if self.offset.is_meta else self.offset.item()})
         blob = json.dumps(meta).encode("utf-8")
-        out[f"{prefix}.quant_state.bitsandbytes__nf4"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
-        return out
+        destination[f"{name}.quant_state.bitsandbytes__nf4"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        name = prefix[:-1] or "weight"
+        # bitsandbytes' keys: the packed bytes are `name` itself, which PyTorch hands to the parent;
+        # a `LoRALinear4bit` passes them on as `packed` (standalone, they are here as "weight")
+        packed = state_dict.get(prefix + "packed", state_dict.get(name))
+        if prefix + "absmax_raw" not in state_dict and packed is not None:
+            own = {name: packed, **{k: v for k, v in state_dict.items() if k.startswith(name + ".")}}
+            own.pop(prefix + "packed", None)
+            try:
+                loaded = NF4Weight.from_state_dict(own, name, backend="torch")
+            except ValueError as exc:
+                error_msgs.append(str(exc))
+                return
+            mine, theirs = self._format(), loaded._format()
+            if mine != theirs:
+                error_msgs.append(f"{name}: the checkpoint stores {theirs}, this model {mine}")
+                return
+            state_dict = {prefix + k: v for k, v in loaded._named_raw().items()}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self._absmax_cache = None
+
+    def _format(self) -> dict:
+        return {"shape": list(self.shape), "dtype": self.dtype, "blocksize": self.blocksize,
+                "double_quant": self.double_quant}
+
+    def _named_raw(self) -> dict[str, torch.Tensor]:
+        return {**dict(self.named_parameters()), **dict(self.named_buffers())}
 
     @classmethod
     def from_state_dict(cls, tensors: dict[str, torch.Tensor], prefix: str = "weight",
@@ -411,10 +506,9 @@ class NF4Weight:
                    None if nested is None else nested.reshape(-1), offset,
                    resolve_backend(backend, packed.device))
 
-    def __repr__(self) -> str:
-        return (f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
-                f"double_quant={self.double_quant}, backend={self.backend}, device={self.device}, "
-                f"bits_per_param={self.bits_per_param:.3f})")
+    def extra_repr(self) -> str:
+        return (f"shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
+                f"double_quant={self.double_quant}, backend={self.backend}, bits_per_param={self.bits_per_param:.3f}")
 
 
 def _validate_weight(weight: torch.Tensor, blocksize: int, name: str) -> None:

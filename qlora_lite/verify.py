@@ -23,7 +23,7 @@ from .adapter import load_adapter, read_adapter
 from .config import QuantConfig
 from .errors import VerificationError
 from .inject import replace_module
-from .layers import DenseWeight, LoRALinear4bit
+from .layers import LoRALinear4bit
 from .load import load_model, load_tokenizer
 from .settings import check_base, quant_for, read_settings
 
@@ -114,7 +114,7 @@ def _reference_model(base_dir: Path, adapter_dir: Path, quant: QuantConfig, base
         for module in read_adapter(adapter_dir).modules:
             linear = model.get_submodule(module)
             bias = None if linear.bias is None else linear.bias.detach()
-            replace_module(model, module, LoRALinear4bit(DenseWeight(linear.weight.detach()), bias, adapter_name=None))
+            replace_module(model, module, LoRALinear4bit(linear.weight.detach(), bias, adapter_name=None))
     load_adapter(model, adapter_dir)
     return model
 
