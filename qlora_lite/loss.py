@@ -14,10 +14,13 @@ the forward pass (the loss is a scalar at the end of the graph, so nothing is lo
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
-__all__ = ["chunked_cross_entropy", "install_chunked_loss", "supports_chunked_loss"]
+__all__ = ["chunked_cross_entropy", "ChunkedLoss", "install_chunked_loss", "chunked_loss", "supports_chunked_loss"]
 
 IGNORE_INDEX = -100
 
@@ -86,25 +89,68 @@ def supports_chunked_loss(model: nn.Module) -> str | None:
     return None
 
 
-def install_chunked_loss(model: nn.Module, chunk_tokens: int = 1024) -> bool:
-    """Compute the loss of `model(..., labels=...)` chunk by chunk; calls without labels are unchanged.
+class ChunkedLoss:
+    """The chunked loss installed on one model; `remove()` (or leaving a `with` block) restores it.
 
     The override is on the instance's `forward`, so DDP and FSDP wrappers (which call the module)
-    and their hooks see it. Returns False, changing nothing, where `supports_chunked_loss` says no.
+    and their hooks see it; whatever `forward` the instance had before is put back on removal.
+    """
+
+    def __init__(self, model: nn.Module, chunk_tokens: int):
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        self.model = model
+        self._previous = vars(model).get("forward")  # an instance-level forward someone else set, if any
+        original, decoder, head = model.forward, model.get_decoder(), model.get_output_embeddings()
+
+        def forward(input_ids=None, attention_mask=None, labels=None, **kwargs):
+            if labels is None:
+                return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+            loss = chunked_cross_entropy(hidden[:, :-1].flatten(0, 1), head.weight,
+                                         labels[:, 1:].flatten().to(hidden.device), chunk_tokens)
+            return CausalLMOutputWithPast(loss=loss)
+
+        self._forward = forward
+        model.forward = forward
+
+    @property
+    def installed(self) -> bool:
+        return vars(self.model).get("forward") is self._forward
+
+    def remove(self) -> None:
+        """Give the model back its own loss (idempotent)."""
+        if not self.installed:
+            return
+        if self._previous is None:
+            del self.model.forward
+        else:
+            self.model.forward = self._previous
+
+    def __enter__(self) -> ChunkedLoss:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def install_chunked_loss(model: nn.Module, chunk_tokens: int = 1024) -> ChunkedLoss | None:
+    """Compute the loss of `model(..., labels=...)` chunk by chunk; calls without labels are unchanged.
+
+    Returns the installed `ChunkedLoss` (remove it, or use it as a context manager, to restore the
+    model's own loss), or None, changing nothing, where `supports_chunked_loss` says no.
     """
     if supports_chunked_loss(model) is not None:
-        return False
-    from transformers.modeling_outputs import CausalLMOutputWithPast
+        return None
+    return ChunkedLoss(model, chunk_tokens)
 
-    original, decoder, head = model.forward, model.get_decoder(), model.get_output_embeddings()
 
-    def forward(input_ids=None, attention_mask=None, labels=None, **kwargs):
-        if labels is None:
-            return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        loss = chunked_cross_entropy(hidden[:, :-1].flatten(0, 1), head.weight,
-                                     labels[:, 1:].flatten().to(hidden.device), chunk_tokens)
-        return CausalLMOutputWithPast(loss=loss)
-
-    model.forward = forward
-    return True
+@contextlib.contextmanager
+def chunked_loss(model: nn.Module, chunk_tokens: int = 1024) -> Iterator[ChunkedLoss | None]:
+    """`install_chunked_loss` for the duration of a `with` block (None inside where it is not supported)."""
+    handle = install_chunked_loss(model, chunk_tokens)
+    try:
+        yield handle
+    finally:
+        if handle is not None:
+            handle.remove()

@@ -47,7 +47,7 @@ from .errors import DataError, TrainingError
 from .fsdp import fsdp_mesh, full_tensor, in_turns, load_sharded, resident_base_bytes, shard_model
 from .fsutil import RunLock, atomic_write_text
 from .load import is_prequantized, load_model, load_tokenizer, release_free_memory, resolve_device
-from .loss import install_chunked_loss, supports_chunked_loss
+from .loss import ChunkedLoss, install_chunked_loss, supports_chunked_loss
 from .memory import GiB, MemoryEstimate
 from .monitor import MemoryMonitor, preflight
 from .settings import RunSettings
@@ -261,6 +261,7 @@ class TrainingRun:
                                       "fsdp": cfg.fsdp}
         self.start_step = 0
         self.plan: MemoryEstimate | None = None
+        self.chunked_loss: ChunkedLoss | None = None  # installed for this run's loop only (train_loop removes it)
 
     # ---- setup ------------------------------------------------------------------------------
 
@@ -346,7 +347,7 @@ class TrainingRun:
         if cfg.loss_chunk_tokens:
             why_not = supports_chunked_loss(model)
             if why_not is None:
-                install_chunked_loss(model, cfg.loss_chunk_tokens)
+                self.chunked_loss = install_chunked_loss(model, cfg.loss_chunk_tokens)
             else:
                 self.log(f"note: the loss uses the full logits: {why_not}")
         self.trainable = [p for p in model.parameters() if p.requires_grad]
@@ -466,6 +467,8 @@ class TrainingRun:
                     break
         if progress:
             progress.close()
+        if self.chunked_loss is not None:
+            self.chunked_loss.remove()
         self.monitor.mark("steady_state")
         return step, interrupted
 

@@ -51,7 +51,7 @@ def dequantized_base(original: torch.nn.Module, ours: torch.nn.Module) -> torch.
     """A plain 16-bit copy of `original` whose quantized linears hold our dequantized NF4 weights."""
     base = copy.deepcopy(original)
     for path, layer in lora_layers(ours).items():
-        base.get_submodule(path).weight.data = layer.base.dequantize(torch.float32).clone()
+        base.get_submodule(path).weight.data = layer.weight.dequantize(torch.float32).clone()
     return base
 
 
@@ -59,7 +59,7 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every byte of every frozen NF4 base."""
     out = {}
     for path, layer in lora_layers(model).items():
-        for key, tensor in layer.base.state_dict(f"{path}.weight").items():
+        for key, tensor in layer.weight.state_dict(prefix=f"{path}.weight.").items():
             out[key] = tensor.clone()
     return out
 
@@ -163,7 +163,7 @@ def test_named_adapters_switch_disable_delete_without_touching_nf4(tmp_path):
 
     model, _ = load_model(tmp_path / "base", QuantConfig(), lora=None, device="cpu", compute_dtype=torch.float32,
                           with_tokenizer=False)
-    before, bases = snapshot(model), {p: l.base for p, l in lora_layers(model).items()}
+    before, bases = snapshot(model), {p: l.weight for p, l in lora_layers(model).items()}
     base_out = logits(model, IDS)
     load_adapter(model, tmp_path / "a", name="a")
     load_adapter(model, tmp_path / "b", name="b")
@@ -193,7 +193,7 @@ def test_named_adapters_switch_disable_delete_without_touching_nf4(tmp_path):
 
     after = snapshot(model)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert all(layer.base is bases[p] for p, layer in lora_layers(model).items())  # never re-quantized or copied
+    assert all(layer.weight is bases[p] for p, layer in lora_layers(model).items())  # never re-quantized or copied
 
 
 def _write_adapter(directory: Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:

@@ -183,7 +183,7 @@ def test_prequantized_base_counts_unpacked_shapes(tmp_path, base_dir, adapter_qv
     out = {}
     for key, value in tensors.items():
         if value.dim() == 2 and "embed" not in key and "lm_head" not in key:
-            out |= NF4Weight.from_tensor(value, backend="torch").state_dict(prefix=key)
+            out |= NF4Weight.from_tensor(value, backend="torch").state_dict(prefix=f"{key}.")
         else:
             out[key] = value
     (tmp_path / "q").mkdir()

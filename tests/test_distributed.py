@@ -205,29 +205,31 @@ def test_a_global_batch_that_does_not_divide_is_explained():
         cfg.per_process_batch(4)
 
 
-def test_nf4_parameters_compute_what_the_nf4_weight_computes():
-    from qlora_lite.fsdp import NF4Parameters, resident_base_bytes
-    from qlora_lite.layers import LoRALinear4bit
-    from qlora_lite.nf4 import NF4Weight
+def test_fsdp_keeps_parameter_counts_state_dict_keys_and_outputs(tiny_model_dir):
+    """Sharding converts nothing: the NF4 storage is already frozen parameters, so the parameter
+    count, the (bitsandbytes) state-dict keys and the logits are those of the unsharded model."""
+    import torch.distributed as dist
 
-    torch.manual_seed(0)
-    weight = NF4Weight.from_tensor(torch.randn(48, 96), backend="torch")
-    layer = LoRALinear4bit(weight, r=4)
-    torch.nn.init.normal_(layer.lora_B["default"])
-    x = torch.randn(3, 96, requires_grad=True)
-    want = layer(x)
-    (want_grad,) = torch.autograd.grad(want.sum(), x)
-    layer.base = NF4Parameters(weight)
-    assert not any(p.requires_grad for p in layer.base.parameters())
-    got = layer(x)
-    (got_grad,) = torch.autograd.grad(got.sum(), x)
-    torch.testing.assert_close(got, want, atol=0, rtol=0)
-    torch.testing.assert_close(got_grad, want_grad, atol=0, rtol=0)
-    assert resident_base_bytes(layer) == weight.nbytes
-    layer.half()  # a dtype cast of the model never re-casts the bytes or the scales
-    assert layer.base.packed.dtype == torch.uint8 and layer.base.nested_absmax.dtype == torch.float32
-    assert layer.lora_A["default"].dtype == torch.float16
+    from qlora_lite.config import LoraConfig, QuantConfig
+    from qlora_lite.fsdp import resident_base_bytes, shard_model
+    from qlora_lite.inject import count_parameters
+    from qlora_lite.load import load_model
 
+    model, _ = load_model(tiny_model_dir, QuantConfig(backend="torch"), LoraConfig(r=4), device="cpu",
+                          compute_dtype=torch.float32, with_tokenizer=False)
+    count, keys, base_bytes = count_parameters(model), list(model.state_dict()), resident_base_bytes(model)
+    ids = torch.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    try:
+        shard_model(model, torch.device("cpu"))
+        assert count_parameters(model) == count and count.quantized > 0
+        assert list(model.state_dict()) == keys and "model.layers.0.self_attn.q_proj.weight.absmax" in keys
+        assert resident_base_bytes(model) == base_bytes  # one process keeps every shard
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, want, atol=0, rtol=0)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_fsdp_uses_torch_adamw_even_where_paged_adamw_would_run():

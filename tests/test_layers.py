@@ -36,7 +36,7 @@ def _reference(layer: LoRALinear4bit, x: torch.Tensor):
     """Plain nn.Linear on dequantize() plus explicit LoRA math, in the same dtype."""
     dtype = x.dtype
     base = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
-    base.weight.data = layer.base.dequantize(dtype)
+    base.weight.data = layer.weight.dequantize(dtype)
     base.weight.requires_grad_(False)
     if layer.bias is not None:
         base.bias.data = layer.bias.data.to(dtype)
@@ -74,10 +74,10 @@ def test_scaling_follows_alpha_over_r_and_rslora():
 
 def test_base_bytes_unchanged_and_no_base_gradient():
     layer = _layer()
-    before = {k: v.clone() for k, v in layer.base.state_dict().items()}
+    before = {k: v.clone() for k, v in layer.weight.state_dict().items()}
     x = torch.randn(4, 128, requires_grad=True)
     layer(x).pow(2).sum().backward()
-    after = layer.base.state_dict()
+    after = layer.weight.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
     assert trainable == {"lora_A.default", "lora_B.default"}
@@ -122,7 +122,7 @@ def test_disable_adapter_and_named_adapters():
     x = torch.randn(2, 128)
     y_default = layer(x)
     with layer.disable_adapter():
-        torch.testing.assert_close(layer(x), x @ layer.base.dequantize(torch.float32).t())
+        torch.testing.assert_close(layer(x), x @ layer.weight.dequantize(torch.float32).t())
     layer.add_adapter("other", r=4, lora_alpha=4)
     with torch.no_grad():
         layer.lora_B["other"].fill_(0.01)
@@ -143,11 +143,11 @@ def test_merged_weight_forward_equals_adapter_forward():
 
 def test_dtype_casts_leave_the_base_alone():
     layer = _layer()
-    bytes_before = layer.base.packed.clone()
+    bytes_before = layer.weight.packed.clone()
     layer.to(torch.bfloat16)
     assert layer.lora_A["default"].dtype == torch.bfloat16
-    assert layer.base.packed.dtype == torch.uint8 and torch.equal(layer.base.packed, bytes_before)
-    assert layer.base.nested_absmax.dtype == torch.float32
+    assert layer.weight.packed.dtype == torch.uint8 and torch.equal(layer.weight.packed, bytes_before)
+    assert layer.weight.nested_absmax.dtype == torch.float32
 
 
 def test_state_dict_carries_bitsandbytes_keys():
@@ -174,7 +174,7 @@ def test_eval_then_train_still_learns():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_gradient_parity(dtype):
     layer = _layer(backend="bitsandbytes").cuda()
-    assert layer.base.device.type == "cuda"
+    assert layer.weight.device.type == "cuda"
     x = torch.randn(4, 7, 128, dtype=dtype, device="cuda", requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
     y = layer(x)
@@ -201,7 +201,7 @@ def test_dropout_path_gradients_match_reference():
     dropped = torch.nn.functional.dropout(x_ref, 0.5, training=True)
     A = layer.lora_A["default"].detach().clone().requires_grad_(True)
     B = layer.lora_B["default"].detach().clone().requires_grad_(True)
-    y_ref = x_ref @ layer.base.dequantize(torch.float32).t() + layer.scaling * (dropped @ A.t()) @ B.t()
+    y_ref = x_ref @ layer.weight.dequantize(torch.float32).t() + layer.scaling * (dropped @ A.t()) @ B.t()
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     g = torch.randn_like(y)
     y.backward(g)

@@ -8,7 +8,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from qlora_lite.config import LoraConfig, QuantConfig
 from qlora_lite.inject import inject_lora, lora_layers
-from qlora_lite.loss import chunked_cross_entropy, install_chunked_loss, supports_chunked_loss
+from qlora_lite.loss import chunked_cross_entropy, chunked_loss, install_chunked_loss, supports_chunked_loss
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
@@ -72,6 +72,23 @@ def test_models_with_transformed_logits_keep_their_own_loss():
     model.config.final_logit_softcapping = 30.0
     assert "final_logit_softcapping" in supports_chunked_loss(model)
     assert not install_chunked_loss(model)
+    assert "forward" not in vars(model)
+
+
+def test_the_chunked_loss_ends_with_its_scope():
+    """Installed for a block (as training does), the model's own loss and logits come back after it."""
+    model = _tiny_qlora()
+    ids = torch.randint(0, 500, (2, 24))
+    with torch.no_grad():
+        want = model(input_ids=ids, labels=ids)
+        with chunked_loss(model, chunk_tokens=16) as handle:
+            assert handle is not None and model(input_ids=ids, labels=ids).logits is None
+        got = model(input_ids=ids, labels=ids)
+    assert "forward" not in vars(model)
+    torch.testing.assert_close(got.logits, want.logits, atol=0, rtol=0)
+    handle = install_chunked_loss(model, chunk_tokens=16)
+    handle.remove()
+    handle.remove()  # a second removal changes nothing
     assert "forward" not in vars(model)
 
 

@@ -30,7 +30,6 @@ from qlora_lite.memory import (
 from qlora_lite.memory_arch import model_shape as _arch
 from qlora_lite.loss import install_chunked_loss
 from qlora_lite.monitor import MemoryMonitor, compare, preflight
-from qlora_lite.nf4 import NF4Weight
 from qlora_lite.train import enable_checkpointing
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,19 +64,19 @@ def test_counts_and_bytes_equal_an_instantiated_model(tied, quant):
     assert (est.params_total, est.params_quantized, est.params_trainable) == (
         counted.total, counted.quantized, counted.trainable)
     assert est.params_16bit == base_total - counted.quantized
-    bases = [m.base for m in lora_layers(model).values()]
-    nf4 = sum(b.nbytes for b in bases if isinstance(b, NF4Weight))
+    bases = [m.weight for m in lora_layers(model).values() if m.quantized]
+    nf4 = sum(b.nbytes for b in bases)
     assert est.quantized_weights == nf4 and (nf4 > 0) == (quant is not None)
-    assert all(nf4_nbytes(b.numel, b.blocksize, b.double_quant) == b.nbytes for b in bases if isinstance(b, NF4Weight))
+    assert all(nf4_nbytes(b.numel, b.blocksize, b.double_quant) == b.nbytes for b in bases)
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert est.lora_params == sum(p.numel() * p.element_size() for p in trainable)
     assert est.weights_16bit == est.params_16bit * 2  # bf16
     assert est.optimizer_states == 8 * est.params_trainable  # torch AdamW: two fp32 states
 
     # host memory to load: one whole model as loaded (rank 0 under FSDP) + the largest checkpoint tensor
-    dense_bases = sum(2 * b.weight.numel() for b in bases if not isinstance(b, NF4Weight))  # quant=None
-    whole = nf4 + dense_bases + sum(p.numel() * (p.element_size() if p.requires_grad else 2)  # 16-bit as bf16
-                                    for p in {id(p): p for p in model.parameters()}.values())
+    storage = {id(p) for b in bases for p in b.parameters()}  # the NF4 bytes, counted above
+    whole = nf4 + sum(p.numel() * (p.element_size() if p.requires_grad else 2)  # 16-bit as bf16
+                      for p in {id(p): p for p in model.parameters()}.values() if id(p) not in storage)
     largest = 2 * max(p.numel() for p in LlamaForCausalLM(cfg).parameters())
     fsdp = estimate_memory(cfg, seq_len=32, batch_size=1, lora=lora, quant=quant, world_size=2, fsdp=True,
                            device="cpu")

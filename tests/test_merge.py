@@ -167,7 +167,7 @@ def test_tiny_merge_loads_cleanly_and_matches_adapter_model(tiny, tmp_path, capl
 
     # the merged weights are exactly what the adapter model computes with, rounded once
     for path, layer in lora_layers(model).items():
-        want = layer.merged_weight() if layer.active_adapter else layer.base.dequantize(torch.float32)
+        want = layer.merged_weight() if layer.active_adapter else layer.weight.dequantize(torch.float32)
         assert torch.equal(tensors[f"{path}.weight"], want.to(getattr(torch, dtype))), path
 
     merged = load_clean(out, caplog)
@@ -205,7 +205,7 @@ def test_prequantized_bnb_base(tiny, tmp_path, caplog):
     packed = {}
     for key, tensor in state.items():
         if key.endswith("_proj.weight"):
-            packed.update(NF4Weight.from_tensor(tensor, backend="torch").state_dict(key))
+            packed.update(NF4Weight.from_tensor(tensor, backend="torch").state_dict(prefix=f"{key}."))
         else:
             packed[key] = tensor
     keys = sorted(packed)
@@ -240,7 +240,7 @@ def test_merge_equals_peft_merge_and_unload_on_the_dequantized_base(tiny, tmp_pa
     merge(base_dir, adapter_dir, tmp_path / "out", dtype="float32", progress=False)
     base = tiny_model()
     for path, layer in lora_layers(model).items():
-        base.get_submodule(path).weight.data = layer.base.dequantize(torch.float32).clone()
+        base.get_submodule(path).weight.data = layer.weight.dequantize(torch.float32).clone()
     merged_by_peft = peft.PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     ours = read_dir(tmp_path / "out")
     for key, value in merged_by_peft.state_dict().items():
@@ -421,10 +421,10 @@ def test_in_memory_merge_and_unmerge_on_16bit_base():
 def test_in_memory_merge_refuses_nf4_bases():
     model = tiny_model()
     inject_lora(model, LoraConfig(r=4, target_modules=TARGETS), quant=QuantConfig(backend="torch"))
-    before = {p: (l.base, l.active_adapter) for p, l in lora_layers(model).items()}
+    before = {p: (l.weight, l.active_adapter) for p, l in lora_layers(model).items()}
     with pytest.raises(MergeError, match=r"4-bit.*rounds.*merge\("):
         merge_adapter(model)
-    assert {p: (l.base, l.active_adapter) for p, l in lora_layers(model).items()} == before  # untouched
+    assert {p: (l.weight, l.active_adapter) for p, l in lora_layers(model).items()} == before  # untouched
 
 
 # ---- memory ---------------------------------------------------------------------------------------------

@@ -112,7 +112,7 @@ def test_dequantize_without_double_quant_is_exact_code_times_absmax():
 def test_state_dict_keys_and_round_trip_identity():
     w = torch.randn(48, 130, dtype=torch.bfloat16)
     q = NF4Weight.from_tensor(w, backend="torch")
-    sd = q.state_dict("weight")
+    sd = q.state_dict()
     assert sorted(sd) == sorted([
         "weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
         "weight.quant_state.bitsandbytes__nf4",
@@ -121,7 +121,7 @@ def test_state_dict_keys_and_round_trip_identity():
     assert meta["shape"] == [48, 130] and meta["dtype"] == "bfloat16" and meta["blocksize"] == 64
     back = NF4Weight.from_state_dict(sd, "weight", backend="torch")
     assert torch.equal(back.dequantize(), q.dequantize())
-    again = back.state_dict("weight")
+    again = back.state_dict()
     assert all(torch.equal(sd[k], again[k]) for k in sd)
 
 
@@ -129,7 +129,7 @@ def test_state_dict_matches_bitsandbytes_quant_state_as_dict():
     w = torch.randn(40, 70, dtype=torch.float16)
     packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
     theirs = {"weight": packed, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
-    ours = NF4Weight.from_tensor(w, backend="torch").state_dict("weight")
+    ours = NF4Weight.from_tensor(w, backend="torch").state_dict()
     assert sorted(theirs) == sorted(ours)
     for key in theirs:
         assert torch.equal(theirs[key], ours[key]), key
@@ -161,7 +161,7 @@ def test_bad_weights_are_named_errors(weight, blocksize, message):
 
 
 def test_bad_state_dicts_are_named_errors():
-    sd = NF4Weight.from_tensor(torch.randn(16, 64), backend="torch").state_dict("m.weight")
+    sd = NF4Weight.from_tensor(torch.randn(16, 64), backend="torch").state_dict(prefix="m.weight.")
     missing = {k: v for k, v in sd.items() if not k.endswith("absmax")}
     with pytest.raises(ValueError, match="m.weight.*missing"):
         NF4Weight.from_state_dict(missing, "m.weight")

@@ -33,7 +33,7 @@ def test_training_lowers_loss_and_moves_only_lora(tiny_model_dir, memorize_data,
                lora=LoraConfig(r=8, lora_alpha=32, lora_dropout=0.0))
     torch.manual_seed(cfg.seed)  # the LoRA init, as train() would draw it
     model, tokenizer = load_model(tiny_model_dir, cfg.quant, cfg.lora, device="cpu")
-    frozen = {name: {k: v.clone() for k, v in layer.base.state_dict().items()}
+    frozen = {name: {k: v.clone() for k, v in layer.weight.state_dict().items()}
               for name, layer in lora_layers(model).items()}
     result = train(cfg, loaded=(model, tokenizer))  # the very model object trained
     first, last = sum(result.losses[:3]) / 3, sum(result.losses[-3:]) / 3
@@ -45,7 +45,7 @@ def test_training_lowers_loss_and_moves_only_lora(tiny_model_dir, memorize_data,
     # The NF4 base the model trained on is byte for byte what it held before training; only LoRA moved.
     adapter = read_adapter(result.adapter_dir)
     for name, layer in lora_layers(model).items():
-        assert all(torch.equal(v, layer.base.state_dict()[k]) for k, v in frozen[name].items()), name
+        assert all(torch.equal(v, layer.weight.state_dict()[k]) for k, v in frozen[name].items()), name
         torch.testing.assert_close(adapter.lora_B[name], layer.lora_B[layer.active_adapter].detach(), rtol=0, atol=0)
     assert any(b.abs().sum() > 0 for b in adapter.lora_B.values())  # B started at zero and moved
 
