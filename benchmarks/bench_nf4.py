@@ -3,6 +3,7 @@
     W (randn · 0.02, fp32 on CPU / bf16 on CUDA)
       ├─► NF4Weight.from_tensor(W, backend="torch") | bitsandbytes' quantize_4bit   quantize (blocksize 64, double quant)
       ├─► .dequantize(W.dtype)                                          dequantize back to W's dtype
+      │     (torch backend also with cache_absmax=False: the double-quant absmax decoded on every call)
       └─► W.clone()                                                     the device's copy bandwidth, same run
 
 GB/s = bytes of the 16-bit (CUDA) or fp32 (CPU) tensor / seconds: the tensor read by a quantize,
@@ -78,6 +79,12 @@ def bench_shape(shape: tuple[int, int], device: torch.device, dtype: torch.dtype
         quantized[backend] = (q, out)
         row["backends"][backend] = {"quantize_s": q_s, "quantize_gb_s": nbytes / q_s / 1e9, "dequantize_s": d_s,
                                     "dequantize_gb_s": nbytes / d_s / 1e9, "bits_per_param": q.bits_per_param}
+    # the decoded double-quant absmax is cached on CPU (NF4Weight.block_absmax); the same call decoding it every time:
+    torch_q = quantized["torch"][0]
+    torch_q.cache_absmax = False
+    u_s, _ = timed(lambda: torch_q.dequantize(dtype), device, repeats)
+    torch_q.cache_absmax = None
+    row["backends"]["torch"]["dequantize_absmax_decoded_each_call_s"] = u_s
     c_s, _ = timed(lambda: weight.clone(), device, repeats)
     row.update(clone_s=c_s, clone_gb_s=nbytes / c_s / 1e9)
     (qt, dt), (qb, db) = quantized["torch"], quantized["bitsandbytes"]
@@ -129,6 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
         for backend, r in row["backends"].items():
             print(f"{shape:<12}{row['dtype']:<10}{backend:<14}{1e3 * r['quantize_s']:>10.1f}{r['quantize_gb_s']:>8.2f}"
                   f"{1e3 * r['dequantize_s']:>12.1f}{r['dequantize_gb_s']:>8.2f}{row['clone_gb_s']:>12.2f}")
+        print(f"{'':<12}torch dequantize decoding the absmax on every call (no cache): "
+              f"{1e3 * row['backends']['torch']['dequantize_absmax_decoded_each_call_s']:.1f} ms")
         c = row["check"]
         print(f"{'':<12}check: packed bytes equal {c['packed_bytes_equal']}, absmax codes equal "
               f"{c['absmax_codes_equal']}, dequantized max |diff| {c['dequantized_max_abs_diff']:.3g}, "
