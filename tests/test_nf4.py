@@ -193,3 +193,21 @@ def test_large_weight_absmax_codes_match_bitsandbytes_exactly():
     packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
     ours = NF4Weight.from_tensor(w, backend="torch")
     assert torch.equal(ours.absmax, state.absmax) and torch.equal(ours.packed, packed)
+
+
+def test_the_cached_absmax_is_the_decoded_one_and_follows_the_storage():
+    """On CPU the decoded double-quant absmax is kept between calls; a load or an in-place write
+    of the storage must not leave a stale copy behind."""
+    g = torch.Generator().manual_seed(3)
+    q = NF4Weight.from_tensor(torch.randn(64, 300, generator=g), backend="torch")
+    first = q.block_absmax()
+    assert q.block_absmax() is first and torch.equal(first, q._decode_absmax())
+    other = NF4Weight.from_tensor(torch.randn(64, 300, generator=g) * 3, backend="torch")
+    q.load_state_dict(other.state_dict())
+    assert torch.equal(q.dequantize(), other.dequantize())
+    before = q.block_absmax()
+    with torch.no_grad():
+        q.absmax_raw.copy_(q.absmax_raw.flip(0))  # in place: same storage, new version
+    assert torch.equal(q.block_absmax(), q._decode_absmax()) and not torch.equal(q.block_absmax(), before)
+    q.cache_absmax = False
+    assert q.block_absmax() is not q.block_absmax()  # decoded on every call
