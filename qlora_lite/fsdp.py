@@ -97,7 +97,7 @@ def in_turns(fn: Callable[[], T]) -> T:
     return result
 
 
-def _unshared_storage(model: nn.Module) -> None:
+def _without_absmax_cache(model: nn.Module) -> None:
     # A cached decoded absmax would be a whole (unsharded) fp32 copy on every rank; FSDP decodes per call.
     for module in model.modules():
         if isinstance(module, NF4Weight):
@@ -135,7 +135,7 @@ def shard_model(model: nn.Module, device: torch.device, mesh=None) -> nn.Module:
     itself communicates nothing (each process keeps its slice of its own full tensors), which is
     why processes may shard one after another (`in_turns`); `mesh` comes from `fsdp_mesh`.
     """
-    _unshared_storage(model)
+    _without_absmax_cache(model)
     _fully_shard(model, mesh if mesh is not None else fsdp_mesh(device))
     return model
 
@@ -171,7 +171,7 @@ def load_sharded(path, quant: QuantConfig, lora: LoraConfig | None, device: torc
     if dist.get_rank() != 0:
         model, tokenizer = load_skeleton(path, quant, lora, device, compute_dtype)
     params = count_parameters(model)
-    _unshared_storage(model)
+    _without_absmax_cache(model)
     if dist.get_rank() == 0:
         # the whole tensors, on the host, until they have been sent; by registered name, which is how
         # set_model_state_dict matches them (the state dict's bitsandbytes keys name no parameter)
