@@ -27,7 +27,8 @@ gather the small LoRA tensors and the optimizer state for checkpoints, through D
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
@@ -118,13 +119,47 @@ def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return named
 
 
+def _fsdp_refuses_integer_parameters() -> bool:
+    """FSDP2 before torch 2.13 wraps each shard as `nn.Parameter(x)`, i.e. requires_grad=True, which
+    refuses the NF4 storage's integer tensors (seen on torch 2.11 + CUDA 13: "only Tensors of floating
+    point dtype can require gradients"); 2.13 passes the original parameter's requires_grad."""
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return (major, minor) < (2, 13)
+
+
+@contextlib.contextmanager
+def _integer_parameters_allowed() -> Iterator[None]:
+    """While sharding, FSDP2's module-level `nn` creates integer parameters without gradients; FSDP sets
+    each shard's requires_grad from the original parameter right after, as 2.13 does in one call."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+    original = _fsdp_param.nn
+
+    class _NN:
+        def __getattr__(self, name: str):
+            return getattr(original, name)
+
+        @staticmethod
+        def Parameter(data=None, requires_grad: bool = True):  # noqa: N802 - stands in for nn.Parameter
+            floating = data is not None and (data.is_floating_point() or data.is_complex())
+            return original.Parameter(data, requires_grad=requires_grad and floating)
+
+    _fsdp_param.nn = _NN()
+    try:
+        yield
+    finally:
+        _fsdp_param.nn = original
+
+
 def _fully_shard(model: nn.Module, mesh) -> None:
     from torch.distributed.fsdp import fully_shard
 
     blocks = _block_classes(model)
-    for module in [m for m in model.modules() if isinstance(m, blocks)]:
-        fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    compat = _integer_parameters_allowed() if _fsdp_refuses_integer_parameters() else contextlib.nullcontext()
+    with compat:
+        for module in [m for m in model.modules() if isinstance(m, blocks)]:
+            fully_shard(module, mesh=mesh)
+        fully_shard(model, mesh=mesh)
 
 
 def shard_model(model: nn.Module, device: torch.device, mesh=None) -> nn.Module:

@@ -232,6 +232,40 @@ def test_fsdp_keeps_parameter_counts_state_dict_keys_and_outputs(tiny_model_dir)
         dist.destroy_process_group()
 
 
+def test_fsdp_before_torch_2_13_shards_the_integer_storage_through_the_shim(tiny_model_dir, monkeypatch):
+    """torch 2.11's FSDP2 calls `nn.Parameter(shard)` (requires_grad=True), which refuses uint8/int32 (the
+    GPU check failed so); inside the shim that call gives a frozen integer parameter, and sharding through
+    it (forced on here, where torch is 2.13) keeps the model's outputs."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp._fully_shard import _fsdp_param
+
+    import qlora_lite.fsdp as fsdp_module
+    from qlora_lite.config import LoraConfig, QuantConfig
+    from qlora_lite.load import load_model
+
+    packed = torch.zeros(4, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="floating point"):
+        torch.nn.Parameter(packed)  # the call torch 2.11 makes
+    with fsdp_module._integer_parameters_allowed():
+        shard = _fsdp_param.nn.Parameter(packed)
+        assert not shard.requires_grad and shard.dtype == torch.uint8
+        assert _fsdp_param.nn.Parameter(torch.zeros(2)).requires_grad  # floating tensors as before
+    assert _fsdp_param.nn is torch.nn
+
+    monkeypatch.setattr(fsdp_module, "_fsdp_refuses_integer_parameters", lambda: True)
+    model, _ = load_model(tiny_model_dir, QuantConfig(backend="torch"), LoraConfig(r=4), device="cpu",
+                          compute_dtype=torch.float32, with_tokenizer=False)
+    ids = torch.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    try:
+        fsdp_module.shard_model(model, torch.device("cpu"))
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids).logits, want, atol=0, rtol=0)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_fsdp_uses_torch_adamw_even_where_paged_adamw_would_run():
     from qlora_lite.config import TrainConfig
     from qlora_lite.train import build_optimizer
