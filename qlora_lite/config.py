@@ -192,6 +192,9 @@ class TrainConfig:
         max_grad_norm: gradient clipping norm (0 disables)
         optimizer: paged_adamw_32bit / paged_adamw_8bit (bitsandbytes, CUDA) or adamw
         gradient_checkpointing: recompute each block in backward (keeps only block inputs)
+        fused_kernels: Liger Kernel's RMSNorm/RoPE/SwiGLU on CUDA (auto: where liger-kernel is installed
+            and the model is Llama/Mistral/Qwen2; true: required; false: plain torch)
+        compile: torch.compile each decoder layer (regional compilation; compiles at the first step)
         loss_chunk_tokens: cross-entropy through the LM head this many tokens at a time (0: full logits)
         packing: pack several examples into one sequence
         truncation: truncate or error for examples longer than seq_len
@@ -227,6 +230,8 @@ class TrainConfig:
     max_grad_norm: float = 0.3
     optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw"] = "paged_adamw_32bit"
     gradient_checkpointing: bool = True
+    fused_kernels: bool | Literal["auto"] = "auto"
+    compile: bool = False
     loss_chunk_tokens: int = 1024
     packing: bool = False
     truncation: Literal["truncate", "error"] = "truncate"
@@ -262,7 +267,10 @@ class TrainConfig:
             problems.append(f"loss_chunk_tokens={self.loss_chunk_tokens!r} must be a non-negative integer (0: off)")
         if self.global_batch_size is not None and (not _is_int(self.global_batch_size) or self.global_batch_size <= 0):
             problems.append(f"global_batch_size={self.global_batch_size!r} must be a positive integer or null")
-        for name in ("fsdp", "resume", "overwrite_output_dir", "progress", "gradient_checkpointing", "packing"):
+        if self.fused_kernels not in (True, False, "auto"):
+            problems.append(f"fused_kernels={self.fused_kernels!r} must be true, false or auto")
+        for name in ("fsdp", "resume", "overwrite_output_dir", "progress", "gradient_checkpointing", "packing",
+                     "compile"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r} must be true or false")
         if not isinstance(self.learning_rate, (int, float)) or isinstance(self.learning_rate, bool) or not (

@@ -67,10 +67,11 @@ class _LoRABaseMatmul(torch.autograd.Function):
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.lora_input_is_input = x_lora is x
         if ctx.has_lora:
-            a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)
+            a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)  # no copy when the adapters are in the compute dtype
             xa = x_lora @ a.t()  # (..., r)
-            y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), (scaling * b).t())
-            ctx.save_for_backward(x_lora, xa, lora_A, lora_B)
+            y.view(-1, y.shape[-1]).addmm_(xa.view(-1, xa.shape[-1]), b.t(), alpha=scaling)
+            ctx.lora_dtypes = lora_A.dtype, lora_B.dtype
+            ctx.save_for_backward(x_lora, xa, a, b)  # the compute-dtype copies: backward casts nothing back
         return y
 
     @staticmethod
@@ -79,22 +80,29 @@ class _LoRABaseMatmul(torch.autograd.Function):
         s = ctx.scaling
         flat_g = grad_y.reshape(-1, grad_y.shape[-1])
         if ctx.has_lora:
-            x_lora, xa, lora_A, lora_B = ctx.saved_tensors
-            gb = flat_g @ lora_B.to(grad_y.dtype)  # (tokens, r)
+            x_lora, xa, a, b = ctx.saved_tensors
+            gb = flat_g @ b.to(grad_y.dtype)  # (tokens, r)
+            a = a.to(grad_y.dtype)
         if ctx.needs_input_grad[0]:
             grad_x = grad_y @ _dense(ctx.base, grad_y.dtype)
             if ctx.has_lora and ctx.lora_input_is_input and ctx.needs_input_grad[1]:
-                grad_x.view(-1, grad_x.shape[-1]).addmm_(gb, s * lora_A.to(grad_y.dtype))
+                grad_x.view(-1, grad_x.shape[-1]).addmm_(gb, a, alpha=s)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
             grad_bias = flat_g.sum(0).to(ctx.bias_dtype)
         if ctx.has_lora:
+            # s rides in the GEMM's alpha (beta=0: the 0-d input is never read), not in a separate multiply
             if ctx.needs_input_grad[1] and not ctx.lora_input_is_input:
-                grad_x_lora = (gb @ (s * lora_A.to(grad_y.dtype))).view(x_lora.shape)
+                grad_x_lora = _scaled_mm(gb, a, s).view(x_lora.shape)
             if ctx.needs_input_grad[2]:
-                grad_A = ((s * gb).t() @ x_lora.reshape(-1, x_lora.shape[-1])).to(lora_A.dtype)
+                grad_A = _scaled_mm(gb.t(), x_lora.reshape(-1, x_lora.shape[-1]), s).to(ctx.lora_dtypes[0])
             if ctx.needs_input_grad[3]:
-                grad_B = (flat_g.t() @ (s * xa.reshape(-1, xa.shape[-1]))).to(lora_B.dtype)
+                grad_B = _scaled_mm(flat_g.t(), xa.reshape(-1, xa.shape[-1]), s).to(ctx.lora_dtypes[1])
         return grad_x, grad_x_lora, grad_A, grad_B, grad_bias, None, None
+
+
+def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale·(m1 @ m2) in one GEMM."""
+    return torch.addmm(m1.new_empty(()), m1, m2, beta=0, alpha=scale)
 
 
 class LoRALinear4bit(nn.Module):

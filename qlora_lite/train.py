@@ -46,6 +46,7 @@ from .data import batch_iterator, build_dataset, collate, embedded_dataset_path,
 from .errors import DataError, TrainingError
 from .fsdp import fsdp_mesh, full_tensor, in_turns, load_sharded, resident_base_bytes, shard_model
 from .fsutil import RunLock, atomic_write_text
+from .kernels import apply_speedups
 from .load import is_prequantized, load_model, load_tokenizer, release_free_memory, resolve_device
 from .loss import ChunkedLoss, install_chunked_loss, supports_chunked_loss
 from .memory import GiB, MemoryEstimate
@@ -343,6 +344,7 @@ class TrainingRun:
         cfg, model = self.cfg, self.model
         if cfg.gradient_checkpointing:
             enable_checkpointing(model)
+        apply_speedups(model, cfg.fused_kernels, cfg.compile, self.device, self.log)
         model.train()
         if cfg.loss_chunk_tokens:
             why_not = supports_chunked_loss(model)

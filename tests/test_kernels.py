@@ -1,0 +1,179 @@
+"""The hot path's launches and the optional fast paths (kernels.py): parity with the unfused reference."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from qlora_lite import kernels
+from qlora_lite.config import LoraConfig, QuantConfig, TrainConfig
+from qlora_lite.errors import ConfigError
+from qlora_lite.inject import inject_lora
+from qlora_lite.layers import DenseWeight, LoRALinear4bit
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=64, vocab_size=97)
+
+
+class OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func._overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _dense_lora_layer(lora_dtype: torch.dtype) -> LoRALinear4bit:
+    torch.manual_seed(0)
+    layer = LoRALinear4bit(DenseWeight(torch.randn(48, 32, dtype=torch.bfloat16)), r=4, lora_alpha=8,
+                           lora_dtype=lora_dtype)
+    with torch.no_grad():
+        layer.lora_B["default"].normal_(0, 0.1)
+    return layer
+
+
+@pytest.mark.parametrize("lora_dtype, casts", [(torch.bfloat16, 0), (torch.float32, 4)])
+def test_lora_layer_launches_no_scaling_ops_and_casts_adapters_once(lora_dtype, casts):
+    """s rides in the GEMMs' alpha; fp32 adapters are cast to the compute dtype once per forward (A, B)
+    and their two gradients back once; bf16 adapters are never cast."""
+    layer = _dense_lora_layer(lora_dtype)
+    x = torch.randn(2, 5, 32, dtype=torch.bfloat16, requires_grad=True)
+    log = OpLog()
+    with log:
+        y = layer(x)
+        y.backward(torch.ones_like(y))
+    assert not {"mul", "mul_", "div", "div_"} & set(log.ops), log.ops
+    assert log.ops.count("_to_copy") == casts, log.ops
+    # and the result is still the reference: x·W0ᵀ + s·x·Aᵀ·Bᵀ, gradients included
+    A = layer.lora_A["default"].detach().float().requires_grad_(True)
+    B = layer.lora_B["default"].detach().float().requires_grad_(True)
+    x_ref = x.detach().float().requires_grad_(True)
+    y_ref = x_ref @ layer.base.weight.float().t() + layer.scaling * (x_ref @ A.t()) @ B.t()
+    y_ref.backward(torch.ones_like(y_ref))
+    torch.testing.assert_close(y.float(), y_ref, atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(x.grad.float(), x_ref.grad, atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(layer.lora_A["default"].grad.float(), A.grad, atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(layer.lora_B["default"].grad.float(), B.grad, atol=5e-2, rtol=2e-2)
+
+
+def _tiny(model_type: str = "llama", dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **TINY, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
+    inject_lora(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, lora_dtype="float32"),
+                QuantConfig(backend="torch"))
+    for layer in model.modules():
+        if isinstance(layer, LoRALinear4bit) and layer.active_adapter:
+            with torch.no_grad():
+                layer.lora_B["default"].normal_(0, 0.02)  # non-zero B: every gradient path is exercised
+    return model.to(device).train()
+
+
+def _loss_and_grads(model, ids):
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def test_fused_kernels_are_refused_cleanly_without_cuda():
+    model = _tiny()
+    assert "cpu" in kernels.fused_kernels_plan(model, "auto", torch.device("cpu"))
+    assert kernels.apply_fused_kernels(model, "auto", "cpu") == {"rms_norm": 0, "swiglu": 0, "rope": 0}
+    assert not any("forward" in vars(m) for m in model.modules())
+    with pytest.raises(ConfigError, match="fused_kernels=true but the device is cpu"):
+        kernels.apply_fused_kernels(model, True, "cpu")
+    assert kernels.fused_kernels_plan(model, False, torch.device("cuda")) == "fused_kernels is off"
+    with pytest.raises(ConfigError, match="fused_kernels"):
+        TrainConfig(fused_kernels="yes")
+
+
+def test_patched_modules_keep_plain_torch_for_cpu_tensors_and_come_off(monkeypatch):
+    """The patching itself, on CPU: Liger is never called for a CPU tensor, the result is unchanged to the
+    bit, and remove_fused_kernels restores every module."""
+    from transformers.models.llama import modeling_llama
+
+    def never(*args, **kwargs):
+        raise AssertionError("a Liger kernel was called for a CPU tensor")
+
+    fake = types.ModuleType("liger_kernel.transformers.functional")
+    fake.liger_rms_norm = fake.liger_swiglu = fake.liger_rope = never
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", fake)
+    monkeypatch.setattr(kernels, "fused_kernels_plan", lambda *a: None)
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)  # restored after
+    model = _tiny()
+    ids = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    loss_ref, grads_ref = _loss_and_grads(model, ids)
+    counts = kernels.apply_fused_kernels(model, True, "cpu")
+    assert counts == {"rms_norm": 2 * TINY["num_hidden_layers"] + 1, "swiglu": 2, "rope": 2}
+    loss, grads = _loss_and_grads(model, ids)
+    assert torch.equal(loss, loss_ref) and grads.keys() == grads_ref.keys()
+    assert all(torch.equal(grads[n], grads_ref[n]) for n in grads)
+    assert kernels.remove_fused_kernels(model) == sum(counts.values())
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_regional_compile_matches_eager_forward_and_gradients():
+    """torch.compile of each decoder layer (the tracing and autograd: backend aot_eager keeps CPU fast)
+    with checkpointing on, as train runs it."""
+    from qlora_lite.train import enable_checkpointing
+
+    torch._dynamo.reset()
+    model = _tiny()
+    enable_checkpointing(model)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
+    loss_ref, grads_ref = _loss_and_grads(model, ids)
+    assert kernels.compile_decoder_layers(model, backend="aot_eager") == TINY["num_hidden_layers"]
+    loss, grads = _loss_and_grads(model, ids)
+    torch.testing.assert_close(loss, loss_ref, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == grads_ref.keys() and len(grads) == 2 * 7 * TINY["num_hidden_layers"]
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_liger_kernels_match_plain_torch_on_cuda(model_type):
+    pytest.importorskip("liger_kernel")
+    model = _tiny(model_type, torch.bfloat16, "cuda")
+    ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0)).cuda()
+    loss_ref, grads_ref = _loss_and_grads(model, ids)
+    counts = kernels.apply_fused_kernels(model, True, "cuda")
+    assert counts == {"rms_norm": 2 * TINY["num_hidden_layers"] + 1, "swiglu": 2, "rope": 2}
+    log = OpLog()
+    with log:
+        loss, grads = _loss_and_grads(model, ids)
+    assert "rsqrt" not in log.ops and "silu" not in log.ops  # the norms and SwiGLU ran in Liger's kernels
+    torch.testing.assert_close(loss, loss_ref, atol=2e-2, rtol=1e-2)
+    for name in grads_ref:
+        scale = grads_ref[name].float().abs().max().item() + 1e-6
+        torch.testing.assert_close(grads[name].float() / scale, grads_ref[name].float() / scale, atol=3e-2, rtol=0)
+    kernels.remove_fused_kernels(model)
+    loss_again, _ = _loss_and_grads(model, ids)
+    assert torch.equal(loss_again, loss_ref)
+
+
+@pytest.mark.gpu
+def test_regional_compile_with_inductor_matches_eager_on_cuda():
+    from qlora_lite.train import enable_checkpointing
+
+    torch._dynamo.reset()
+    model = _tiny("llama", torch.bfloat16, "cuda")
+    enable_checkpointing(model)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1)).cuda()
+    loss_ref, grads_ref = _loss_and_grads(model, ids)
+    kernels.compile_decoder_layers(model)
+    loss, grads = _loss_and_grads(model, ids)
+    torch.testing.assert_close(loss, loss_ref, atol=2e-2, rtol=1e-2)
+    for name in grads_ref:
+        scale = grads_ref[name].float().abs().max().item() + 1e-6
+        torch.testing.assert_close(grads[name].float() / scale, grads_ref[name].float() / scale, atol=3e-2, rtol=0)
