@@ -192,8 +192,9 @@ class TrainConfig:
         max_grad_norm: gradient clipping norm (0 disables)
         optimizer: paged_adamw_32bit / paged_adamw_8bit (bitsandbytes, CUDA) or adamw
         gradient_checkpointing: recompute each block in backward (keeps only block inputs)
-        fused_kernels: Liger Kernel's RMSNorm/RoPE/SwiGLU on CUDA (auto: where liger-kernel is installed
-            and the model is Llama/Mistral/Qwen2; true: required; false: plain torch)
+        fused_kernels: Liger Kernel's RMSNorm/RoPE/SwiGLU on CUDA (true: required; auto: where liger-kernel is
+            installed and the model is Llama/Mistral/Qwen2; false: plain torch). Off by default: on an H200 they
+            paid 1.29x at 8192 tokens per micro-batch and cost 0.82-0.85x at 2048 (docs/benchmarks.md)
         compile: torch.compile each decoder layer (regional compilation; compiles at the first step)
         loss_chunk_tokens: cross-entropy through the LM head this many tokens at a time (0: full logits)
         packing: pack several examples into one sequence
@@ -230,7 +231,7 @@ class TrainConfig:
     max_grad_norm: float = 0.3
     optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw"] = "paged_adamw_32bit"
     gradient_checkpointing: bool = True
-    fused_kernels: bool | Literal["auto"] = "auto"
+    fused_kernels: bool | Literal["auto"] = False
     compile: bool = False
     loss_chunk_tokens: int = 1024
     packing: bool = False

@@ -128,6 +128,8 @@ def test_regional_compile_matches_eager_forward_and_gradients():
     from qlora_lite.train import enable_checkpointing
 
     torch._dynamo.reset()
+    if torch.cuda.is_available():  # the checkpoint refuses a CUDA context first created inside its forward
+        torch.cuda.init()
     model = _tiny()
     enable_checkpointing(model)
     ids = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
