@@ -34,9 +34,9 @@ commits. Usage (a few minutes on a busy 2-core CPU at the default seq 256):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
-import math
 import os
 import sys
 import time
@@ -54,6 +54,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _checkpoint import write_sharded  # noqa: E402
 from _env import versions  # noqa: E402
 from bench_train import SHAPES, _load_ours, _load_peer  # noqa: E402
+
+from qlora_lite.kernels import decoder_layers  # noqa: E402
 
 aten = torch.ops.aten
 H100 = {"matmul_flops": 790e12, "bytes_per_s": 3.0e12}
@@ -73,6 +75,7 @@ ATTENTION = {
     aten._scaled_dot_product_efficient_attention_backward: aten._scaled_dot_product_efficient_attention_backward,
 }
 GEMM_4BIT = torch.ops.bitsandbytes.gemm_4bit
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 WRITE_ONLY_SELF = {aten.copy_, aten.fill_, aten.zero_, aten.normal_, aten.uniform_}
 
 
@@ -180,10 +183,6 @@ class StepRecorder(TorchDispatchMode):
                      moved=_nbytes(a) + weight_bytes + _nbytes(out))
 
 
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-
-
 def _first_tensor(args, kwargs) -> torch.Tensor | None:
     found = _tensors(args) or _tensors(kwargs.get("hidden_states"))
     return found[0] if found else None
@@ -256,8 +255,6 @@ def saved_activation_bytes(model: torch.nn.Module, ids: torch.Tensor, autocast: 
 
 
 def _autocast(dtype: torch.dtype | None):
-    import contextlib
-
     return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
@@ -345,7 +342,6 @@ def measure_side(side: str, path: Path, opts) -> dict:
 # ---- report -------------------------------------------------------------------------------------
 
 PEER_MEASURED = {"launches_per_layer": 14_807 / 32, "elementwise_share": 200.8 / 380.7, "kernel_ms": 380.7}
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 KINDS = ("matmul", "attention", "dequantize", "cast", "copy", "elementwise")
 
 

@@ -28,7 +28,7 @@ from torch import nn
 from .errors import ConfigError
 
 __all__ = ["FUSED_FAMILIES", "liger_available", "fused_kernels_plan", "apply_fused_kernels", "remove_fused_kernels",
-           "compile_decoder_layers", "apply_speedups"]
+           "decoder_layers", "compile_decoder_layers", "apply_speedups"]
 
 # transformers model families whose norm, MLP and RoPE have Llama's exact semantics.
 FUSED_FAMILIES = ("llama", "mistral", "qwen2")
