@@ -24,9 +24,11 @@
     7B (32 layers) as outside + 32 × per-layer (--full-layers).
 
 The figures depend on shapes and code only, not on the machine or its load: compare them across
-commits. Usage (a few minutes on a busy 2-core CPU at the default seq 256):
+commits. Usage (the 7B width quantizes and steps ~0.4 B parameters per side: minutes on idle cores, but it
+took over 40 min per side on a 2-core CPU shared at load 11-17; --width tiny gives the op counts in ~3 min):
 
     python benchmarks/step_cost.py                         # both sides, 7B width, 2 layers, seq 256
+    python benchmarks/step_cost.py --width tiny            # the same op graph at a small width
     python benchmarks/step_cost.py --seq 2048 --json       # the issue's shape (slow on CPU: ~10x)
     python benchmarks/step_cost.py --side ours --top 25    # one side, its most frequent ops per layer
 """
