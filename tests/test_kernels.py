@@ -13,7 +13,7 @@ from qlora_lite import kernels
 from qlora_lite.config import LoraConfig, QuantConfig, TrainConfig
 from qlora_lite.errors import ConfigError
 from qlora_lite.inject import inject_lora
-from qlora_lite.layers import DenseWeight, LoRALinear4bit
+from qlora_lite.layers import LoRALinear4bit
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=64, vocab_size=97)
@@ -31,7 +31,7 @@ class OpLog(TorchDispatchMode):
 
 def _dense_lora_layer(lora_dtype: torch.dtype) -> LoRALinear4bit:
     torch.manual_seed(0)
-    layer = LoRALinear4bit(DenseWeight(torch.randn(48, 32, dtype=torch.bfloat16)), r=4, lora_alpha=8,
+    layer = LoRALinear4bit(torch.randn(48, 32, dtype=torch.bfloat16), r=4, lora_alpha=8,
                            lora_dtype=lora_dtype)
     with torch.no_grad():
         layer.lora_B["default"].normal_(0, 0.1)
@@ -54,7 +54,7 @@ def test_lora_layer_launches_no_scaling_ops_and_casts_adapters_once(lora_dtype, 
     A = layer.lora_A["default"].detach().float().requires_grad_(True)
     B = layer.lora_B["default"].detach().float().requires_grad_(True)
     x_ref = x.detach().float().requires_grad_(True)
-    y_ref = x_ref @ layer.base.weight.float().t() + layer.scaling * (x_ref @ A.t()) @ B.t()
+    y_ref = x_ref @ layer.weight.float().t() + layer.scaling * (x_ref @ A.t()) @ B.t()
     y_ref.backward(torch.ones_like(y_ref))
     torch.testing.assert_close(y.float(), y_ref, atol=3e-2, rtol=2e-2)
     torch.testing.assert_close(x.grad.float(), x_ref.grad, atol=3e-2, rtol=2e-2)
