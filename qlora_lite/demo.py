@@ -10,9 +10,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from .generate import answer
 from .inject import count_parameters
 from .load import load_model
 
-__all__ = ["run_demo", "DEMO_QUESTIONS"]
+__all__ = ["run_demo", "pick_threads", "DEMO_QUESTIONS", "DemoResult"]
 
 # Questions absent from the shipped data (see scripts/make_demo_data.py): the style must generalise.
 DEMO_QUESTIONS = ("What is the capital of France?", "How many legs does a spider have?")
@@ -35,6 +36,45 @@ class DemoResult:
     summary_path: Path
     eval_loss_before: float
     eval_loss_after: float
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # wall seconds per phase, in run order
+    threads: int = 0
+
+
+class _PhaseClock:
+    """Wall seconds per named phase, in the order they ran (the demo's own profile, in summary.md)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> float:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
+        return self.seconds[name]
+
+    def table(self) -> list[str]:
+        total = sum(self.seconds.values())
+        rows = ["| phase | seconds | share |", "|---|---:|---:|"]
+        rows += [f"| {name} | {s:.1f} | {100 * s / total:.0f}% |" for name, s in self.seconds.items()]
+        return rows + [f"| total | {total:.1f} | 100% |"]
+
+
+def pick_threads(max_threads: int | None = None, load: float | None = None) -> int:
+    """CPU threads for torch now: the cores the 1-minute load average leaves idle, at least 1.
+
+    A training step is hundreds of small ops, each ending at an OpenMP barrier; a thread that
+    shares its core with another process makes every one of them wait, so on a busy machine
+    fewer threads are faster (measured in docs/benchmarks.md, "Threads on a busy machine").
+    OMP_NUM_THREADS, when set, is the user's choice and wins.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    idle = round(cores - load)
+    return max(1, min(cores, max_threads or cores, idle))
 
 
 def _dir_bytes(path: Path) -> int:
@@ -64,40 +104,58 @@ def _loss_plot(metrics_file: Path, path: Path) -> None:
 
 
 def run_demo(out: str | None = None, steps: int = 30, seq_len: int = 128, batch_size: int = 4,
-             learning_rate: float = 1e-3, rank: int = 16, max_new_tokens: int = 24, progress: bool = True) -> DemoResult:
-    """Fine-tune the embedded model in 4-bit, merge and export fp16, and report; returns where it wrote."""
+             learning_rate: float = 1e-3, rank: int = 16, max_new_tokens: int = 24, progress: bool = True,
+             eval_every: int | None = None, threads: int | None = None) -> DemoResult:
+    """Fine-tune the embedded model in 4-bit, merge and export fp16, and report; returns where it wrote.
+
+    `eval_every` (default: half the steps) sets how often the held-out loss is measured besides before
+    the first and after the last step; `threads` (default: `pick_threads()`) the CPU threads.
+    """
     from .adapter import read_adapter
     from .embedded import embedded_model_dir
     from .merge import merge
     from .memory import estimate_memory, plot_estimate
     from .train import train
 
-    t_start = time.perf_counter()
     out_dir = Path(out) if out else Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     model_dir = embedded_model_dir()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(threads or pick_threads())
+    clock = _PhaseClock()  # started after a first run's one-off conversion, which is not the demo's time
     quant, lora = QuantConfig(), LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05)
     cfg = TrainConfig(model=str(model_dir), data="embedded", out_dir=str(out_dir), seq_len=seq_len,
                       batch_size=batch_size, max_steps=steps, learning_rate=learning_rate,
-                      warmup_steps=max(1, steps // 10), eval_fraction=0.1, eval_every=max(1, steps // 3),
-                      save_every=steps, progress=progress, device="cpu" if not torch.cuda.is_available() else "auto",
-                      quant=quant, lora=lora)
+                      warmup_steps=max(1, steps // 10), eval_fraction=0.1,
+                      eval_every=eval_every or max(1, steps // 2), save_every=steps, progress=progress,
+                      device="cpu" if not torch.cuda.is_available() else "auto", quant=quant, lora=lora)
 
-    say(f"[1/5] loading {model_dir.name} with every linear in NF4 and LoRA r={rank} on all of them")
-    t0 = time.perf_counter()
+    say(f"[1/5] loading {model_dir.name} with every linear in NF4 and LoRA r={rank} on all of them "
+        f"({torch.get_num_threads()} CPU threads)")
     model, tokenizer = load_model(model_dir, quant, lora, device="auto" if cfg.device == "auto" else cfg.device)
-    load_s = time.perf_counter() - t0
+    load_s = clock.lap("load (NF4 quantize + LoRA)")
     params = count_parameters(model)
     say(f"      {params} (loaded in {load_s:.1f} s)")
     before = {q: answer(model, tokenizer, q, max_new_tokens) for q in DEMO_QUESTIONS}
+    clock.lap(f"answers before ({len(DEMO_QUESTIONS)} × {max_new_tokens} tokens)")
 
     say(f"[2/5] training {steps} steps on the shipped Captain Quill chat set")
     result = train(cfg, log=say, loaded=(model, tokenizer))
+    train_s = clock.lap("train")
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    step_s = sum(r.get("step_s", 0.0) for r in rows)
+    del clock.seconds["train"]
+    clock.seconds[f"training steps ({steps})"] = step_s
+    clock.seconds[f"held-out evaluation ({len(result.eval_losses)}×), data, checkpoint"] = train_s - step_s
     after = {q: answer(model, tokenizer, q, max_new_tokens) for q in DEMO_QUESTIONS}
+    clock.lap(f"answers after ({len(DEMO_QUESTIONS)} × {max_new_tokens} tokens)")
 
     say("[3/5] merging the adapter into an fp16 checkpoint (dequantize + s·B·A in fp32) and verifying it")
     report = merge(model_dir, out_dir / "adapter", out_dir / "merged", dtype="float16", verify=True,
                    progress=progress, overwrite=True)
+    merge_total = clock.lap("merge")
+    clock.seconds["merge"] = report.seconds
+    clock.seconds["verify (logits vs base + adapter)"] = merge_total - report.seconds
 
     say("[4/5] memory: predicted vs measured")
     estimate = estimate_memory(model_dir, seq_len=seq_len, batch_size=batch_size, lora=lora, quant=quant,
@@ -122,7 +180,9 @@ def run_demo(out: str | None = None, steps: int = 30, seq_len: int = 128, batch_
         "## Learning",
         f"- held-out loss: **{eval_before:.3f} → {eval_after:.3f}** (training loss {result.losses[0]:.3f} → "
         f"{result.losses[-1]:.3f}); plot: `loss_curve.png`",
-        f"- throughput: {result.tokens_per_s:.0f} tokens/s including evaluation",
+        f"- throughput: {result.tokens_per_s:.0f} tokens/s including evaluation "
+        f"({sum(r.get('tokens_per_s', 0) * r.get('step_s', 0) for r in rows) / max(step_s, 1e-9):.0f} in the "
+        "training steps alone)",
         "",
         "## Answers to questions the data set does not contain (greedy)",
     ]
@@ -153,14 +213,17 @@ def run_demo(out: str | None = None, steps: int = 30, seq_len: int = 128, batch_
     ]
     if analysis_lines:
         lines += ["", "## What the adapter learned (LoRA paper analyses)", *[f"- {l}" for l in analysis_lines]]
-    total_s = time.perf_counter() - t_start
-    lines += ["", f"Total demo time: {total_s:.0f} s (load {load_s:.0f} s)."]
+    clock.lap("report (memory estimate, plots, analysis)")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    lines += ["", f"## Time ({torch.get_num_threads()} CPU threads; load average {load:.1f} at the end)", "",
+              *clock.table()]
+    total_s = sum(clock.seconds.values())
     summary = out_dir / "summary.md"
     summary.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     say(f"\ndone in {total_s:.0f} s: everything is in {out_dir}/ (summary.md, adapter/, merged/, loss_curve.png, "
         "memory.png)")
-    return DemoResult(out_dir, summary, eval_before, eval_after)
+    return DemoResult(out_dir, summary, eval_before, eval_after, dict(clock.seconds), torch.get_num_threads())
 
 
 def _nf4_layers(model):

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from qlora_lite.demo import pick_threads
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(pick_threads(max_threads=2))  # 1 on a busy machine: see pick_threads
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -28,6 +34,19 @@ def embedded_dir():
     from qlora_lite.embedded import embedded_model_dir
 
     return embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, embedded_dir):
+    """One `qlora-lite demo`, run as a user runs it, shared by every test that checks what it wrote.
+
+    No wall-clock limit: on a busy machine the demo is slower, not wrong (issue 24).
+    """
+    out = tmp_path_factory.mktemp("demo") / "run"
+    proc = subprocess.run([sys.executable, "-m", "qlora_lite.cli", "demo", "--out", str(out)], capture_output=True,
+                          text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
 
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -1,25 +1,10 @@
-"""`qlora-lite demo` end to end on the embedded model, in a subprocess, as a user runs it."""
+"""`qlora-lite demo` end to end on the embedded model, in a subprocess, as a user runs it (the `demo_run`
+fixture in conftest.py: one run for the whole session)."""
 
 from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory, embedded_dir):
-    out = tmp_path_factory.mktemp("demo") / "run"
-    proc = subprocess.run([sys.executable, "-m", "qlora_lite.cli", "demo", "--out", str(out)], capture_output=True,
-                          text=True, timeout=1500, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
 
 
 def test_demo_writes_adapter_merged_checkpoint_plots_and_summary(demo_run):

@@ -85,6 +85,23 @@ def test_chunked_quantization_matches_bitsandbytes_across_chunk_boundaries(shape
     assert torch.equal(ours_packed, packed) and torch.equal(ours_absmax, state.absmax)
 
 
+@pytest.mark.parametrize("shape", [(3, 5), (7, 64), (40, 48), (96, 688), (9, 1536)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunked_dequantize_equals_code_times_absmax_across_chunk_boundaries(monkeypatch, shape, dtype):
+    """Every value is NF4_CODE[nibble] * absmax of its block in fp32, rounded once to `dtype`, also
+    where a chunk boundary, the ragged last block or an odd last byte falls."""
+    from qlora_lite import nf4
+
+    monkeypatch.setattr(nf4, "_DEQUANTIZE_CHUNK", 128)  # several chunks even on these small shapes
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    q = NF4Weight.from_tensor(w, double_quant=True, backend="torch")
+    n = w.numel()
+    nibbles = torch.stack([q.packed.reshape(-1) >> 4, q.packed.reshape(-1) & 15], 1).reshape(-1)[:n].long()
+    absmax = q.block_absmax().repeat_interleave(64)[:n]
+    expected = (NF4_CODE[nibbles] * absmax).to(dtype).reshape(shape)
+    assert torch.equal(nf4.dequantize_nf4(q.packed, q.block_absmax(), q.shape, 64, dtype), expected)
+
+
 def test_round_trip_error_matches_bitsandbytes_anchor_and_bounds():
     torch.manual_seed(0)
     w = torch.randn(4096, 4096)
