@@ -104,7 +104,7 @@ def _loss_plot(metrics_file: Path, path: Path) -> None:
 
 
 def run_demo(out: str | None = None, steps: int = 30, seq_len: int = 128, batch_size: int = 4,
-             learning_rate: float = 1e-3, rank: int = 16, max_new_tokens: int = 24, progress: bool = True,
+             learning_rate: float = 1e-3, rank: int = 16, max_new_tokens: int = 20, progress: bool = True,
              eval_every: int | None = None, threads: int | None = None) -> DemoResult:
     """Fine-tune the embedded model in 4-bit, merge and export fp16, and report; returns where it wrote.
 

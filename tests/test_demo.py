@@ -4,7 +4,13 @@ fixture in conftest.py: one run for the whole session)."""
 from __future__ import annotations
 
 import json
+import os
 import re
+
+import pytest
+import torch
+
+from qlora_lite.demo import pick_threads
 
 
 def test_demo_writes_adapter_merged_checkpoint_plots_and_summary(demo_run):
@@ -36,3 +42,31 @@ def test_demo_merged_checkpoint_loads_in_transformers(demo_run):
     assert "quantization_config" not in json.loads((out / "merged" / "config.json").read_text())
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_demo_summary_times_every_phase(demo_run):
+    out, _ = demo_run
+    table = (out / "summary.md").read_text().split("## Time")[1]
+    for phase in ("load", "answers before", "training steps (30)", "held-out evaluation", "answers after",
+                  "| merge |", "verify", "report", "| total |"):
+        assert phase in table
+    seconds = [float(row.split("|")[2]) for row in table.splitlines() if row.startswith("| ") and "phase" not in row]
+    assert all(s >= 0 for s in seconds) and abs(sum(seconds[:-1]) - seconds[-1]) <= 0.1 * len(seconds)
+
+
+@pytest.mark.parametrize("load, expected", [(0.0, 2), (0.4, 2), (0.6, 1), (1.0, 1), (7.5, 1)])
+def test_pick_threads_leaves_the_cores_other_processes_use(monkeypatch, load, expected):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
+    assert pick_threads(load=load) == expected
+    assert pick_threads(max_threads=1, load=load) == 1
+
+
+def test_pick_threads_reads_the_load_average_and_respects_omp_num_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)))
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.2, 1.0, 1.0))
+    assert pick_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
+    assert pick_threads() == 6

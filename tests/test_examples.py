@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(args, **env):
-    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=900, cwd=ROOT,
-                         env={**os.environ, **env})
+    # no wall-clock limit: on a busy machine an example is slower, not wrong (issue 24)
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, env={**os.environ, **env})
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -50,6 +50,8 @@ def test_merge_export_example(tmp_path):
 
 
 def test_finetune_demo_example_runs_through_the_api(tmp_path, embedded_dir):
-    out = _run(["examples/finetune_demo.py"], DEMO_STEPS="2", DEMO_OUT=str(tmp_path / "run"))
+    """The example's API calls work; that training lowers the loss and the merge verifies is the demo's
+    check (tests/test_demo.py, on the shared demo run), so one step is enough here."""
+    out = _run(["examples/finetune_demo.py"], DEMO_STEPS="1", DEMO_OUT=str(tmp_path / "run"))
     assert "before:" in out and "after:" in out and "verified" in out
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
