@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
             torch.set_num_threads(threads)
             step()  # warm-up: the thread pool resizes
             times[threads] += [step() for _ in range(opts.steps)]
+            print(f"threads {threads}: {', '.join(f'{t:.2f}' for t in times[threads][-opts.steps:])} s "
+                  f"(load average {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
     first = statistics.median(times[opts.threads[0]])
     rows = [{"threads": t, "median_step_s": statistics.median(v), "min_step_s": min(v),
              "ratio_to_first": statistics.median(v) / first} for t, v in times.items()]
