@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+from qlora_lite import demo
 from qlora_lite.demo import pick_threads
 
 
@@ -62,11 +63,23 @@ def test_pick_threads_leaves_the_cores_other_processes_use(monkeypatch, load, ex
     assert pick_threads(max_threads=1, load=load) == 1
 
 
+def test_pick_threads_counts_only_work_that_is_still_running(monkeypatch):
+    """A load average of 1 left by a test that just finished is no reason to drop to 1 thread."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
+    assert pick_threads(load=1.0, running=0) == 2
+    assert pick_threads(load=1.0, running=1) == 1
+    assert pick_threads(load=0.0, running=3) == 2  # a burst of short-lived processes: the average decides
+
+
 def test_pick_threads_reads_the_load_average_and_respects_omp_num_threads(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)))
     monkeypatch.setattr(os, "getloadavg", lambda: (5.2, 1.0, 1.0))
+    monkeypatch.setattr(demo, "_other_runnable_processes", lambda: 9)
     assert pick_threads() == 3
+    monkeypatch.setattr(demo, "_other_runnable_processes", lambda: 2)
+    assert pick_threads() == 6
     monkeypatch.setenv("OMP_NUM_THREADS", "6")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
     assert pick_threads() == 6
