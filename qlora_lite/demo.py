@@ -141,7 +141,7 @@ def run_demo(out: str | None = None, steps: int = 30, seq_len: int = 128, batch_
     quant, lora = QuantConfig(), LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.05)
     cfg = TrainConfig(model=str(model_dir), data="embedded", out_dir=str(out_dir), seq_len=seq_len,
                       batch_size=batch_size, max_steps=steps, learning_rate=learning_rate,
-                      warmup_steps=max(1, steps // 10), eval_fraction=0.1,
+                      warmup_steps=max(1, steps // 10), eval_fraction=0.05,
                       eval_every=eval_every or max(1, steps // 2), save_every=steps, progress=progress,
                       device="cpu" if not torch.cuda.is_available() else "auto", quant=quant, lora=lora)
 
