@@ -18,8 +18,10 @@ from typing import Any, Literal
 
 import torch
 
+from .data.schemas import check_columns
 from .errors import ConfigError
 from .nf4 import SUPPORTED_BLOCKSIZES
+from .tracking import check_trackers
 
 __all__ = [
     "QuantConfig",
@@ -178,7 +180,12 @@ class TrainConfig:
 
     Args:
         model: a Hugging Face model directory (16-bit or bnb-4bit safetensors), or "embedded"
-        data: a JSONL file (text / instruction / chat records), or "embedded" for the shipped chat set
+        data: a local .jsonl/.json/.csv/.parquet file or folder, a save_to_disk folder, "embedded" (the shipped
+            chat set), or several to mix: [{path: a.jsonl, weight: 0.7}, {path: b.parquet, weight: 0.3}]
+        data_format: auto (detected per record), text, alpaca, sharegpt, messages or prompt_completion
+        columns: rename fields, e.g. {instruction: question, output: answer} (see docs/data.md)
+        data_cache_dir: where tokenized sets are cached (default: beside the `datasets` cache)
+        data_num_proc: processes that tokenize a large set
         out_dir: where metrics.jsonl, checkpoints/ and adapter/ are written
         seq_len: tokens per sequence (longer examples are truncated, or refused with truncation=error)
         batch_size: sequences per process per micro-step
@@ -198,6 +205,7 @@ class TrainConfig:
         compile: torch.compile each decoder layer (regional compilation; compiles at the first step)
         loss_chunk_tokens: cross-entropy through the LM head this many tokens at a time (0: full logits)
         packing: pack several examples into one sequence
+        packing_mode: isolated (examples do not attend to each other) or concat (plain causal, cross-talk)
         truncation: truncate or error for examples longer than seq_len
         eval_fraction: share of the records held out for evaluation
         eval_every: evaluate every N steps (and at the end)
@@ -212,12 +220,17 @@ class TrainConfig:
             metrics.jsonl, adapter/, memory.json and checkpoints/ (without it such an out_dir is refused)
         fsdp: shard the NF4 base, LoRA and optimizer state over the processes (FSDP2)
         progress: show a progress bar
+        report_to: trackers to log to through accelerate: any of tensorboard, wandb, mlflow, trackio (offline)
         quant: NF4 settings, or null for 16-bit LoRA
         lora: LoRA settings (PEFT's names)
     """
 
     model: str = "embedded"
-    data: str = "embedded"
+    data: str | list[dict[str, Any]] = "embedded"
+    data_format: str = "auto"
+    columns: dict[str, str] | None = None
+    data_cache_dir: str | None = None
+    data_num_proc: int = 1
     out_dir: str = "runs/train"
     seq_len: int = 256
     batch_size: int = 2
@@ -235,6 +248,7 @@ class TrainConfig:
     compile: bool = False
     loss_chunk_tokens: int = 1024
     packing: bool = False
+    packing_mode: Literal["isolated", "concat"] = "isolated"
     truncation: Literal["truncate", "error"] = "truncate"
     eval_fraction: float = 0.1
     eval_every: int = 50
@@ -247,6 +261,7 @@ class TrainConfig:
     overwrite_output_dir: bool = False
     fsdp: bool = False
     progress: bool = True
+    report_to: list[str] = field(default_factory=list)
     quant: QuantConfig | None = field(default_factory=QuantConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -302,6 +317,12 @@ class TrainConfig:
             problems.append(f"seed={self.seed!r} must be an integer from 0 to 4294967295")
         if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", str(self.device)):
             problems.append(f"device={self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        problems += check_columns(self.columns, self.data_format)
+        if self.packing_mode not in ("isolated", "concat"):
+            problems.append(f"packing_mode={self.packing_mode!r} must be 'isolated' or 'concat'")
+        if not _is_int(self.data_num_proc) or self.data_num_proc < 1:
+            problems.append(f"data_num_proc={self.data_num_proc!r} must be a positive integer")
+        problems += check_trackers(self.report_to)
         if self.quant is not None and not isinstance(self.quant, (QuantConfig, dict)):
             problems.append("quant must be a QuantConfig, a mapping, or null for 16-bit LoRA")
         if problems:

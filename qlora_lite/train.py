@@ -42,8 +42,8 @@ from .adapter import adapter_state_dict, save_adapter
 from .checkpoint import (METRICS, check_out_dir, gather_objects, gather_training_state, latest_checkpoint,
                          load_checkpoint, save_checkpoint, truncate_metrics)
 from .config import TrainConfig, resolve_dtype
-from .data import batch_iterator, build_dataset, collate, embedded_dataset_path, load_records, split_train_eval
-from .errors import DataError, TrainingError
+from .data import batch_iterator, collate, count_tokens, embedded_dataset_path, prepare_data
+from .errors import TrainingError
 from .fsdp import fsdp_mesh, full_tensor, in_turns, load_sharded, resident_base_bytes, shard_model
 from .fsutil import RunLock, atomic_write_text
 from .kernels import apply_speedups
@@ -51,6 +51,7 @@ from .load import is_prequantized, load_model, load_tokenizer, release_free_memo
 from .loss import ChunkedLoss, install_chunked_loss, supports_chunked_loss
 from .memory import GiB, MemoryEstimate
 from .monitor import MemoryMonitor, preflight
+from .tracking import Trackers
 from .settings import RunSettings
 
 __all__ = ["train", "TrainingRun", "TrainResult", "evaluate", "latest_checkpoint", "build_optimizer", "lr_lambda",
@@ -283,22 +284,11 @@ class TrainingRun:
         """Tokenize the data before the model loads: a bad file costs seconds, not a model load."""
         cfg = self.cfg
         self.tokenizer = self.loaded[1] if self.loaded is not None else load_tokenizer(self.model_path)
-        records = load_records(self.data_source)
-        self.log(f"data: tokenizing {len(records):,} records")  # minutes for a large file: say what is happening
-        train_records, eval_records = split_train_eval(records, cfg.eval_fraction, cfg.seed)
-        self.train_set = build_dataset(train_records, self.tokenizer, cfg.seq_len, packing=cfg.packing,
-                                       truncation=cfg.truncation)
-        try:
-            self.eval_set = (build_dataset(eval_records, self.tokenizer, cfg.seq_len, truncation="truncate")
-                             if eval_records else None)
-        except DataError:  # the training records fit: say that the held-out ones are the problem
-            raise DataError(f"none of the {len(eval_records)} held-out evaluation record(s) (eval_fraction="
-                            f"{cfg.eval_fraction}) has a trainable token within seq_len={cfg.seq_len}; raise seq_len, "
-                            "or set eval_fraction: 0") from None
+        self.train_set, self.eval_set = prepare_data(self.data_source, self.tokenizer, cfg, log=self.log)
         self.log(f"data: {self.train_set.summary()}")
         if self.eval_set is not None and len(self.eval_set) > MAX_EVAL_EXAMPLES:
             self.log(f"eval: {MAX_EVAL_EXAMPLES:,} of {len(self.eval_set):,} held-out examples (MAX_EVAL_EXAMPLES)")
-            self.eval_set = self.eval_set.examples[:MAX_EVAL_EXAMPLES]
+            self.eval_set = self.eval_set[:MAX_EVAL_EXAMPLES]
 
     def setup_model(self) -> None:
         """The NF4 base + LoRA: loaded here (three ways, see below) or handed in (`loaded`)."""
@@ -385,6 +375,7 @@ class TrainingRun:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.metrics_file, "a") as handle:
             handle.write(json.dumps(clean, allow_nan=False) + "\n")
+        self.trackers.log(clean, clean["step"])
 
     def train_step(self, batches: Iterator, step: int) -> tuple[float, int, float]:
         """One optimizer step over grad_accum micro-batches: (mean loss, tokens, gradient norm)."""
@@ -402,7 +393,7 @@ class TrainingRun:
                         f"instead of fp16, or a smaller max_grad_norm")
                 self.accelerator.backward(loss / cfg.grad_accum)
             step_loss += loss.item() / cfg.grad_accum
-            step_tokens += int(batch["attention_mask"].sum())
+            step_tokens += count_tokens(batch)
         grad_norm = float("nan")  # (not computed without clipping)
         if cfg.max_grad_norm > 0:  # torch's clip handles FSDP's sharded grads (a DTensor norm)
             clip = torch.nn.utils.clip_grad_norm_ if cfg.fsdp else self.accelerator.clip_grad_norm_
@@ -415,6 +406,8 @@ class TrainingRun:
     def train_loop(self) -> tuple[int, bool]:
         """Steps from the start (or resumed) step to max_steps; returns (last step, interrupted)."""
         cfg, world = self.cfg, self.world
+        self.trackers = Trackers(cfg.report_to if self.is_main else [], self.out_dir, cfg.to_dict(),
+                                 constants=None if self.plan is None else {"predicted_bytes": self.plan.total_bytes})
         if self.eval_set is not None and self.start_step == 0:  # the baseline every later eval is compared with
             baseline = self.evaluate()
             self.state["eval_losses"].append([0, baseline])
@@ -471,6 +464,7 @@ class TrainingRun:
             progress.close()
         if self.chunked_loss is not None:
             self.chunked_loss.remove()
+        self.trackers.finish()
         self.monitor.mark("steady_state")
         return step, interrupted
 

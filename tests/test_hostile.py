@@ -400,7 +400,9 @@ def test_held_out_records_too_long_are_named(tmp_path, tiny_model_dir, monkeypat
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in [short] * 9 + [long]))
     # hold out exactly the long record, whatever the seeded split would pick
-    monkeypatch.setattr(train_mod, "split_train_eval", lambda recs, fraction, seed: (list(recs[:9]), list(recs[9:])))
+    import qlora_lite.data.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "split_indices", lambda n, fraction, seed: (list(range(9)), [9]))
     with pytest.raises(DataError, match=r"none of the 1 held-out evaluation record"):
         train_mod.train(TrainConfig(model=str(tiny_model_dir), data=str(data), out_dir=str(tmp_path / "out"),
                                     seq_len=32, max_steps=1, warmup_steps=0, eval_fraction=0.1, device="cpu", lora={"r": 4},
