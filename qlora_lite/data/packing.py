@@ -8,7 +8,8 @@ little padding. Two modes:
   example's first token). `collate` then leaves out the 2-D ``attention_mask``, and transformers
   derives the block-diagonal causal mask from the position ids (masking_utils'
   find_packed_sequence_indices; SDPA/eager/flex). Each example's loss equals its loss alone
-  (tests/test_data.py::test_isolated_packing_equals_one_by_one). FlashAttention's variable-length
+  (tests/test_data.py::test_isolated_packing_equals_one_by_one). transformers only does so without a KV
+  cache (load_model sets use_cache=False; a cache would silently bring back plain causal attention). FlashAttention's variable-length
   path reads the same position ids but only for a batch flattened into one row: ``collate(...,
   flatten=True)``.
 - ``concat``: the examples simply follow each other under plain causal attention, so a token also

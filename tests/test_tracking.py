@@ -1,0 +1,61 @@
+"""report_to: each installed tracker writes its local files in a tiny training run (offline)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from qlora_lite.config import LoraConfig, QuantConfig, TrainConfig
+from qlora_lite.errors import ConfigError
+from qlora_lite.tracking import Trackers, check_trackers, flatten_config
+from qlora_lite.train import train
+
+INSTALLED = [name for name, module in (("tensorboard", "tensorboard"), ("wandb", "wandb"), ("mlflow", "mlflow"),
+                                       ("trackio", "trackio")) if importlib.util.find_spec(module)]
+
+
+def test_report_to_is_validated_and_the_config_flattened():
+    assert check_trackers(["tensorboard", "wandb", "mlflow", "trackio"]) == []
+    assert check_trackers(["tensorbord"]) == ["report_to: unknown tracker 'tensorbord'; use any of tensorboard, "
+                                              "wandb, mlflow, trackio"]
+    with pytest.raises(ConfigError, match="report_to"):
+        TrainConfig(report_to="tensorboard")
+    flat = flatten_config({"lora": {"r": 8, "target_modules": ["q_proj"]}, "seed": 0, "quant": None})
+    assert flat == {"lora.r": 8, "lora.target_modules": "['q_proj']", "seed": 0, "quant": None}
+
+
+def test_a_tracker_that_is_not_installed_is_named(tmp_path, monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ConfigError, match="'mlflow' but the mlflow package is not installed"):
+        Trackers(["mlflow"], tmp_path, {})
+
+
+@pytest.mark.skipif("tensorboard" not in INSTALLED, reason="needs the [trackers] extra (tensorboard)")
+def test_each_tracker_writes_its_local_files_in_a_tiny_run(tiny_model_dir, memorize_data, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "run"
+    cfg = TrainConfig(model=str(tiny_model_dir), data=str(memorize_data), out_dir=str(out), seq_len=64, batch_size=4,
+                      max_steps=3, warmup_steps=1, eval_every=2, progress=False, device="cpu", packing=True,
+                      lora=LoraConfig(r=4, lora_alpha=8), quant=QuantConfig(backend="torch"), report_to=INSTALLED,
+                      data_cache_dir=str(tmp_path / "cache"))
+    train(cfg)
+    jsonl = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "tensorboard").iterdir())))
+    events.Reload()
+    losses = [(e.step, round(e.value, 4)) for e in events.Scalars("loss")]
+    assert losses == [(r["step"], round(r["loss"], 4)) for r in jsonl if "loss" in r]
+    assert {"lr", "grad_norm", "tokens_per_s", "rss_bytes", "eval_loss"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("eval_loss")] == [0, 2, 3]
+    if "wandb" in INSTALLED:
+        runs = list((out / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    if "mlflow" in INSTALLED:
+        assert list((out / "mlruns").rglob("loss"))
+    if "trackio" in INSTALLED:
+        assert any((out / "trackio").iterdir())
