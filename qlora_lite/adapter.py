@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # (settings.py reads model directories: a level above this mo
 __all__ = [
     "AdapterFile",
     "save_adapter",
+    "model_card",
     "load_adapter",
     "read_adapter",
     "adapter_state_dict",
@@ -169,7 +170,21 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         if settings is not None:
             settings.write(tmp)
+        (tmp / "README.md").write_text(model_card(config), encoding="utf-8")
     return directory
+
+
+def model_card(config: dict) -> str:
+    """The README.md model card PEFT's save_pretrained writes (huggingface_hub's template with PEFT's
+    metadata: library, base model, tags), plus the LoRA settings, so the Hub and PEFT tools read it alike."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = config.get("base_model_name_or_path")
+    tags = sorted({"lora", "transformers", "qlora-lite", *([f"base_model:adapter:{base}"] if base else [])})
+    card = ModelCard.from_template(ModelCardData(library_name="peft", base_model=base, tags=tags,
+                                                 pipeline_tag="text-generation"))
+    settings = ", ".join(f"{k}={config[k]}" for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules"))
+    return f"{card.content.rstrip()}\n\n## LoRA settings\n\n{settings} (written by qlora-lite)\n"
 
 
 def read_adapter(directory: str | Path) -> AdapterFile:

@@ -364,6 +364,7 @@ def _write_metadata(tmp: Path, base_dir: Path, plan: _Plan, dtype_name: str) -> 
     config["dtype"] = dtype_name
     if "torch_dtype" in config:
         config["torch_dtype"] = dtype_name
+    config.update(_legacy_rope_keys(config))
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if len(plan.shard_names) > 1:
         weight_map = {it.name: plan.shard_names[it.shard] for it in sorted(plan.items, key=lambda t: t.name)}
@@ -373,6 +374,32 @@ def _write_metadata(tmp: Path, base_dir: Path, plan: _Plan, dtype_name: str) -> 
         for source in sorted(base_dir.glob(pattern)):
             if source.is_file():
                 shutil.copy2(source, tmp / source.name)
+    _chat_template_in_tokenizer_config(tmp)
+
+
+def _legacy_rope_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """transformers 5 keeps RoPE settings in `rope_parameters` only; converters written before it (llama.cpp's
+    convert_hf_to_gguf.py of early 2025) read the top-level `rope_theta` / `rope_scaling` and silently fall
+    back to a base of 10,000 without them. Writing both keeps those tools right; transformers reads either."""
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict):
+        return {}
+    legacy = {"rope_theta": rope["rope_theta"]} if "rope_theta" in rope else {}
+    if rope.get("rope_type", "default") != "default":
+        legacy["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return {k: v for k, v in legacy.items() if k not in config}
+
+
+def _chat_template_in_tokenizer_config(directory: Path) -> None:
+    """Copy chat_template.jinja into tokenizer_config.json's `chat_template`, where tools older than
+    transformers 4.43 (and llama.cpp's converter of that time) look for it."""
+    template, settings = directory / "chat_template.jinja", directory / "tokenizer_config.json"
+    if not (template.is_file() and settings.is_file()):
+        return
+    values = json.loads(settings.read_text())
+    if "chat_template" not in values:
+        values["chat_template"] = template.read_text()
+        settings.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n")
 
 
 def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dtype: str = "float16",

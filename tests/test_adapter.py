@@ -87,6 +87,17 @@ def test_our_adapter_loads_in_peft_with_equal_logits(tmp_path, use_rslora):
     peft_model = peft.PeftModel.from_pretrained(dequantized_base(original, ours), str(tmp_path / "adapter")).eval()
     assert peft_model.peft_config["default"].use_rslora is use_rslora
     torch.testing.assert_close(logits(peft_model, IDS), logits(ours, IDS), atol=ATOL, rtol=0)
+    # the model card: PEFT's metadata (what the Hub indexes), as PEFT's own save writes it
+    from huggingface_hub import ModelCard
+
+    peft_model.save_pretrained(tmp_path / "peft_saved")
+    theirs = ModelCard.load(tmp_path / "peft_saved" / "README.md").data.to_dict()
+    card = ModelCard.load(tmp_path / "adapter" / "README.md")
+    mine = card.data.to_dict()
+    assert {k: mine[k] for k in ("library_name", "pipeline_tag")} == {k: theirs[k] for k in ("library_name",
+                                                                                           "pipeline_tag")}
+    assert set(theirs["tags"]) - {t for t in theirs["tags"] if t.startswith("base_model:")} <= set(mine["tags"])
+    assert "r=4, lora_alpha=8" in card.text
 
     adapter_bytes = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
     original.save_pretrained(tmp_path / "base")

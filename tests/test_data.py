@@ -314,6 +314,7 @@ def test_stats_and_packing(tok):
     assert plain.trainable_tokens == sum(t != IGNORE_INDEX for ex in plain for t in ex["labels"])
     assert (isolated.total_tokens, isolated.trainable_tokens) == (plain.total_tokens, plain.trainable_tokens)
     assert len(isolated) == len(concat) < len(plain) / 3
+    assert plain[1:3] == [plain[1], plain[2]] and isolated[-2:] == [isolated[len(isolated) - 2], isolated[-1]]
     assert all(len(row["input_ids"]) == len(row["labels"]) <= 256 for row in isolated)
     flat = lambda ds, key: [t for ex in ds for t in ex[key]]  # noqa: E731
     assert flat(isolated, "input_ids") == flat(concat, "input_ids") == flat(plain, "input_ids")

@@ -163,6 +163,8 @@ def test_tiny_merge_loads_cleanly_and_matches_adapter_model(tiny, tmp_path, capl
         assert data <= limit or len(sizes) == 1
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == dtype and "quantization_config" not in config
+    # older converters (llama.cpp early 2025) read the top-level key; load_clean below shows transformers accepts it
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] and "rope_scaling" not in config
     assert (out / "generation_config.json").is_file()
 
     # the merged weights are exactly what the adapter model computes with, rounded once
@@ -177,6 +179,17 @@ def test_tiny_merge_loads_cleanly_and_matches_adapter_model(tiny, tmp_path, capl
         if dtype == "bfloat16":
             merged_bf16 = load_clean(out, caplog, dtype=torch.bfloat16)
             assert merged_bf16.model.norm.weight.dtype == torch.bfloat16
+
+
+def test_legacy_rope_keys_mirror_rope_parameters():
+    from qlora_lite.merge import _legacy_rope_keys
+
+    yarn = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert _legacy_rope_keys({"rope_parameters": yarn}) == {
+        "rope_theta": 1e6, "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}
+    assert _legacy_rope_keys({"rope_parameters": {"rope_type": "default", "rope_theta": 1e5}}) == {"rope_theta": 1e5}
+    assert _legacy_rope_keys({"rope_parameters": {"rope_theta": 1e5}, "rope_theta": 1e5}) == {}
+    assert _legacy_rope_keys({"rope_theta": 1e4}) == {}
 
 
 def test_base_original_is_w0_plus_sba(tiny, tmp_path):
@@ -274,6 +287,9 @@ def test_embedded_model_fp16_merge_agrees_with_adapter_model(embedded_dir, tmp_p
     out = tmp_path / "out"
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         assert (out / name).is_file(), name
+    template = (out / "chat_template.jinja").read_text()
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == template
+    assert "chat_template" not in json.loads((embedded_dir / "tokenizer_config.json").read_text())
     with safe_open(str(out / "model.safetensors"), "pt") as handle:
         assert "lm_head.weight" not in handle.keys()  # tied: stored once, as in the base
         assert handle.get_slice("model.norm.weight").get_dtype() == "F16"

@@ -72,7 +72,9 @@ class TokenizedDataset(Sequence[Example]):
     def __len__(self) -> int:
         return len(self.rows) if self.packed else len(self.examples)
 
-    def __getitem__(self, index: int) -> Example:  # type: ignore[override]
+    def __getitem__(self, index: int | slice) -> Example | list[Example]:  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
         if not self.packed:
             example = self.examples[index]
             return {"input_ids": list(example["input_ids"]), "labels": list(example["labels"])}
