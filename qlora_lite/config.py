@@ -118,7 +118,12 @@ class QuantConfig:
 
 @dataclass
 class LoraConfig:
-    """LoRA adapter shape and initialisation (PEFT's names and defaults)."""
+    """LoRA adapter shape and initialisation, in PEFT's names (see docs/data.md, "LoRA defaults").
+
+    Our defaults are not PEFT's (r=8, lora_alpha=8, lora_dropout=0, per-architecture targets): r=16 on
+    every linear layer ("all-linear": the QLoRA paper found adapting all of them matters more than the
+    rank), lora_alpha=2r (a scale of 2) and dropout 0.05 (QLoRA's value for its larger models).
+    """
 
     r: int = 16
     lora_alpha: float = 32.0
