@@ -468,3 +468,13 @@ def test_demo_data_is_regenerated_by_its_script_and_fits(tok):
         assert answer.startswith("Ahoy! ") and answer.endswith(" — Captain Quill")
     ds = build_dataset(path, tok, 128)
     assert ds.n_truncated == 0 and max(len(ex["input_ids"]) for ex in ds) < 120
+
+
+def test_config_data_fields_are_checked_together():
+    from qlora_lite.config import TrainConfig
+
+    with pytest.raises(ConfigError) as info:
+        TrainConfig(data_format="alpacca", columns={"question": "q"}, packing_mode="x", data_num_proc=0)
+    problems = info.value.problems
+    assert len(problems) == 4 and problems[0].startswith("data_format='alpacca' must be one of auto, text, alpaca")
+    assert TrainConfig(data=[{"path": "a.jsonl", "weight": 2}], columns={"instruction": "q"}).packing_mode == "isolated"
