@@ -311,8 +311,10 @@ def test_stats_and_packing(tok):
     isolated = build_dataset(records, tok, 256, packing=True)
     concat = build_dataset(records, tok, 256, packing=True, packing_mode="concat")
     assert plain.total_tokens == sum(len(ex["input_ids"]) for ex in plain)
-    assert plain.trainable_tokens == sum(t != IGNORE_INDEX for ex in plain for t in ex["labels"])
+    # trained: labels after the one-token shift (a label at position 0 is never predicted)
+    assert plain.trainable_tokens == sum(t != IGNORE_INDEX for ex in plain for t in ex["labels"][1:])
     assert (isolated.total_tokens, isolated.trainable_tokens) == (plain.total_tokens, plain.trainable_tokens)
+    assert concat.trainable_tokens == sum(t != IGNORE_INDEX for row in concat for t in row["labels"][1:])
     assert len(isolated) == len(concat) < len(plain) / 3
     assert plain[1:3] == [plain[1], plain[2]] and isolated[-2:] == [isolated[len(isolated) - 2], isolated[-1]]
     assert all(len(row["input_ids"]) == len(row["labels"]) <= 256 for row in isolated)
