@@ -26,6 +26,7 @@ from typing import Any
 __all__ = ["TRACKERS", "Trackers", "check_trackers", "flatten_config"]
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+MAX_VALUE_CHARS = 500  # a config value longer than this (a list of records as `data`) is cut for the dashboards
 _MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
 
 
@@ -46,8 +47,9 @@ def flatten_config(values: Mapping[str, Any], prefix: str = "") -> dict[str, boo
             flat.update(flatten_config(value, f"{name}."))
         elif value is None or isinstance(value, (bool, int, float, str)):
             flat[name] = value
-        else:  # lists (target_modules, report_to, data mixtures) and paths
-            flat[name] = str(value)
+        else:  # lists (target_modules, report_to, data mixtures), paths; records passed in Python are cut short
+            text = str(value)
+            flat[name] = text if len(text) <= MAX_VALUE_CHARS else text[:MAX_VALUE_CHARS] + "…"
     return flat
 
 

@@ -24,6 +24,8 @@ def test_report_to_is_validated_and_the_config_flattened():
         TrainConfig(report_to="tensorboard")
     flat = flatten_config({"lora": {"r": 8, "target_modules": ["q_proj"]}, "seed": 0, "quant": None})
     assert flat == {"lora.r": 8, "lora.target_modules": "['q_proj']", "seed": 0, "quant": None}
+    records = flatten_config({"data": [{"text": "x" * 100}] * 100})["data"]
+    assert len(records) == 501 and records.endswith("…")
 
 
 def test_a_tracker_that_is_not_installed_is_named(tmp_path, monkeypatch):

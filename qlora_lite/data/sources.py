@@ -102,6 +102,16 @@ def _first_bad_json_line(files: Sequence[str]) -> str | None:
     return None
 
 
+def _utf8_error(path: Path) -> str:
+    """The message for a source whose text is not UTF-8: file and line where we can find them."""
+    try:
+        builder, files = _data_files(path)
+    except DataError:  # (a save_to_disk folder, or a Dataset passed in)
+        builder, files = None, []
+    located = _first_bad_json_line(files) if builder == "json" else None
+    return located or f"{path}: not valid UTF-8; save the file as UTF-8"
+
+
 def _read_path(path: Path, cache_dir: str | None) -> datasets.Dataset:
     import datasets
 
@@ -154,8 +164,11 @@ def _canonical(source: Any, data_format: str, columns: Mapping[str, str] | None,
     def canonical(record: dict, index: int) -> dict:
         return to_canonical(record, data_format, columns, f"{name} record {index}")
 
-    return raw.map(canonical, with_indices=True, remove_columns=raw.column_names, features=features,
-                   desc="reading records")
+    try:
+        return raw.map(canonical, with_indices=True, remove_columns=raw.column_names, features=features,
+                       desc="reading records")
+    except UnicodeDecodeError:  # Arrow keeps a file's bytes as they are; they fail on the way to Python
+        raise DataError(_utf8_error(Path(name))) from None
 
 
 def load_records(source: Any, data_format: str = "auto", columns: Mapping[str, str] | None = None, *,
