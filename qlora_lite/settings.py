@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .config import LoraConfig, QuantConfig
+from .config import LoraConfig, QuantConfig, resolve_lora_dtype
 from .errors import CheckpointError, ConfigError
 from .shards import read_header
 
@@ -55,8 +55,12 @@ class RunSettings:
 
     @classmethod
     def for_run(cls, base_dir: str | Path, quant: QuantConfig | None, lora: LoraConfig,
-                compute_dtype: torch.dtype) -> RunSettings:
+                compute_dtype: torch.dtype, device: str | torch.device | None = None) -> RunSettings:
+        """What this run trains with; `lora_dtype: auto` is recorded as the dtype it resolved to on
+        `device`, so that a reader never has to guess which device the adapter was trained on."""
         base_dir = Path(base_dir)
+        factors = resolve_lora_dtype(lora.lora_dtype, compute_dtype, device)
+        lora = dataclasses.replace(lora, lora_dtype=str(factors).removeprefix("torch."))
         recorded = _checkpoint_quant(base_dir) or (None if quant is None else
                                                    {k: getattr(quant, k) for k in QUANT_FIELDS})
         return cls(recorded, str(compute_dtype).removeprefix("torch."), dataclasses.asdict(lora),

@@ -269,7 +269,8 @@ class TrainingRun:
 
     def setup(self) -> None:
         check_launcher(self.accelerator)
-        self.settings = RunSettings.for_run(self.model_path, self.cfg.quant, self.cfg.lora, self.compute_dtype)
+        self.settings = RunSettings.for_run(self.model_path, self.cfg.quant, self.cfg.lora, self.compute_dtype,
+                                             self.device)
         self.resume_from = check_out_dir(self.out_dir, self.cfg.resume, self.cfg.overwrite_output_dir, self.settings,
                                          self.cfg.fsdp, self.world, self.is_main)
         self.setup_data()
