@@ -24,6 +24,8 @@ EXAMPLES = {
     "merge": "qlora-lite merge --base ./Llama-2-7b-hf --adapter runs/x/adapter --out ./merged --verify true",
     "memory": "qlora-lite memory --model llama-2-7b --seq_len 2048 --rank 16 --gpu RTX4090\n"
               "  qlora-lite memory --model llama-3-8b --seq_len 8192 --recipe peft --gpu A100-80GB\n"
+              "  qlora-lite memory --model llama-3-8b --seq_len 65536 --gpu RTX4090 --offload_activations true "
+              "--mlp_chunk_tokens 4096\n"
               "  qlora-lite memory --model ./my-model --json true",
     "analyze": "qlora-lite analyze --adapter runs/x/adapter --compare runs/y/adapter --out analysis/",
     "quantize": "qlora-lite quantize --model ./Llama-2-7b-hf --out ./Llama-2-7b-nf4",
@@ -69,7 +71,8 @@ def merge(base: str, adapter: str, out: str, dtype: str = "float16", base_kind: 
 
 def memory(model: str, seq_len: int = 2048, batch_size: int = 1, rank: int = 16, gpu: str | None = None,
            optimizer: str = "paged_adamw_32bit", world_size: int = 1, fsdp: bool = False, json_output: bool = False,
-           plot: str | None = None, recipe: str = "qlora-lite", lora_dtype: str = "auto") -> None:
+           plot: str | None = None, recipe: str = "qlora-lite", lora_dtype: str = "auto",
+           offload_activations: bool = False, mlp_chunk_tokens: int = 0, link_gbps: float = 25.0) -> None:
     """Predict a run's GPU memory before loading any weight; say whether it fits and what does.
 
     Args:
@@ -85,12 +88,17 @@ def memory(model: str, seq_len: int = 2048, batch_size: int = 1, rank: int = 16,
         plot: write a stacked bar chart PNG here
         recipe: qlora-lite, or peft to predict transformers + bitsandbytes + PEFT for the same run (ours beside it)
         lora_dtype: auto (the compute dtype on CUDA), bfloat16, float16 or float32
+        offload_activations: the checkpointed block inputs in pinned host memory (reports the host bytes
+            and the host<->GPU copies per step)
+        mlp_chunk_tokens: the MLP over chunks of this many positions (0: off; e.g. 4096 at long context)
+        link_gbps: host<->GPU link speed in GB/s the copy time is given at (PCIe 4.0 x16: 25)
     """
     from .memory import memory_report
 
     print(memory_report(model, seq_len=seq_len, batch_size=batch_size, rank=rank, gpu=gpu, optimizer=optimizer,
                         world_size=world_size, fsdp=fsdp, json_output=json_output, plot=plot, recipe=recipe,
-                        lora_dtype=lora_dtype))
+                        lora_dtype=lora_dtype, offload_activations=offload_activations,
+                        mlp_chunk_tokens=mlp_chunk_tokens, link_gbps=link_gbps))
 
 
 def analyze(adapter: str, base: str | None = None, compare: str | None = None, out: str = "analysis",

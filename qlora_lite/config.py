@@ -209,6 +209,11 @@ class TrainConfig:
             paid 1.29x at 8192 tokens per micro-batch and cost 0.82-0.85x at 2048 (docs/benchmarks.md)
         compile: torch.compile each decoder layer (regional compilation; compiles at the first step)
         loss_chunk_tokens: cross-entropy through the LM head this many tokens at a time (0: full logits)
+        offload_activations: keep each checkpointed block's input in pinned host memory, copied out on a
+            side CUDA stream and back (prefetched a block ahead) for the backward (offload.py; needs
+            gradient_checkpointing)
+        mlp_chunk_tokens: run each block's MLP over chunks of this many sequence positions, so one chunk's
+            token x intermediate tensors live at a time (0: off; e.g. 4096 for sequences past 16k)
         packing: pack several examples into one sequence
         packing_mode: isolated (examples do not attend to each other) or concat (plain causal, cross-talk)
         truncation: truncate or error for examples longer than seq_len
@@ -252,6 +257,8 @@ class TrainConfig:
     fused_kernels: bool | Literal["auto"] = False
     compile: bool = False
     loss_chunk_tokens: int = 1024
+    offload_activations: bool = False
+    mlp_chunk_tokens: int = 0
     packing: bool = False
     packing_mode: Literal["isolated", "concat"] = "isolated"
     truncation: Literal["truncate", "error"] = "truncate"
@@ -286,12 +293,20 @@ class TrainConfig:
                 problems.append(f"{name}={value!r} must be a positive integer")
         if not _is_int(self.loss_chunk_tokens) or self.loss_chunk_tokens < 0:
             problems.append(f"loss_chunk_tokens={self.loss_chunk_tokens!r} must be a non-negative integer (0: off)")
+        if not _is_int(self.mlp_chunk_tokens) or self.mlp_chunk_tokens < 0:
+            problems.append(f"mlp_chunk_tokens={self.mlp_chunk_tokens!r} must be a non-negative integer (0: off)")
+        if self.offload_activations is True and self.gradient_checkpointing is False:
+            problems.append("offload_activations=true offloads the checkpointed blocks' inputs: it needs "
+                            "gradient_checkpointing=true")
+        if self.compile is True and (self.offload_activations is True or self.mlp_chunk_tokens):
+            problems.append("compile=true with offload_activations or mlp_chunk_tokens is not supported yet (their "
+                            "hooks and nested checkpoints are untested under torch.compile): set compile: false")
         if self.global_batch_size is not None and (not _is_int(self.global_batch_size) or self.global_batch_size <= 0):
             problems.append(f"global_batch_size={self.global_batch_size!r} must be a positive integer or null")
         if self.fused_kernels not in (True, False, "auto"):
             problems.append(f"fused_kernels={self.fused_kernels!r} must be true, false or auto")
         for name in ("fsdp", "resume", "overwrite_output_dir", "progress", "gradient_checkpointing", "packing",
-                     "compile"):
+                     "compile", "offload_activations"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r} must be true or false")
         if not isinstance(self.learning_rate, (int, float)) or isinstance(self.learning_rate, bool) or not (

@@ -24,6 +24,15 @@
     `recipe="peft"` predicts the peer (transformers + bitsandbytes + PEFT) for the same run instead:
     `memory_peer.py` says which terms change and why.
 
+    long context (offload.py):
+      offload_activations   the L checkpointed block inputs live in pinned host memory (`pinned_host_bytes`);
+                            the GPU keeps 2 of them (the one in use, the one in flight); each step copies
+                            them out in forward and back in backward: `transfer_bytes`, `transfer_seconds`
+                            at `link_gbps` (PCIe 4.0 x16 ≈ 25 GB/s by default)
+      mlp_chunk_tokens      the recomputed block keeps the MLP's input (b·h per token) instead of its
+                            intermediates; one chunk's (batch·chunk tokens) are alive during its backward,
+                            and the backward workspace holds one chunk's token × intermediate buffers
+
     host memory to load (`host_load_bytes`, not in the GPU peak) = the largest 16-bit checkpoint tensor
     per process streaming to its GPU; under FSDP (rank 0 reads, then sends the shards) or on CPU,
     one whole model as loaded (NF4 + 16-bit + LoRA) + that tensor.
@@ -54,7 +63,7 @@ from .memory_peer import peer_terms
 
 __all__ = [
     "GPU_MEMORY", "CUDA_CONTEXT_BYTES", "ALLOCATOR_SLACK", "PAGED_MIN_NUMEL", "MemoryEstimate", "FitResult",
-    "MemoryBudgetError", "estimate_memory", "fit_to_budget", "largest_seq_len", "parse_budget", "builtin_configs",
+    "MemoryBudgetError", "PCIE4_X16_GBPS", "estimate_memory", "fit_to_budget", "largest_seq_len", "parse_budget", "builtin_configs",
     "load_model_config", "nf4_nbytes", "memory_report", "plot_estimate", "GiB", "GB",
 ]
 
@@ -65,6 +74,8 @@ CUDA_CONTEXT_BYTES = 512 * 2**20  # torch's CUDA context with lazy module loadin
 ALLOCATOR_SLACK = 0.20  # reserved = allocated · (1 + ALLOCATOR_SLACK) at the peak
 PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages a state tensor of >= 1e5 values (Optimizer8bit.get_state_buffer)
 BACKWARD_WORKSPACE_INTER = 3  # live (token × intermediate) gradient buffers while a block runs backward
+PCIE4_X16_GBPS = 25.0  # GB/s a host↔GPU copy of pinned memory reaches on PCIe 4.0 x16 (nominal 31.5)
+OFFLOAD_RESIDENT_INPUTS = 2  # offloaded block inputs on the GPU at once: the one in use + the one in flight
 Optimizer = Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw"]
 Recipe = Literal["qlora-lite", "peft"]
 _OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw")
@@ -98,7 +109,7 @@ def nf4_nbytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> in
 
 
 def _block_bytes_per_token(a: ModelShape, layer_targets: list[tuple[str, int]], *, b: int, mask: int, r: int,
-                           dropout: float) -> int:
+                           dropout: float, mlp_only: bool = False) -> int:
     """Bytes autograd saves per token in one decoder block (compute dtype b bytes, dropout mask `mask` bytes).
 
         2 RMSNorms  2·(4h + 4)         fp32 copy of the input + rsqrt (the weight multiply saves nothing: frozen)
@@ -108,9 +119,13 @@ def _block_bytes_per_token(a: ModelShape, layer_targets: list[tuple[str, int]], 
         LoRA, per adapted linear:  b·r (x·Aᵀ)  + with dropout (b + mask)·in (dropped input + mask)
                                    without dropout the input once per distinct input tensor (q/k/v share one,
                                    gate/up share one, o_proj's is SDPA's output, already counted)
+
+    `mlp_only`: the MLP's share alone (give it the MLP's targets): what a tiled MLP keeps per chunk.
     """
     h, q, kv, i = a.hidden, a.heads * a.head_dim, a.kv_heads * a.head_dim, a.intermediate
-    total = 2 * (4 * h + 4) + b * (2 * q + 2 * kv) + 4 * a.heads + (3 if a.gated else 1) * b * i
+    total = (3 if a.gated else 1) * b * i
+    if not mlp_only:
+        total += 2 * (4 * h + 4) + b * (2 * q + 2 * kv) + 4 * a.heads
     shared: set[str] = set()
     for kind, n_in in layer_targets:
         total += b * r
@@ -173,6 +188,9 @@ class MemoryEstimate:
     optimizer: str
     gradient_checkpointing: bool
     loss_chunk_tokens: int
+    offload_activations: bool
+    mlp_chunk_tokens: int
+    link_gbps: float
     compute_dtype: str
     world_size: int
     fsdp: bool
@@ -194,6 +212,13 @@ class MemoryEstimate:
     peak_phase: str
     detail: dict[str, int]
     host_load_bytes: int
+    pinned_host_bytes: int  # offloaded block inputs held in pinned host memory through the step
+    transfer_bytes: int  # host↔GPU bytes per micro-step (out in forward, back in backward)
+
+    @property
+    def transfer_seconds(self) -> float:
+        """Time the offload copies of one micro-step take at `link_gbps` (hidden if compute is longer)."""
+        return self.transfer_bytes / (self.link_gbps * GB)
 
     def peak_breakdown(self) -> dict[str, int]:
         """Components alive at the peak; they add up to `total_bytes`."""
@@ -276,6 +301,12 @@ class MemoryEstimate:
             how = ("rank 0 holds the whole quantized model until every process has its shard" if self.fsdp
                    and self.world_size > 1 else "each process streams one checkpoint tensor at a time to its GPU")
             rows.append(f"host memory to load: {self.host_load_bytes / GiB:.2f} GiB ({how})")
+        if self.mlp_chunk_tokens:
+            rows.append(f"tiled MLP: {self.mlp_chunk_tokens} positions per chunk")
+        if self.pinned_host_bytes:
+            rows.append(f"offloaded activations: {self.pinned_host_bytes / GiB:.2f} GiB of block inputs in pinned host "
+                        f"memory; {self.transfer_bytes / GiB:.2f} GiB host<->GPU per micro-step, "
+                        f"{self.transfer_seconds:.2f} s at {self.link_gbps:g} GB/s")
         rows.append(f"parameters: total {self.params_total:,}, NF4 {self.params_quantized:,}, unquantized "
                     f"{self.params_16bit:,}, trainable {self.params_trainable:,} "
                     f"({100 * self.params_trainable / self.params_total:.2f}%)")
@@ -287,7 +318,8 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
                     gradient_checkpointing: bool = True, compute_dtype: str | torch.dtype = "bfloat16",
                     world_size: int = 1, fsdp: bool = False, device: Literal["cuda", "cpu"] = "cuda",
                     context_bytes: int | None = None, allocator_slack: float | None = None,
-                    loss_chunk_tokens: int = 1024, recipe: Recipe = "qlora-lite") -> MemoryEstimate:
+                    loss_chunk_tokens: int = 1024, recipe: Recipe = "qlora-lite", offload_activations: bool = False,
+                    mlp_chunk_tokens: int = 0, link_gbps: float = PCIE4_X16_GBPS) -> MemoryEstimate:
     """Peak memory per rank of one training step; `batch_size` is per device.
 
     `device="cpu"` estimates host memory (torch's CPU dropout keeps its mask in the compute dtype;
@@ -295,6 +327,9 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
     CUDA_CONTEXT_BYTES and ALLOCATOR_SLACK (a GPU calibration passes what it measured). The
     optimizer is the one training runs: torch AdamW on CPU and under FSDP (bitsandbytes' paged
     optimizers need CUDA and plain tensors). `recipe="peft"` predicts the peer's footprint instead.
+    `offload_activations`, `mlp_chunk_tokens`: the long-context options (TrainConfig's; offload.py);
+    `link_gbps` the host↔GPU link speed in GB/s the transfer time is given at. On CPU offloading moves
+    nothing (the host copies are the process's memory), so it changes only a GPU estimate.
     """
     problems = [f"{n}={v!r} must be a positive integer" for n, v in
                 (("seq_len", seq_len), ("batch_size", batch_size), ("world_size", world_size))
@@ -305,6 +340,14 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
         problems.append(f"device={device!r} must be 'cuda' or 'cpu'")
     if recipe not in ("qlora-lite", "peft"):
         problems.append(f"recipe={recipe!r} must be 'qlora-lite' or 'peft'")
+    if not isinstance(mlp_chunk_tokens, int) or isinstance(mlp_chunk_tokens, bool) or mlp_chunk_tokens < 0:
+        problems.append(f"mlp_chunk_tokens={mlp_chunk_tokens!r} must be a non-negative integer (0: off)")
+    if offload_activations and not gradient_checkpointing:
+        problems.append("offload_activations offloads the checkpointed blocks' inputs: it needs gradient_checkpointing")
+    if recipe == "peft" and (offload_activations or mlp_chunk_tokens):
+        problems.append("the peer's recipe (recipe='peft') has no activation offload or tiled MLP; plan it without")
+    if isinstance(link_gbps, bool) or not isinstance(link_gbps, (int, float)) or not link_gbps > 0:
+        problems.append(f"link_gbps={link_gbps!r} must be a positive speed in GB/s (PCIe 4.0 x16: 25)")
     if allocator_slack is not None and not 0 <= allocator_slack < 10:
         problems.append(f"allocator_slack={allocator_slack!r} must be a fraction of the allocated bytes, e.g. 0.2")
     if problems:
@@ -358,9 +401,18 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
     block = tokens * _block_bytes_per_token(a, layer0, b=b, mask=mask, r=lora.r, dropout=lora.lora_dropout)
     rope = 2 * seq_len * a.head_dim * b
     max_linear = max(o * i for o, i in a.linears.values())
-    workspace = tokens * b * (h + BACKWARD_WORKSPACE_INTER * a.intermediate) + max_linear * b
+    inter_tokens = tokens  # positions whose MLP intermediates are alive at once
+    if mlp_chunk_tokens and mlp_chunk_tokens < seq_len:  # offload.install_tiled_mlp: a checkpoint per chunk
+        mlp_targets = [(t.rsplit(".", 1)[-1], a.linears[t][1]) for t in targets if layer_index(t) == 0 and ".mlp." in t]
+        mlp = _block_bytes_per_token(a, mlp_targets, b=b, mask=mask, r=lora.r, dropout=lora.lora_dropout,
+                                     mlp_only=True)
+        inter_tokens = batch_size * mlp_chunk_tokens
+        block += tokens * (b * h - mlp) + inter_tokens * mlp  # the MLP input instead; one chunk's own
+    workspace = tokens * b * h + inter_tokens * b * BACKWARD_WORKSPACE_INTER * a.intermediate + max_linear * b
+    inputs = a.layers * tokens * h * (peer.residual_bytes if peer else b)  # the checkpointed block inputs
+    offloaded = inputs if offload_activations and device == "cuda" else 0
     if gradient_checkpointing:
-        saved = a.layers * tokens * h * (peer.residual_bytes if peer else b) + rope
+        saved = inputs - offloaded + (min(OFFLOAD_RESIDENT_INPUTS, a.layers) * tokens * h * b if offloaded else 0) + rope
         block -= tokens * h * 4 if b == 4 else 0  # in fp32 the first norm's "copy" is the checkpointed input
     else:
         saved, block = a.layers * block + rope, 0
@@ -383,19 +435,21 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
     staged = q_whole + n16 * b + n_lora * lora_b
     host_load = world_size * largest if device == "cuda" and not sharded else staged + largest
     detail = {"saved_block_inputs": saved, "recomputed_block": block, "backward_workspace": workspace,
-              "final_norm": final_norm, "logits_and_loss": logits}
+              "final_norm": final_norm, "logits_and_loss": logits, "offloaded_block_inputs": offloaded}
     cuda = device == "cuda"
     fields = dict(
         model=name, recipe=recipe, seq_len=seq_len, batch_size=batch_size, rank=lora.r,
         target_modules=lora.target_modules, lora_dropout=lora.lora_dropout,
         lora_dtype=str(lora_dtype).removeprefix("torch."), quantized=quant is not None, optimizer=optimizer,
         gradient_checkpointing=gradient_checkpointing, loss_chunk_tokens=0 if peer else loss_chunk_tokens,
+        offload_activations=offload_activations, mlp_chunk_tokens=mlp_chunk_tokens, link_gbps=float(link_gbps),
         compute_dtype=str(dtype).removeprefix("torch."), world_size=world_size, fsdp=fsdp, device=device,
         params_total=a.total + n_lora, params_quantized=quantized_params, params_16bit=n16, params_trainable=n_lora,
         quantized_weights=q_bytes, weights_16bit=w16_bytes, lora_params=lora_resident * lora_b, lora_grads=grads,
         optimizer_states=opt, optimizer_paged=paged, activations=saved + block_phase, logits=logits,
         allocator_slack=0, cuda_context=(CUDA_CONTEXT_BYTES if context_bytes is None else context_bytes) if cuda else 0,
-        peak_phase=phase, detail=detail, host_load_bytes=host_load)
+        peak_phase=phase, detail=detail, host_load_bytes=host_load, pinned_host_bytes=offloaded,
+        transfer_bytes=2 * offloaded)
     est = MemoryEstimate(**fields)
     slack = ALLOCATOR_SLACK if allocator_slack is None else allocator_slack
     return dataclasses.replace(est, allocator_slack=round(slack * est.allocated_bytes) if cuda else 0)
@@ -552,13 +606,17 @@ def _check_report_args(rank: Any, optimizer: Any, world_size: Any, fsdp: bool, r
 def memory_report(model: str, seq_len: int = 2048, batch_size: int = 1, rank: int = 16, gpu: str | None = None,
                   optimizer: Optimizer = "paged_adamw_32bit", world_size: int = 1, fsdp: bool = False,
                   json_output: bool = False, plot: str | None = None, recipe: Recipe = "qlora-lite",
-                  lora_dtype: str = "auto") -> str:
+                  lora_dtype: str = "auto", offload_activations: bool = False, mlp_chunk_tokens: int = 0,
+                  link_gbps: float = PCIE4_X16_GBPS) -> str:
     """The body of `qlora-lite memory`: the breakdown table, and for a GPU whether it fits and the
     largest batch and seq_len that do. `json_output` returns JSON; `plot` writes a PNG there.
-    `recipe="peft"` plans the peer's recipe and prints ours beside it."""
+    `recipe="peft"` plans the peer's recipe and prints ours beside it. `offload_activations`,
+    `mlp_chunk_tokens` plan the long-context options; `link_gbps` is the host↔GPU speed (GB/s)."""
     _check_report_args(rank, optimizer, world_size, fsdp, recipe)
     kwargs: dict[str, Any] = {"lora": LoraConfig(r=rank, lora_alpha=2 * rank, lora_dtype=lora_dtype),
-                              "optimizer": optimizer, "world_size": world_size, "fsdp": fsdp, "recipe": recipe}
+                              "optimizer": optimizer, "world_size": world_size, "fsdp": fsdp, "recipe": recipe,
+                              "offload_activations": offload_activations, "mlp_chunk_tokens": mlp_chunk_tokens,
+                              "link_gbps": link_gbps}
     est = estimate_memory(model, seq_len=seq_len, batch_size=batch_size, **kwargs)
     result: dict[str, Any] = {"estimate": est.to_dict()}
     lines = [est.to_table()]
@@ -588,9 +646,12 @@ def memory_report(model: str, seq_len: int = 2048, batch_size: int = 1, rank: in
                 lines.append(f"largest {name} at {key} {value}: none fits. {exc}")
                 continue
             result[f"max_{name}"] = fit.value
+            result[f"max_{name}_pinned_host_bytes"] = fit.estimate.pinned_host_bytes
             beyond = name == "seq_len" and positions and fit.value > positions
-            lines.append(f"largest {name} at {key} {value}: {fit.value} ({fit.estimate.required_bytes / GiB:.2f} GiB)"
-                         + (" (search limit)" if fit.capped else "")
+            host = (f", {fit.estimate.pinned_host_bytes / GiB:.2f} GiB pinned host memory at that length"
+                    if fit.estimate.pinned_host_bytes else "")
+            lines.append(f"largest {name} at {key} {value}: {fit.value} ({fit.estimate.required_bytes / GiB:.2f} GiB"
+                         f"{host})" + (" (search limit)" if fit.capped else "")
                          + (f" (beyond the model's {positions} positions)" if beyond else ""))
     if plot:
         plot_estimate(est, plot, capacity_bytes=capacity, capacity_label=gpu or "capacity")

@@ -51,6 +51,7 @@ from .load import is_prequantized, load_model, load_tokenizer, release_free_memo
 from .loss import ChunkedLoss, install_chunked_loss, supports_chunked_loss
 from .memory import GiB, MemoryEstimate
 from .monitor import MemoryMonitor, preflight
+from .offload import install_activation_offload, install_tiled_mlp
 from .tracking import Trackers
 from .settings import RunSettings
 
@@ -226,7 +227,9 @@ def _memory_plan(cfg: TrainConfig, model_path: Path, batch_size: int, world: int
                                    quant=cfg.quant, optimizer=_optimizer_in_use(cfg, device),
                                    compute_dtype=compute_dtype,
                                    gradient_checkpointing=cfg.gradient_checkpointing, world_size=world,
-                                   fsdp=cfg.fsdp, loss_chunk_tokens=cfg.loss_chunk_tokens)
+                                   fsdp=cfg.fsdp, loss_chunk_tokens=cfg.loss_chunk_tokens,
+                                   offload_activations=cfg.offload_activations,
+                                   mlp_chunk_tokens=cfg.mlp_chunk_tokens)
     except Exception as exc:  # any planner limit (an unusual architecture) is the planner's, not the run's
         log(f"note: no memory plan for this model ({type(exc).__name__}: {exc})")
         return None
@@ -336,6 +339,10 @@ class TrainingRun:
         if cfg.gradient_checkpointing:
             enable_checkpointing(model)
         apply_speedups(model, cfg.fused_kernels, cfg.compile, self.device, self.log)
+        if cfg.mlp_chunk_tokens:  # long context (offload.py): chunks of the (fused) MLP; block inputs on the host
+            install_tiled_mlp(model, cfg.mlp_chunk_tokens)
+        if cfg.offload_activations:
+            self.offloader = install_activation_offload(model, self.device)
         model.train()
         if cfg.loss_chunk_tokens:
             why_not = supports_chunked_loss(model)

@@ -547,3 +547,119 @@ def test_recipe_peft_prints_the_peer_beside_ours():
     ours = estimate_memory("llama-3-8b", seq_len=8192, batch_size=1)
     assert peer.lora_dtype == "float32" and peer.weights_16bit == 2 * ours.weights_16bit
     assert ours.total_bytes < 0.6 * peer.total_bytes
+
+
+# ---- long context (offload.py): the tiled MLP and offloaded block inputs -----------------------------
+
+@pytest.mark.parametrize("dtype,dropout,targets", [(torch.bfloat16, 0.05, "all-linear"), (torch.float32, 0.0, "all-linear"),
+                                                   (torch.float32, 0.0, ["q_proj", "v_proj"])])
+def test_tiled_mlp_terms_equal_what_autograd_saves(dtype, dropout, targets):
+    """A tiled block keeps the MLP's input instead of its intermediates; one chunk's MLP saves `mlp_only`."""
+    from qlora_lite.offload import install_tiled_mlp
+
+    torch.manual_seed(0)
+    cfg = tiny_config(hidden_size=128, intermediate_size=352, vocab_size=512)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    lora = LoraConfig(r=8, lora_dropout=dropout, target_modules=targets)
+    names = inject_lora(model, lora, QuantConfig())
+    model.train()
+    batch, seq, chunk = 2, 32, 8
+    mlp_forward = model.model.layers[1].mlp.forward  # the untiled one
+    install_tiled_mlp(model, chunk)
+    measured = _saved_bytes_of_layer(model, model.model.layers[1], torch.randint(0, 512, (batch, seq)))
+    layer0 = [(n.rsplit(".", 1)[-1], model.get_submodule(n).in_features) for n in names if ".layers.0." in n]
+    mlp0 = [(k, n_in) for (k, n_in), n in zip(layer0, [n for n in names if ".layers.0." in n]) if ".mlp." in n]
+    b, a = dtype.itemsize, _arch(cfg)
+    per_token = _block_bytes_per_token(a, layer0, b=b, mask=b, r=8, dropout=dropout)
+    mlp = _block_bytes_per_token(a, mlp0, b=b, mask=b, r=8, dropout=dropout, mlp_only=True)
+    assert measured == batch * seq * (per_token - mlp + b * cfg.hidden_size)
+
+    saved: dict[int, int] = {}  # what one chunk's recompute saves (its input excluded: counted above)
+    x = torch.randn(batch, chunk, cfg.hidden_size, dtype=dtype, requires_grad=True)  # as the residual stream
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in params:
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mlp_forward(x)
+    shared_input = b * cfg.hidden_size if dropout == 0 and any(k in ("gate_proj", "up_proj") for k, _ in mlp0) else 0
+    assert sum(saved.values()) == batch * chunk * mlp
+    assert (x.untyped_storage().data_ptr() in saved) == bool(shared_input)
+
+
+def test_tiled_mlp_peak_matches_live_tensor_bytes():
+    from qlora_lite.offload import install_tiled_mlp
+
+    torch.manual_seed(0)
+    cfg = tiny_config(hidden_size=128, intermediate_size=1024, num_hidden_layers=2, vocab_size=32)
+    lora = LoraConfig(r=8, lora_dropout=0.05)
+    peaks = {}
+    for chunk in (0, 32):
+        model = LlamaForCausalLM(cfg)
+        inject_lora(model, lora, QuantConfig())
+        enable_checkpointing(model)
+        if chunk:
+            install_tiled_mlp(model, chunk)
+        model.train()
+        ids = torch.randint(0, 32, (2, 256))
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+        tracker = LiveTensorBytes()
+        with tracker:
+            model(input_ids=ids, labels=ids).loss.backward()
+        est = estimate_memory(cfg, seq_len=256, batch_size=2, lora=lora, compute_dtype=torch.float32, device="cpu",
+                              loss_chunk_tokens=0, mlp_chunk_tokens=chunk)
+        predicted = est.transient_bytes + est.lora_grads
+        print(f"\nmlp chunk {chunk}: predicted {predicted / 2**20:.2f} MiB, live tensor peak {tracker.peak / 2**20:.2f} MiB")
+        assert est.peak_phase == "block" and 0.85 < tracker.peak / predicted < 1.15
+        peaks[chunk] = tracker.peak
+    assert peaks[32] < 0.7 * peaks[0]
+
+
+def test_offload_terms_equal_the_offloaders_host_copies():
+    """pinned host bytes = the block inputs the offloader holds (a CPU run's host copies are the same
+    tensors a GPU run pins); the GPU keeps two; every byte goes out and comes back once per micro-step."""
+    from qlora_lite.offload import install_activation_offload
+
+    torch.manual_seed(0)
+    cfg = tiny_config(hidden_size=128, intermediate_size=352, num_hidden_layers=3, vocab_size=512)
+    model = LlamaForCausalLM(cfg)
+    lora = LoraConfig(r=8)
+    inject_lora(model, lora, QuantConfig())
+    enable_checkpointing(model)
+    offloader = install_activation_offload(model, "cpu")
+    model.train()
+    ids = torch.randint(0, 512, (2, 64))
+    model(input_ids=ids, labels=ids).loss.backward()
+    kwargs = dict(seq_len=64, batch_size=2, lora=lora, compute_dtype="float32", device="cuda", link_gbps=10)
+    plain = estimate_memory(cfg, **kwargs)
+    est = estimate_memory(cfg, offload_activations=True, **kwargs)
+    assert offloader.peak_host_bytes > 0 and est.pinned_host_bytes == offloader.peak_host_bytes
+    assert est.transfer_bytes == 2 * est.pinned_host_bytes
+    assert est.transfer_seconds == pytest.approx(est.transfer_bytes / 10e9)
+    one_input = offloader.peak_host_bytes // 3
+    assert plain.detail["saved_block_inputs"] - est.detail["saved_block_inputs"] == one_input  # 3 → 2 on the GPU
+    cpu = estimate_memory(cfg, offload_activations=True, **{**kwargs, "device": "cpu"})
+    assert cpu.pinned_host_bytes == cpu.transfer_bytes == 0  # on CPU the copies are the process's own memory
+
+
+def test_longest_llama3_8b_sequence_on_an_rtx4090_with_offload_and_tiling():
+    plain = fit_to_budget("llama-3-8b", "RTX4090", batch_size=1)
+    tiled = fit_to_budget("llama-3-8b", "RTX4090", batch_size=1, mlp_chunk_tokens=4096)
+    both = fit_to_budget("llama-3-8b", "RTX4090", batch_size=1, mlp_chunk_tokens=4096, offload_activations=True)
+    assert plain.value < tiled.value < both.value and both.value >= 2 * plain.value
+    assert both.estimate.required_bytes <= parse_budget("RTX4090") < both.next_estimate.required_bytes
+    # the host holds every block input: 32 layers × seq × 4096 × bf16
+    assert both.estimate.pinned_host_bytes == 32 * both.value * 4096 * 2
+    report = memory_report("llama-3-8b", seq_len=65536, gpu="RTX4090", offload_activations=True,
+                           mlp_chunk_tokens=4096, link_gbps=12.5)
+    assert "GiB of block inputs in pinned host memory" in report and "at 12.5 GB/s" in report
+    assert f"largest seq_len at batch_size 1: {both.value} " in report and "pinned host memory at that length" in report
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        estimate_memory("llama-3-8b", seq_len=1024, batch_size=1, offload_activations=True, gradient_checkpointing=False)
+    with pytest.raises(ConfigError, match="link_gbps"):
+        estimate_memory("llama-3-8b", seq_len=1024, batch_size=1, link_gbps=0)
