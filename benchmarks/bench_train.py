@@ -195,6 +195,7 @@ def _load_ours(path: Path, opts, device: torch.device, compute: torch.dtype):
     from qlora_lite.config import LoraConfig, QuantConfig, TrainConfig
     from qlora_lite.load import load_model
     from qlora_lite.loss import install_chunked_loss
+    from qlora_lite.offload import install_activation_offload, install_tiled_mlp
     from qlora_lite.train import build_optimizer, enable_checkpointing, lr_lambda
 
     model, _ = load_model(path, QuantConfig(), LoraConfig(r=opts.r, lora_alpha=2 * opts.r, lora_dropout=0.0,
@@ -203,6 +204,10 @@ def _load_ours(path: Path, opts, device: torch.device, compute: torch.dtype):
     enable_checkpointing(model)
     if opts.loss_chunk_tokens:
         install_chunked_loss(model, opts.loss_chunk_tokens)
+    if opts.mlp_chunk_tokens:  # long context (issue 18), as TrainingRun.setup_optimizer installs them
+        install_tiled_mlp(model, opts.mlp_chunk_tokens)
+    if opts.offload_activations:
+        install_activation_offload(model, device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     cfg = TrainConfig(max_steps=_total_steps(opts), warmup_steps=min(opts.warmup, 10),
@@ -405,7 +410,10 @@ def _child(side: str, opts) -> dict:
             "--device", str(opts.device), "--rows", ",".join(f"{s}x{b}" for s, b in opts.rows), "--r", str(opts.r),
             "--warmup", str(opts.warmup), "--steps", str(opts.steps), "--seed", str(opts.seed),
             "--threads", str(opts.threads), "--profile-rows", str(opts.profile_rows),
-            "--loss-chunk-tokens", str(opts.loss_chunk_tokens), "--memory-cap-gib", str(opts.memory_cap_gib)]
+            "--loss-chunk-tokens", str(opts.loss_chunk_tokens), "--memory-cap-gib", str(opts.memory_cap_gib),
+            "--mlp-chunk-tokens", str(opts.mlp_chunk_tokens)]
+    if opts.offload_activations:
+        args.append("--offload-activations")
     if opts.profile:
         args.append("--profile")
     done = subprocess.run(args, capture_output=True, text=True)
@@ -425,8 +433,10 @@ def parse_rows(text: str) -> list[tuple[int, int]]:
     return rows
 
 
-def predicted_peak(shape: str, seq: int, batch: int, r: int, device_type: str, loss_chunk_tokens: int) -> dict:
-    """The planner's prediction for ours and for the peer's recipe on this row."""
+def predicted_peak(shape: str, seq: int, batch: int, r: int, device_type: str, loss_chunk_tokens: int,
+                   offload_activations: bool = False, mlp_chunk_tokens: int = 0) -> dict:
+    """The planner's prediction for ours and for the peer's recipe on this row (the long-context options
+    are ours alone: the peer's recipe has neither)."""
     from qlora_lite.config import LoraConfig
     from qlora_lite.memory import estimate_memory
 
@@ -436,7 +446,11 @@ def predicted_peak(shape: str, seq: int, batch: int, r: int, device_type: str, l
                   compute_dtype="bfloat16" if device_type == "cuda" else "float32", loss_chunk_tokens=loss_chunk_tokens)
     out = {}
     for side, recipe in (("ours", "qlora-lite"), ("peer", "peft")):
-        est = estimate_memory(config, **kwargs, recipe=recipe)
+        extra = dict(offload_activations=offload_activations, mlp_chunk_tokens=mlp_chunk_tokens) if side == "ours" else {}
+        est = estimate_memory(config, **kwargs, **extra, recipe=recipe)
+        if side == "ours" and est.transfer_bytes:
+            out.update(ours_pinned_host_bytes=est.pinned_host_bytes, ours_transfer_bytes=est.transfer_bytes,
+                       ours_transfer_s=est.transfer_seconds)
         # what torch.cuda.max_memory_allocated sees (no context, no allocator slack, no paged state)
         out[f"{side}_bytes"] = est.allocated_bytes if device_type == "cuda" else est.total_bytes
         out[f"{side}_reserved_bytes"] = est.reserved_bytes
@@ -509,6 +523,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--loss-chunk-tokens", type=int, default=1024,
                         help="ours: cross-entropy this many tokens at a time (train's default); 0: full logits")
+    parser.add_argument("--offload-activations", action="store_true",
+                        help="ours: checkpointed block inputs in pinned host memory (offload.py)")
+    parser.add_argument("--mlp-chunk-tokens", type=int, default=0, help="ours: the MLP over chunks of N positions (0: off)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per side (0: torch's default)")
     parser.add_argument("--memory-cap-gib", type=float, default=0.0,
                         help="CUDA: cap each side at this many GiB (set_per_process_memory_fraction); 0: no cap")
@@ -547,7 +564,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         "device": device_name(device) if device.type == "cpu" else opts.device, "device_type": device.type,
         "versions": versions(("torch", "transformers", "peft", "bitsandbytes", "accelerate", "qlora-lite")),
         "config": {k: getattr(opts, k) for k in ("rows", "r", "warmup", "steps", "seed", "threads",
-                                                 "loss_chunk_tokens", "memory_cap_gib")},
+                                                 "loss_chunk_tokens", "memory_cap_gib", "offload_activations",
+                                                 "mlp_chunk_tokens")},
         "cache": str(opts.cache), "checkpoint_build_s": build_s, "load_average_before": load_before,
         "flops_per_token": flops_per_token, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
     }
@@ -564,7 +582,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     summary["rows"] = []
     for i, (seq, batch) in enumerate(opts.rows):
         row = {"seq": seq, "batch": batch,
-               "predicted": predicted_peak(opts.shape, seq, batch, opts.r, device.type, opts.loss_chunk_tokens)}
+               "predicted": predicted_peak(opts.shape, seq, batch, opts.r, device.type, opts.loss_chunk_tokens,
+                                           opts.offload_activations, opts.mlp_chunk_tokens)}
         for side in sides:
             r = row[side] = summary[side]["rows"][i]
             if not r.get("oom"):

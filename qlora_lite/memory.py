@@ -607,13 +607,15 @@ def memory_report(model: str, seq_len: int = 2048, batch_size: int = 1, rank: in
                   optimizer: Optimizer = "paged_adamw_32bit", world_size: int = 1, fsdp: bool = False,
                   json_output: bool = False, plot: str | None = None, recipe: Recipe = "qlora-lite",
                   lora_dtype: str = "auto", offload_activations: bool = False, mlp_chunk_tokens: int = 0,
-                  link_gbps: float = PCIE4_X16_GBPS) -> str:
+                  link_gbps: float = PCIE4_X16_GBPS, lora_dropout: float = 0.05) -> str:
     """The body of `qlora-lite memory`: the breakdown table, and for a GPU whether it fits and the
     largest batch and seq_len that do. `json_output` returns JSON; `plot` writes a PNG there.
     `recipe="peft"` plans the peer's recipe and prints ours beside it. `offload_activations`,
-    `mlp_chunk_tokens` plan the long-context options; `link_gbps` is the host↔GPU speed (GB/s)."""
+    `mlp_chunk_tokens` plan the long-context options; `link_gbps` is the host↔GPU speed (GB/s);
+    `lora_dropout` (PEFT's default 0.05) changes what each adapted linear saves."""
     _check_report_args(rank, optimizer, world_size, fsdp, recipe)
-    kwargs: dict[str, Any] = {"lora": LoraConfig(r=rank, lora_alpha=2 * rank, lora_dtype=lora_dtype),
+    kwargs: dict[str, Any] = {"lora": LoraConfig(r=rank, lora_alpha=2 * rank, lora_dtype=lora_dtype,
+                                                 lora_dropout=lora_dropout),
                               "optimizer": optimizer, "world_size": world_size, "fsdp": fsdp, "recipe": recipe,
                               "offload_activations": offload_activations, "mlp_chunk_tokens": mlp_chunk_tokens,
                               "link_gbps": link_gbps}
