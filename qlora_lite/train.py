@@ -52,8 +52,8 @@ from .loss import ChunkedLoss, install_chunked_loss, supports_chunked_loss
 from .memory import GiB, MemoryEstimate
 from .monitor import MemoryMonitor, preflight
 from .offload import install_activation_offload, install_tiled_mlp
-from .tracking import Trackers
 from .settings import RunSettings
+from .tracking import Trackers
 
 __all__ = ["train", "TrainingRun", "TrainResult", "evaluate", "latest_checkpoint", "build_optimizer", "lr_lambda",
            "enable_checkpointing", "check_launcher"]
