@@ -122,7 +122,11 @@ def test_block_formula_equals_what_autograd_saves(dtype, dropout, targets):
     layer0 = [(n.rsplit(".", 1)[-1], model.get_submodule(n).in_features) for n in names if ".layers.0." in n]
     b = dtype.itemsize  # torch's CPU dropout keeps its mask in the compute dtype
     predicted = batch * seq * _block_bytes_per_token(_arch(cfg), layer0, b=b, mask=b, r=8, dropout=dropout)
-    assert predicted == measured
+    # fp32 factors (the CPU default) under a bf16 model: the layer saves its compute-dtype copies of A and B
+    # for backward (no per-token cost; one block's worth under checkpointing, which the planner leaves out)
+    layer1 = [model.get_submodule(n) for n in names if ".layers.1." in n]
+    copies = sum(8 * (m.in_features + m.out_features) * b for m in layer1) if dtype != torch.float32 else 0
+    assert predicted + copies == measured
 
 
 class LiveTensorBytes(TorchDispatchMode):
