@@ -3,6 +3,7 @@
     adapter_config.json          {"peft_type": "LORA", "r", "lora_alpha", "target_modules", ...}
     adapter_model.safetensors    base_model.model.<module path>.lora_A.weight  (r × in)
                                  base_model.model.<module path>.lora_B.weight  (out × r)
+                                 base_model.model.<module path>.lora_magnitude_vector  (out; DoRA only)
     qlora_lite.json              the run settings that rebuild the base it trained on (settings.py)
 
 Files written here load with `peft.PeftModel.from_pretrained` (it reads the first two only), and
@@ -13,6 +14,7 @@ never touched.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 from collections import Counter
@@ -28,7 +30,7 @@ from .errors import CheckpointError
 from .fsdp import full_tensor
 from .fsutil import atomic_directory
 from .inject import lora_layers
-from .layers import DEFAULT_ADAPTER, LoRALinear4bit
+from .layers import DEFAULT_ADAPTER, LoRALinear4bit, dora_merge
 
 if TYPE_CHECKING:  # (settings.py reads model directories: a level above this module)
     from .settings import RunSettings
@@ -50,7 +52,8 @@ __all__ = [
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<name>[^.]+))?\.weight$")
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?:(?P<which>[AB])(?:\.(?P<name>[^.]+))?\.weight"
+                  r"|(?P<magnitude>magnitude_vector))$")
 
 
 @dataclass
@@ -61,6 +64,11 @@ class AdapterFile:
     lora_A: dict[str, torch.Tensor]
     lora_B: dict[str, torch.Tensor]
     path: Path
+    magnitude: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # DoRA's m per module
+
+    @property
+    def use_dora(self) -> bool:
+        return bool(self.config.get("use_dora"))
 
     @property
     def r(self) -> int:
@@ -99,6 +107,11 @@ class AdapterFile:
         """s·B·A in fp32 for one module."""
         return self.scaling_for(module) * (self.lora_B[module].float() @ self.lora_A[module].float())
 
+    def merged_weight(self, module: str, w0: torch.Tensor) -> torch.Tensor:
+        """The module's weight with the adapter applied to `w0` (the base it trained on), in fp32:
+        W0 + s·B·A, or for DoRA that rescaled to the magnitude row by row."""
+        return dora_merge(w0, self.delta_weight(module), self.magnitude.get(module))
+
 
 def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
     """The adapter `name` (default: the active one) as PEFT-keyed tensors.
@@ -111,6 +124,9 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
         if key in layer.adapters:
             out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = full_tensor(layer.lora_A[key].detach()).contiguous()
             out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = full_tensor(layer.lora_B[key].detach()).contiguous()
+            if layer.adapters[key].use_dora:
+                out[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = full_tensor(
+                    layer.lora_magnitude_vector[key].detach()).contiguous()
     if not out:
         raise CheckpointError(f"the model has no adapter named {name!r} to save; loaded: {list_adapters(model)}")
     return out
@@ -162,8 +178,10 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
-        "use_dora": False,
+        "use_dora": spec.use_dora,
     }
+    if len({s.use_dora for s in specs.values()}) > 1:  # PEFT's config has one use_dora for all modules
+        raise CheckpointError(f"adapter {name!r} mixes DoRA and plain LoRA modules; PEFT's format cannot say so")
     directory = Path(directory)
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -212,18 +230,17 @@ def read_adapter(directory: str | Path) -> AdapterFile:
         raise CheckpointError(f"{config_file}: {', '.join(bad)} must be positive numbers")
     if config.get("peft_type", "LORA") != "LORA" or "r" not in config:
         raise CheckpointError(f"{config_file} is not a LoRA adapter config (peft_type={config.get('peft_type')!r})")
-    if config.get("use_dora"):
-        raise CheckpointError(f"{config_file}: DoRA adapters are not supported")
     try:
         tensors = load_file(str(weights_file))
     except Exception as exc:
         raise CheckpointError(f"{weights_file} is not a readable safetensors file ({exc})") from None
-    lora_A, lora_B = {}, {}
+    lora_A, lora_B, magnitude = {}, {}, {}
     for key, value in tensors.items():
         match = _KEY.match(key)
         if match is None:
-            raise CheckpointError(f"{weights_file}: unexpected tensor {key!r}; only LoRA A/B weights are supported")
-        (lora_A if match["which"] == "A" else lora_B)[match["module"]] = value
+            raise CheckpointError(f"{weights_file}: unexpected tensor {key!r}; only LoRA A/B weights (and DoRA's "
+                                  "lora_magnitude_vector) are supported")
+        (magnitude if match["magnitude"] else lora_A if match["which"] == "A" else lora_B)[match["module"]] = value
     if set(lora_A) != set(lora_B) or not lora_A:
         raise CheckpointError(f"{weights_file}: every module needs both lora_A and lora_B "
                               f"(A only: {sorted(set(lora_A) - set(lora_B))[:3]}, B only: {sorted(set(lora_B) - set(lora_A))[:3]})")
@@ -234,7 +251,15 @@ def read_adapter(directory: str | Path) -> AdapterFile:
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):  # a diverged run: refuse before any use
             raise CheckpointError(f"{weights_file}: {module}'s lora_A/lora_B contain NaN or inf (a diverged training "
                                   "run?); use an earlier checkpoint's adapter")
-    adapter = AdapterFile(config, lora_A, lora_B, directory)
+    if bool(config.get("use_dora")) != bool(magnitude) or (magnitude and set(magnitude) != set(lora_A)):
+        raise CheckpointError(f"{weights_file}: adapter_config.json says use_dora={bool(config.get('use_dora'))} but "
+                              f"{len(magnitude)} of {len(lora_A)} modules carry a lora_magnitude_vector; DoRA needs one "
+                              "per module, plain LoRA none")
+    for module, m in magnitude.items():
+        if m.shape != (lora_B[module].shape[0],) or not torch.isfinite(m).all():
+            raise CheckpointError(f"{weights_file}: {module}'s lora_magnitude_vector has shape {tuple(m.shape)} (or "
+                                  f"non-finite values); DoRA needs {lora_B[module].shape[0]} finite values")
+    adapter = AdapterFile(config, lora_A, lora_B, directory, magnitude)
     for module in lora_A:
         if lora_A[module].shape[0] != adapter.rank_for(module):
             raise CheckpointError(f"{weights_file}: {module} has rank {lora_A[module].shape[0]} but adapter_config.json "
@@ -265,12 +290,14 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT_AD
         dtype = next(iter(layer.lora_A.values())).dtype if len(layer.lora_A) else torch.float32
         layer.add_adapter(name, a.shape[0], adapter.alpha_for(module),
                           float(adapter.config.get("lora_dropout", 0.0)), bool(adapter.config.get("use_rslora", False)),
-                          dtype=dtype, activate=False)
+                          dtype=dtype, activate=False, use_dora=adapter.use_dora)
+        params = [(layer.lora_A[name], a), (layer.lora_B[name], b)]
+        if adapter.use_dora:
+            params.append((layer.lora_magnitude_vector[name], adapter.magnitude[module]))
         with torch.no_grad():
-            layer.lora_A[name].copy_(a)
-            layer.lora_B[name].copy_(b)
-        layer.lora_A[name].requires_grad_(False)
-        layer.lora_B[name].requires_grad_(False)
+            for param, value in params:
+                param.copy_(value)
+                param.requires_grad_(False)
     if activate:
         set_adapter(model, name)
     return adapter

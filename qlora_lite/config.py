@@ -132,6 +132,7 @@ class LoraConfig:
     use_rslora: bool = False
     init_lora_weights: Literal["kaiming", "gaussian"] = "kaiming"
     lora_dtype: str = "auto"  # the compute dtype on CUDA, fp32 on CPU (resolve_lora_dtype)
+    use_dora: bool = False  # DoRA: a trained magnitude per output row (PEFT's use_dora)
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -161,8 +162,9 @@ class LoraConfig:
                 self.target_modules = list(targets)
         else:
             problems.append(f"target_modules={targets!r} must be 'all-linear', a list of names or a regex")
-        if not isinstance(self.use_rslora, bool):
-            problems.append(f"use_rslora={self.use_rslora!r} must be true or false")
+        for flag in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, flag), bool):
+                problems.append(f"{flag}={getattr(self, flag)!r} must be true or false")
         if self.init_lora_weights not in ("kaiming", "gaussian"):
             problems.append(f"init_lora_weights={self.init_lora_weights!r} must be 'kaiming' or 'gaussian'")
         _check_dtype(problems, "lora_dtype", self.lora_dtype)

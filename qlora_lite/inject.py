@@ -94,7 +94,7 @@ def make_lora_layer(base: NF4Weight | torch.Tensor, bias: torch.Tensor | None, l
     lora_dtype = resolve_lora_dtype(lora.lora_dtype, compute_dtype, base.device if device is None else device)
     return LoRALinear4bit(base, bias, r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                           use_rslora=lora.use_rslora, init_lora_weights=lora.init_lora_weights,
-                          lora_dtype=lora_dtype, adapter_name=adapter_name)
+                          lora_dtype=lora_dtype, adapter_name=adapter_name, use_dora=lora.use_dora)
 
 
 def inject_lora(model: nn.Module, lora: LoraConfig, quant: QuantConfig | None = QuantConfig()) -> list[str]:
@@ -122,9 +122,10 @@ def inject_lora(model: nn.Module, lora: LoraConfig, quant: QuantConfig | None = 
 
 
 def freeze_base(model: nn.Module) -> None:
-    """Only LoRA A/B train; embeddings, norms, heads and biases stay frozen."""
+    """Only LoRA A/B (and DoRA's magnitudes) train; embeddings, norms, heads and biases stay frozen."""
+    trained = (".lora_A.", ".lora_B.", ".lora_magnitude_vector.")
     for name, param in model.named_parameters():
-        param.requires_grad_(".lora_A." in f".{name}" or ".lora_B." in f".{name}")
+        param.requires_grad_(any(part in f".{name}" for part in trained))
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear4bit]:

@@ -350,7 +350,7 @@ def _merge_input_shard(file: Path, plan: _Plan, writer: _ShardWriter, quant: Qua
                 w = nf4.dequantize(torch.float32) if item.nf4 or item.quantized else reader.get(item.name)
                 nf4 = None
                 if item.merge:
-                    w = w.float().add_(plan.adapter.delta_weight(item.name.removesuffix(".weight")))
+                    w = plan.adapter.merged_weight(item.name.removesuffix(".weight"), w)
             except ValueError as exc:
                 raise CheckpointError(f"{file.name}: {exc}") from None
             writer.write(item, _cast_checked(item.name, w, item.dtype, merged=item.merge))
@@ -498,20 +498,26 @@ def merge_adapter(model: nn.Module, name: str | None = None) -> list[str]:
                          "qlora_lite.merge.merge(base_dir, adapter_dir, out_dir) to write a 16-bit merged checkpoint")
     for path, layer in layers.items():
         adapter, w = name or layer.active_adapter, layer.weight
-        merged = w.float() + layer.delta_weight(adapter)
+        magnitude = layer.magnitude(adapter)
+        # DoRA: the row scale m/‖W0 + s·B·A‖ is kept so that unmerge can divide it out again
+        layer.merged_scale = None if magnitude is None else magnitude / layer.weight_norm(adapter)
+        merged = layer.merged_weight(adapter)
         layer.weight = nn.Parameter(_cast_checked(f"{path}.weight", merged, w.dtype, merged=True), requires_grad=False)
         layer.merged_adapter, layer.active_adapter = adapter, None
     return list(layers)
 
 
 def unmerge_adapter(model: nn.Module) -> list[str]:
-    """Subtract s·B·A again and reactivate the adapter (exact up to one rounding of W in its dtype)."""
+    """Subtract s·B·A again (DoRA: after dividing out the row scale) and reactivate the adapter (exact up
+    to one rounding of W in its dtype)."""
     undone = []
     for path, layer in lora_layers(model).items():
         adapter = getattr(layer, "merged_adapter", None)
         if adapter is not None:
-            w = layer.weight
-            layer.weight = nn.Parameter((w.float() - layer.delta_weight(adapter)).to(w.dtype), requires_grad=False)
+            w = layer.weight.float()
+            if getattr(layer, "merged_scale", None) is not None:
+                w = w / layer.merged_scale.unsqueeze(1)
+            layer.weight = nn.Parameter((w - layer.delta_weight(adapter)).to(layer.weight.dtype), requires_grad=False)
             layer.merged_adapter, layer.active_adapter = None, adapter
             undone.append(path)
     return undone
