@@ -5,6 +5,8 @@
                                  base_model.model.<module path>.lora_B.weight  (out × r)
                                  base_model.model.<module path>.lora_magnitude_vector  (out; DoRA only)
     qlora_lite.json              the run settings that rebuild the base it trained on (settings.py)
+    qlora_lite_base.safetensors  LoftQ/PiSSA only: the NF4 base of the adapted modules, which is not
+                                 NF4(W0) (bitsandbytes' keys: <module>.weight, .weight.absmax, ...)
 
 Files written here load with `peft.PeftModel.from_pretrained` (it reads the first two only), and
 PEFT's load here. Switching adapters only changes which A/B pair each layer uses: the NF4 base is
@@ -31,6 +33,7 @@ from .fsdp import full_tensor
 from .fsutil import atomic_directory
 from .inject import lora_layers
 from .layers import DEFAULT_ADAPTER, LoRALinear4bit, dora_merge
+from .nf4 import NF4Weight
 
 if TYPE_CHECKING:  # (settings.py reads model directories: a level above this module)
     from .settings import RunSettings
@@ -52,6 +55,7 @@ __all__ = [
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+BASE_NAME = "qlora_lite_base.safetensors"
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?:(?P<which>[AB])(?:\.(?P<name>[^.]+))?\.weight"
                   r"|(?P<magnitude>magnitude_vector))$")
 
@@ -65,6 +69,23 @@ class AdapterFile:
     lora_B: dict[str, torch.Tensor]
     path: Path
     magnitude: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # DoRA's m per module
+    base_file: Path | None = None  # LoftQ/PiSSA: the NF4 base the adapter trained on (BASE_NAME)
+
+    def stored_base(self, module: str) -> NF4Weight | None:
+        """The NF4 base saved beside the adapter for `module` (LoftQ/PiSSA), else None: NF4(W0) applies."""
+        if self.base_file is None:
+            return None
+        from safetensors import safe_open
+
+        prefix = f"{module}.weight"
+        with safe_open(str(self.base_file), framework="pt") as handle:
+            keys = [k for k in handle.keys() if k == prefix or k.startswith(prefix + ".")]
+            if not keys:
+                return None
+            try:
+                return NF4Weight.from_state_dict({k: handle.get_tensor(k) for k in keys}, prefix, backend="torch")
+            except ValueError as exc:
+                raise CheckpointError(f"{self.base_file}: {exc}") from None
 
     @property
     def use_dora(self) -> bool:
@@ -182,9 +203,16 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     }
     if len({s.use_dora for s in specs.values()}) > 1:  # PEFT's config has one use_dora for all modules
         raise CheckpointError(f"adapter {name!r} mixes DoRA and plain LoRA modules; PEFT's format cannot say so")
+    own_base = {}  # LoftQ/PiSSA: the base trained on is not NF4(W0); it travels with the adapter
+    for path in adapted:
+        if layers[path].own_base:
+            own_base.update({k: full_tensor(v).contiguous()
+                             for k, v in layers[path].weight.state_dict(prefix=f"{path}.weight.").items()})
     directory = Path(directory)
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if own_base:
+            save_file(own_base, str(tmp / BASE_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         if settings is not None:
             settings.write(tmp)
@@ -259,7 +287,8 @@ def read_adapter(directory: str | Path) -> AdapterFile:
         if m.shape != (lora_B[module].shape[0],) or not torch.isfinite(m).all():
             raise CheckpointError(f"{weights_file}: {module}'s lora_magnitude_vector has shape {tuple(m.shape)} (or "
                                   f"non-finite values); DoRA needs {lora_B[module].shape[0]} finite values")
-    adapter = AdapterFile(config, lora_A, lora_B, directory, magnitude)
+    base_file = directory / BASE_NAME
+    adapter = AdapterFile(config, lora_A, lora_B, directory, magnitude, base_file if base_file.is_file() else None)
     for module in lora_A:
         if lora_A[module].shape[0] != adapter.rank_for(module):
             raise CheckpointError(f"{weights_file}: {module} has rank {lora_A[module].shape[0]} but adapter_config.json "
@@ -284,9 +313,18 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT_AD
         if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
             raise CheckpointError(f"{adapter.path}: {module} expects in={a.shape[1]}, out={b.shape[0]} but the model's "
                                   f"layer is in={layer.in_features}, out={layer.out_features}: wrong base model")
+    own_bases = {m: adapter.stored_base(m) for m in adapter.modules}  # all read (and checked) before any change
+    for module, base in own_bases.items():
+        if base is not None and (not layers[module].quantized or base.shape != layers[module].weight.shape):
+            raise CheckpointError(f"{adapter.base_file}: {module}'s stored NF4 base {list(base.shape)} does not fit "
+                                  f"the model's layer ({layers[module].extra_repr()}); load it onto an NF4 model "
+                                  "of the base it was trained on")
     for module in adapter.modules:
         layer = layers[module]
         a, b = adapter.lora_A[module], adapter.lora_B[module]
+        if own_bases[module] is not None:  # the LoftQ/PiSSA base replaces NF4(W0) under every adapter of the layer
+            layer.weight.load_state_dict(own_bases[module].state_dict(prefix="weight."))
+            layer.own_base = True
         dtype = next(iter(layer.lora_A.values())).dtype if len(layer.lora_A) else torch.float32
         layer.add_adapter(name, a.shape[0], adapter.alpha_for(module),
                           float(adapter.config.get("lora_dropout", 0.0)), bool(adapter.config.get("use_rslora", False)),

@@ -142,6 +142,7 @@ class LoRALinear4bit(nn.Module):
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only (PEFT's name)
         self.adapters: dict[str, AdapterSpec] = {}
         self.active_adapter: str | None = None
+        self.own_base = False  # True: the base is a LoftQ/PiSSA one, not NF4(W0); saved beside the adapter
         self._disabled = False
         if adapter_name is not None:  # None: a frozen quantized linear that carries no adapter
             self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype,
