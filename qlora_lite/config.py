@@ -353,6 +353,14 @@ class TrainConfig:
         problems += check_trackers(self.report_to)
         if self.quant is not None and not isinstance(self.quant, (QuantConfig, dict)):
             problems.append("quant must be a QuantConfig, a mapping, or null for 16-bit LoRA")
+        init = getattr(self.lora, "init_lora_weights", "kaiming")
+        if isinstance(init, str) and needs_weight(init):
+            if self.quant is None:
+                problems.append(f"lora.init_lora_weights={init!r} initialises from the NF4 quantization error; it "
+                                "needs quant (use kaiming for 16-bit LoRA)")
+            if self.fsdp is True:
+                problems.append(f"lora.init_lora_weights={init!r} is not supported with fsdp yet (its NF4 base is "
+                                "saved by one process); train on one process or use kaiming")
         if problems:
             raise ConfigError(problems, "TrainConfig")
 

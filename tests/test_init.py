@@ -122,3 +122,29 @@ def test_bad_settings_are_refused():
     assert "loftq_iter" in str(info.value)
     with pytest.raises(ConfigError, match="needs an NF4 base"):
         inject_lora(tiny_model(), lora("pissa"), quant=None)
+
+
+def test_a_loftq_dora_training_run_merges_and_verifies(tiny_model_dir, memorize_data, tmp_path):
+    """End to end: train() with LoftQ + DoRA saves the base it trained on and the magnitudes; the merge
+    (settings read from the adapter directory) reproduces the trained model."""
+    from qlora_lite.config import TrainConfig
+    from qlora_lite.train import train
+
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights="loftq", use_dora=True)
+    result = train(TrainConfig(model=str(tiny_model_dir), data=str(memorize_data), out_dir=str(tmp_path / "run"),
+                               seq_len=64, batch_size=4, max_steps=4, learning_rate=5e-3, warmup_steps=1,
+                               eval_fraction=0.1, eval_every=4, save_every=4, progress=False, device="cpu",
+                               lora=config, quant=QuantConfig(backend="torch")))
+    assert (result.adapter_dir / BASE_NAME).is_file()
+    assert any(k.endswith("lora_magnitude_vector") for k in load_file(result.adapter_dir / "adapter_model.safetensors"))
+    report = merge(tiny_model_dir, result.adapter_dir, tmp_path / "merged", dtype="float32", progress=False,
+                   verify=True)
+    assert report.verification["top1_agreement_up_to_ties"] >= 0.999
+
+
+def test_train_config_refuses_loftq_without_quant_or_with_fsdp():
+    from qlora_lite.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="needs quant") as info:
+        TrainConfig(quant=None, fsdp=True, lora=lora("loftq"))
+    assert "fsdp" in str(info.value)
