@@ -3,7 +3,10 @@
     adapter_config.json          {"peft_type": "LORA", "r", "lora_alpha", "target_modules", ...}
     adapter_model.safetensors    base_model.model.<module path>.lora_A.weight  (r × in)
                                  base_model.model.<module path>.lora_B.weight  (out × r)
+                                 base_model.model.<module path>.lora_magnitude_vector  (out; DoRA only)
     qlora_lite.json              the run settings that rebuild the base it trained on (settings.py)
+    qlora_lite_base.safetensors  LoftQ/PiSSA only: the NF4 base of the adapted modules, which is not
+                                 NF4(W0) (bitsandbytes' keys: <module>.weight, .weight.absmax, ...)
 
 Files written here load with `peft.PeftModel.from_pretrained` (it reads the first two only), and
 PEFT's load here. Switching adapters only changes which A/B pair each layer uses: the NF4 base is
@@ -13,6 +16,7 @@ never touched.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 from collections import Counter
@@ -28,7 +32,8 @@ from .errors import CheckpointError
 from .fsdp import full_tensor
 from .fsutil import atomic_directory
 from .inject import lora_layers
-from .layers import DEFAULT_ADAPTER, LoRALinear4bit
+from .layers import DEFAULT_ADAPTER, LoRALinear4bit, dora_merge
+from .nf4 import NF4Weight
 
 if TYPE_CHECKING:  # (settings.py reads model directories: a level above this module)
     from .settings import RunSettings
@@ -50,7 +55,9 @@ __all__ = [
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<name>[^.]+))?\.weight$")
+BASE_NAME = "qlora_lite_base.safetensors"
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?:(?P<which>[AB])(?:\.(?P<name>[^.]+))?\.weight"
+                  r"|(?P<magnitude>magnitude_vector))$")
 
 
 @dataclass
@@ -61,6 +68,28 @@ class AdapterFile:
     lora_A: dict[str, torch.Tensor]
     lora_B: dict[str, torch.Tensor]
     path: Path
+    magnitude: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # DoRA's m per module
+    base_file: Path | None = None  # LoftQ/PiSSA: the NF4 base the adapter trained on (BASE_NAME)
+
+    def stored_base(self, module: str) -> NF4Weight | None:
+        """The NF4 base saved beside the adapter for `module` (LoftQ/PiSSA), else None: NF4(W0) applies."""
+        if self.base_file is None:
+            return None
+        from safetensors import safe_open
+
+        prefix = f"{module}.weight"
+        with safe_open(str(self.base_file), framework="pt") as handle:
+            keys = [k for k in handle.keys() if k == prefix or k.startswith(prefix + ".")]
+            if not keys:
+                return None
+            try:
+                return NF4Weight.from_state_dict({k: handle.get_tensor(k) for k in keys}, prefix, backend="torch")
+            except ValueError as exc:
+                raise CheckpointError(f"{self.base_file}: {exc}") from None
+
+    @property
+    def use_dora(self) -> bool:
+        return bool(self.config.get("use_dora"))
 
     @property
     def r(self) -> int:
@@ -99,6 +128,11 @@ class AdapterFile:
         """s·B·A in fp32 for one module."""
         return self.scaling_for(module) * (self.lora_B[module].float() @ self.lora_A[module].float())
 
+    def merged_weight(self, module: str, w0: torch.Tensor) -> torch.Tensor:
+        """The module's weight with the adapter applied to `w0` (the base it trained on), in fp32:
+        W0 + s·B·A, or for DoRA that rescaled to the magnitude row by row."""
+        return dora_merge(w0, self.delta_weight(module), self.magnitude.get(module))
+
 
 def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
     """The adapter `name` (default: the active one) as PEFT-keyed tensors.
@@ -111,6 +145,9 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
         if key in layer.adapters:
             out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = full_tensor(layer.lora_A[key].detach()).contiguous()
             out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = full_tensor(layer.lora_B[key].detach()).contiguous()
+            if layer.adapters[key].use_dora:
+                out[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = full_tensor(
+                    layer.lora_magnitude_vector[key].detach()).contiguous()
     if not out:
         raise CheckpointError(f"the model has no adapter named {name!r} to save; loaded: {list_adapters(model)}")
     return out
@@ -162,11 +199,20 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
-        "use_dora": False,
+        "use_dora": spec.use_dora,
     }
+    if len({s.use_dora for s in specs.values()}) > 1:  # PEFT's config has one use_dora for all modules
+        raise CheckpointError(f"adapter {name!r} mixes DoRA and plain LoRA modules; PEFT's format cannot say so")
+    own_base = {}  # LoftQ/PiSSA: the base trained on is not NF4(W0); it travels with the adapter
+    for path in adapted:
+        if layers[path].own_base:
+            own_base.update({k: full_tensor(v).contiguous()
+                             for k, v in layers[path].weight.state_dict(prefix=f"{path}.weight.").items()})
     directory = Path(directory)
     with atomic_directory(directory, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        if own_base:
+            save_file(own_base, str(tmp / BASE_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         if settings is not None:
             settings.write(tmp)
@@ -212,18 +258,17 @@ def read_adapter(directory: str | Path) -> AdapterFile:
         raise CheckpointError(f"{config_file}: {', '.join(bad)} must be positive numbers")
     if config.get("peft_type", "LORA") != "LORA" or "r" not in config:
         raise CheckpointError(f"{config_file} is not a LoRA adapter config (peft_type={config.get('peft_type')!r})")
-    if config.get("use_dora"):
-        raise CheckpointError(f"{config_file}: DoRA adapters are not supported")
     try:
         tensors = load_file(str(weights_file))
     except Exception as exc:
         raise CheckpointError(f"{weights_file} is not a readable safetensors file ({exc})") from None
-    lora_A, lora_B = {}, {}
+    lora_A, lora_B, magnitude = {}, {}, {}
     for key, value in tensors.items():
         match = _KEY.match(key)
         if match is None:
-            raise CheckpointError(f"{weights_file}: unexpected tensor {key!r}; only LoRA A/B weights are supported")
-        (lora_A if match["which"] == "A" else lora_B)[match["module"]] = value
+            raise CheckpointError(f"{weights_file}: unexpected tensor {key!r}; only LoRA A/B weights (and DoRA's "
+                                  "lora_magnitude_vector) are supported")
+        (magnitude if match["magnitude"] else lora_A if match["which"] == "A" else lora_B)[match["module"]] = value
     if set(lora_A) != set(lora_B) or not lora_A:
         raise CheckpointError(f"{weights_file}: every module needs both lora_A and lora_B "
                               f"(A only: {sorted(set(lora_A) - set(lora_B))[:3]}, B only: {sorted(set(lora_B) - set(lora_A))[:3]})")
@@ -234,7 +279,16 @@ def read_adapter(directory: str | Path) -> AdapterFile:
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):  # a diverged run: refuse before any use
             raise CheckpointError(f"{weights_file}: {module}'s lora_A/lora_B contain NaN or inf (a diverged training "
                                   "run?); use an earlier checkpoint's adapter")
-    adapter = AdapterFile(config, lora_A, lora_B, directory)
+    if bool(config.get("use_dora")) != bool(magnitude) or (magnitude and set(magnitude) != set(lora_A)):
+        raise CheckpointError(f"{weights_file}: adapter_config.json says use_dora={bool(config.get('use_dora'))} but "
+                              f"{len(magnitude)} of {len(lora_A)} modules carry a lora_magnitude_vector; DoRA needs one "
+                              "per module, plain LoRA none")
+    for module, m in magnitude.items():
+        if m.shape != (lora_B[module].shape[0],) or not torch.isfinite(m).all():
+            raise CheckpointError(f"{weights_file}: {module}'s lora_magnitude_vector has shape {tuple(m.shape)} (or "
+                                  f"non-finite values); DoRA needs {lora_B[module].shape[0]} finite values")
+    base_file = directory / BASE_NAME
+    adapter = AdapterFile(config, lora_A, lora_B, directory, magnitude, base_file if base_file.is_file() else None)
     for module in lora_A:
         if lora_A[module].shape[0] != adapter.rank_for(module):
             raise CheckpointError(f"{weights_file}: {module} has rank {lora_A[module].shape[0]} but adapter_config.json "
@@ -259,18 +313,29 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT_AD
         if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
             raise CheckpointError(f"{adapter.path}: {module} expects in={a.shape[1]}, out={b.shape[0]} but the model's "
                                   f"layer is in={layer.in_features}, out={layer.out_features}: wrong base model")
+    own_bases = {m: adapter.stored_base(m) for m in adapter.modules}  # all read (and checked) before any change
+    for module, base in own_bases.items():
+        if base is not None and (not layers[module].quantized or base.shape != layers[module].weight.shape):
+            raise CheckpointError(f"{adapter.base_file}: {module}'s stored NF4 base {list(base.shape)} does not fit "
+                                  f"the model's layer ({layers[module].extra_repr()}); load it onto an NF4 model "
+                                  "of the base it was trained on")
     for module in adapter.modules:
         layer = layers[module]
         a, b = adapter.lora_A[module], adapter.lora_B[module]
+        if own_bases[module] is not None:  # the LoftQ/PiSSA base replaces NF4(W0) under every adapter of the layer
+            layer.weight.load_state_dict(own_bases[module].state_dict(prefix="weight."))
+            layer.own_base = True
         dtype = next(iter(layer.lora_A.values())).dtype if len(layer.lora_A) else torch.float32
         layer.add_adapter(name, a.shape[0], adapter.alpha_for(module),
                           float(adapter.config.get("lora_dropout", 0.0)), bool(adapter.config.get("use_rslora", False)),
-                          dtype=dtype, activate=False)
+                          dtype=dtype, activate=False, use_dora=adapter.use_dora)
+        params = [(layer.lora_A[name], a), (layer.lora_B[name], b)]
+        if adapter.use_dora:
+            params.append((layer.lora_magnitude_vector[name], adapter.magnitude[module]))
         with torch.no_grad():
-            layer.lora_A[name].copy_(a)
-            layer.lora_B[name].copy_(b)
-        layer.lora_A[name].requires_grad_(False)
-        layer.lora_B[name].requires_grad_(False)
+            for param, value in params:
+                param.copy_(value)
+                param.requires_grad_(False)
     if activate:
         set_adapter(model, name)
     return adapter

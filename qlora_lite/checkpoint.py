@@ -150,6 +150,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, fsdp: bool, rank: i
     for module in adapter.modules:
         copy_into_parameter(layers[module].lora_A[layers[module].active_adapter], adapter.lora_A[module])
         copy_into_parameter(layers[module].lora_B[layers[module].active_adapter], adapter.lora_B[module])
+        own_base = adapter.stored_base(module)
+        if own_base is not None:  # LoftQ/PiSSA: the exact base trained on, not a recomputed SVD
+            layers[module].weight.load_state_dict(own_base.state_dict(prefix="weight."))
+        if module in adapter.magnitude:
+            copy_into_parameter(layers[module].lora_magnitude_vector[layers[module].active_adapter],
+                                adapter.magnitude[module])
     blob = torch.load(path / "training_state.pt", weights_only=False)
     if fsdp:
         load_sharded_optimizer_state(model, optimizer, blob["optimizer"])

@@ -20,6 +20,7 @@ import torch
 
 from .data.schemas import check_columns
 from .errors import ConfigError
+from .init import INIT_METHODS, needs_weight
 from .nf4 import SUPPORTED_BLOCKSIZES
 from .tracking import check_trackers
 
@@ -130,8 +131,11 @@ class LoraConfig:
     lora_dropout: float = 0.05
     target_modules: str | list[str] = "all-linear"
     use_rslora: bool = False
-    init_lora_weights: Literal["kaiming", "gaussian"] = "kaiming"
+    # kaiming/gaussian: B = 0; loftq, pissa, pissa_niter_N: A, B and the NF4 base from W0 (init.py)
+    init_lora_weights: str = "kaiming"
+    loftq_iter: int = 1  # LoftQ's alternating steps (PEFT's default)
     lora_dtype: str = "auto"  # the compute dtype on CUDA, fp32 on CPU (resolve_lora_dtype)
+    use_dora: bool = False  # DoRA: a trained magnitude per output row (PEFT's use_dora)
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -161,10 +165,14 @@ class LoraConfig:
                 self.target_modules = list(targets)
         else:
             problems.append(f"target_modules={targets!r} must be 'all-linear', a list of names or a regex")
-        if not isinstance(self.use_rslora, bool):
-            problems.append(f"use_rslora={self.use_rslora!r} must be true or false")
-        if self.init_lora_weights not in ("kaiming", "gaussian"):
-            problems.append(f"init_lora_weights={self.init_lora_weights!r} must be 'kaiming' or 'gaussian'")
+        for flag in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, flag), bool):
+                problems.append(f"{flag}={getattr(self, flag)!r} must be true or false")
+        if not isinstance(self.init_lora_weights, str) or not (
+                self.init_lora_weights in ("kaiming", "gaussian") or needs_weight(self.init_lora_weights)):
+            problems.append(f"init_lora_weights={self.init_lora_weights!r} must be one of {', '.join(INIT_METHODS)}")
+        if not _is_int(self.loftq_iter) or self.loftq_iter < 1:
+            problems.append(f"loftq_iter={self.loftq_iter!r} must be a positive integer (PEFT's default: 1)")
         _check_dtype(problems, "lora_dtype", self.lora_dtype)
         if problems:
             raise ConfigError(problems, "LoraConfig")
@@ -345,6 +353,14 @@ class TrainConfig:
         problems += check_trackers(self.report_to)
         if self.quant is not None and not isinstance(self.quant, (QuantConfig, dict)):
             problems.append("quant must be a QuantConfig, a mapping, or null for 16-bit LoRA")
+        init = getattr(self.lora, "init_lora_weights", "kaiming")
+        if isinstance(init, str) and needs_weight(init):
+            if self.quant is None:
+                problems.append(f"lora.init_lora_weights={init!r} initialises from the NF4 quantization error; it "
+                                "needs quant (use kaiming for 16-bit LoRA)")
+            if self.fsdp is True:
+                problems.append(f"lora.init_lora_weights={init!r} is not supported with fsdp yet (its NF4 base is "
+                                "saved by one process); train on one process or use kaiming")
         if problems:
             raise ConfigError(problems, "TrainConfig")
 

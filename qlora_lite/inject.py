@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import LoraConfig, QuantConfig, resolve_lora_dtype
 from .errors import ConfigError
+from .init import Initialised, initialise, needs_weight
 from .layers import DEFAULT_ADAPTER, LoRALinear4bit
 from .nf4 import NF4Weight
 
@@ -24,6 +25,7 @@ __all__ = [
     "find_targets",
     "replace_module",
     "make_lora_layer",
+    "quantize_target",
     "inject_lora",
     "freeze_base",
     "lora_layers",
@@ -84,17 +86,44 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def make_lora_layer(base: NF4Weight | torch.Tensor, bias: torch.Tensor | None, lora: LoraConfig | None,
+def quantize_target(w0: torch.Tensor, quant: QuantConfig, lora: LoraConfig | None, name: str,
+                    backend: str | None = None) -> NF4Weight | Initialised:
+    """The NF4 base of one linear: NF4(W0), or for a LoftQ/PiSSA target that base with its A and B."""
+    backend = quant.backend if backend is None else backend
+    if lora is not None and needs_weight(lora.init_lora_weights):
+        return initialise(w0, lora.init_lora_weights, lora.r, lora.scaling, quant.blocksize, quant.double_quant,
+                          backend, lora.loftq_iter, name=name)
+    return NF4Weight.from_tensor(w0, quant.blocksize, quant.double_quant, backend, name=name)
+
+
+def make_lora_layer(base: NF4Weight | torch.Tensor | Initialised, bias: torch.Tensor | None, lora: LoraConfig | None,
                     adapter_name: str = DEFAULT_ADAPTER, compute_dtype: torch.dtype = torch.float32,
                     device: str | torch.device | None = None) -> LoRALinear4bit:
     """A LoRA layer on `base` (NF4, or a plain 16-bit weight); with `lora=None` a frozen linear with no adapter.
-    `compute_dtype` and `device` (the base's when None) decide `lora_dtype="auto"` (resolve_lora_dtype)."""
+    `compute_dtype` and `device` (the base's when None) decide `lora_dtype="auto"` (resolve_lora_dtype).
+    An `Initialised` base (LoftQ/PiSSA, `quantize_target`) brings its A and B; the layer is then marked
+    `own_base`: the base it trains on is not NF4(W0) and is saved beside the adapter."""
+    initialised = base if isinstance(base, Initialised) else None
+    if initialised is not None:
+        base = initialised.base
     if lora is None:
         return LoRALinear4bit(base, bias, adapter_name=None)
+    if initialised is None and needs_weight(lora.init_lora_weights):
+        raise ConfigError(f"init_lora_weights={lora.init_lora_weights!r} needs an NF4 base (quant) to initialise "
+                          "from; use kaiming for 16-bit LoRA", "LoraConfig")
     lora_dtype = resolve_lora_dtype(lora.lora_dtype, compute_dtype, base.device if device is None else device)
-    return LoRALinear4bit(base, bias, r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-                          use_rslora=lora.use_rslora, init_lora_weights=lora.init_lora_weights,
-                          lora_dtype=lora_dtype, adapter_name=adapter_name)
+    layer = LoRALinear4bit(base, bias, r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                           use_rslora=lora.use_rslora,
+                           init_lora_weights="zeros" if initialised else lora.init_lora_weights,
+                           lora_dtype=lora_dtype, adapter_name=adapter_name, use_dora=lora.use_dora)
+    if initialised is not None:
+        with torch.no_grad():
+            layer.lora_A[adapter_name].copy_(initialised.lora_A)
+            layer.lora_B[adapter_name].copy_(initialised.lora_B)
+        if lora.use_dora:
+            layer.reset_magnitude(adapter_name)
+        layer.own_base = True
+    return layer
 
 
 def inject_lora(model: nn.Module, lora: LoraConfig, quant: QuantConfig | None = QuantConfig()) -> list[str]:
@@ -110,8 +139,7 @@ def inject_lora(model: nn.Module, lora: LoraConfig, quant: QuantConfig | None = 
         if isinstance(linear, LoRALinear4bit):
             continue
         if quant is not None:
-            base = NF4Weight.from_tensor(linear.weight.detach(), quant.blocksize, quant.double_quant, quant.backend,
-                                         name=f"{name}.weight")
+            base = quantize_target(linear.weight.detach(), quant, lora if name in targets else None, f"{name}.weight")
         else:
             base = linear.weight.detach()
         bias = None if linear.bias is None else linear.bias.detach()
@@ -122,9 +150,10 @@ def inject_lora(model: nn.Module, lora: LoraConfig, quant: QuantConfig | None = 
 
 
 def freeze_base(model: nn.Module) -> None:
-    """Only LoRA A/B train; embeddings, norms, heads and biases stay frozen."""
+    """Only LoRA A/B (and DoRA's magnitudes) train; embeddings, norms, heads and biases stay frozen."""
+    trained = (".lora_A.", ".lora_B.", ".lora_magnitude_vector.")
     for name, param in model.named_parameters():
-        param.requires_grad_(".lora_A." in f".{name}" or ".lora_B." in f".{name}")
+        param.requires_grad_(any(part in f".{name}" for part in trained))
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear4bit]:

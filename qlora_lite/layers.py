@@ -1,6 +1,10 @@
-"""`LoRALinear4bit`: a frozen NF4 linear plus trainable low-rank adapters.
+"""`LoRALinear4bit`: a frozen NF4 linear plus trainable low-rank adapters (LoRA or DoRA).
 
     y = x·W0ᵀ + b + s·dropout(x)·Aᵀ·Bᵀ          W0 = dequantize(NF4)  (never stored in 16 bit)
+
+    DoRA (use_dora): a trainable magnitude m per output row rescales the adapted weight,
+    W = m · (W0 + s·B·A) / ‖W0 + s·B·A‖ (row norm over the input dimension, treated as a constant
+    in backward as the DoRA paper and PEFT do), so  y = (m/‖·‖)·(x·W0ᵀ + s·x·Aᵀ·Bᵀ) + b.
 
 The base matmul and the LoRA branch run in one autograd function. Forward saves only what the
 LoRA gradients need (the LoRA input and the r-wide product x·Aᵀ); backward dequantizes W0 again
@@ -20,7 +24,7 @@ from torch import nn
 
 from .nf4 import NF4Weight
 
-__all__ = ["LoRALinear4bit", "AdapterSpec", "DEFAULT_ADAPTER"]
+__all__ = ["LoRALinear4bit", "AdapterSpec", "DEFAULT_ADAPTER", "dora_merge"]
 
 DEFAULT_ADAPTER = "default"
 
@@ -44,10 +48,19 @@ class AdapterSpec:
     lora_alpha: float
     lora_dropout: float
     use_rslora: bool
+    use_dora: bool = False
 
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def dora_merge(w0: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor | None) -> torch.Tensor:
+    """W0 + ΔW, and for DoRA (a magnitude given) that rescaled so row i has norm m_i: the merged weight (fp32)."""
+    w = w0.float() + delta
+    if magnitude is not None:
+        w.mul_((magnitude.float() / torch.linalg.vector_norm(w, dim=1)).unsqueeze(1))
+    return w
 
 
 class _LoRABaseMatmul(torch.autograd.Function):
@@ -118,7 +131,7 @@ class LoRALinear4bit(nn.Module):
     def __init__(self, base: NF4Weight | torch.Tensor, bias: torch.Tensor | None = None, r: int = 16,
                  lora_alpha: float = 32.0, lora_dropout: float = 0.0, use_rslora: bool = False,
                  init_lora_weights: str = "kaiming", lora_dtype: torch.dtype = torch.float32,
-                 adapter_name: str | None = DEFAULT_ADAPTER):
+                 adapter_name: str | None = DEFAULT_ADAPTER, use_dora: bool = False):
         super().__init__()
         self.weight = base if isinstance(base, NF4Weight) else nn.Parameter(base.detach(), requires_grad=False)
         self.out_features, self.in_features = base.shape
@@ -126,11 +139,14 @@ class LoRALinear4bit(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only (PEFT's name)
         self.adapters: dict[str, AdapterSpec] = {}
         self.active_adapter: str | None = None
+        self.own_base = False  # True: the base is a LoftQ/PiSSA one, not NF4(W0); saved beside the adapter
         self._disabled = False
         if adapter_name is not None:  # None: a frozen quantized linear that carries no adapter
-            self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype)
+            self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype,
+                             use_dora=use_dora)
         self.register_load_state_dict_pre_hook(_hand_packed_bytes_to_storage)
 
     @property
@@ -145,7 +161,10 @@ class LoRALinear4bit(nn.Module):
     # ---- adapters --------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                     use_rslora: bool = False, init_lora_weights: str = "kaiming",
-                    dtype: torch.dtype = torch.float32, activate: bool = True) -> None:
+                    dtype: torch.dtype = torch.float32, activate: bool = True, use_dora: bool = False) -> None:
+        """`init_lora_weights`: "kaiming" (PEFT's default) or "gaussian" A with B = 0, or "zeros" (both 0:
+        the factors are about to be overwritten, by a loaded adapter or a LoftQ/PiSSA initialisation).
+        DoRA's magnitude starts as the row norms of W0 + s·B·A (`reset_magnitude` after changing them)."""
         if r <= 0 or r > min(self.in_features, self.out_features):
             raise ValueError(f"rank r={r} must be in [1, min(in, out) = {min(self.in_features, self.out_features)}]")
         device = self.weight.device
@@ -154,14 +173,19 @@ class LoRALinear4bit(nn.Module):
             nn.init.normal_(lora_A, std=1 / r)
         elif init_lora_weights == "kaiming":
             nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))  # PEFT's default, as nn.Linear's
+        elif init_lora_weights == "zeros":
+            lora_A.zero_()
         else:
-            raise ValueError(f"init_lora_weights={init_lora_weights!r} must be 'kaiming' or 'gaussian'")
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} must be 'kaiming', 'gaussian' or 'zeros'")
         self.lora_A[name] = nn.Parameter(lora_A)
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, dtype=dtype, device=device))
         # A module added later starts in training mode; follow the layer's mode (an adapter loaded
         # into an eval-mode model must not apply dropout).
         self.lora_dropout[name] = (nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()).train(self.training)
-        self.adapters[name] = AdapterSpec(r, float(lora_alpha), float(lora_dropout), use_rslora)
+        self.adapters[name] = AdapterSpec(r, float(lora_alpha), float(lora_dropout), use_rslora, use_dora)
+        if use_dora:
+            self.lora_magnitude_vector[name] = nn.Parameter(torch.empty(self.out_features, dtype=dtype, device=device))
+            self.reset_magnitude(name)
         if activate:
             self.set_adapter(name)
 
@@ -174,8 +198,21 @@ class LoRALinear4bit(nn.Module):
         if name not in self.adapters:
             raise KeyError(f"no adapter named {name!r}; loaded: {sorted(self.adapters)}")
         del self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.adapters[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         if self.active_adapter == name:
             self.active_adapter = next(iter(self.adapters), None)
+
+    def reset_magnitude(self, name: str) -> None:
+        """m = ‖W0 + s·B·A‖ per output row (fp32), as PEFT's DoRA initialises it: the layer then computes
+        exactly W0 + s·B·A until m trains."""
+        with torch.no_grad():
+            self.lora_magnitude_vector[name].copy_(self.weight_norm(name))
+
+    def weight_norm(self, name: str | None = None) -> torch.Tensor:
+        """‖W0 + s·B·A‖ over the input dimension, one per output row, in fp32 and without gradient."""
+        with torch.no_grad():
+            return torch.linalg.vector_norm(self.base_weight(torch.float32) + self.delta_weight(name), dim=1)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -196,8 +233,31 @@ class LoRALinear4bit(nn.Module):
         if name is None:
             return _LoRABaseMatmul.apply(x, x, None, None, self.bias, self.weight, 0.0)
         x_lora = self.lora_dropout[name](x)
+        if self.adapters[name].use_dora:
+            return self._dora_forward(x, x_lora, name)
         return _LoRABaseMatmul.apply(x, x_lora, self.lora_A[name], self.lora_B[name], self.bias, self.weight,
                                      self.adapters[name].scaling)
+
+    def _dora_forward(self, x: torch.Tensor, x_lora: torch.Tensor, name: str) -> torch.Tensor:
+        """y = b + x·W0ᵀ + (m/‖W0 + s·B·A‖ - 1)·x_lora·W0ᵀ + (m/‖·‖)·s·x_lora·Aᵀ·Bᵀ, PEFT's DoRA arithmetic.
+
+        Without dropout (x_lora is x) that is (m/‖·‖)·(x·W0ᵀ + s·x·Aᵀ·Bᵀ) + b: one base matmul. The norm
+        is a constant for autograd (detached); m and the factors get their gradients through torch ops,
+        the base matmul still never keeps a dense W0.
+        """
+        spec, a, b = self.adapters[name], self.lora_A[name], self.lora_B[name]
+        scale = (self.lora_magnitude_vector[name].to(x.dtype) / self.weight_norm(name).to(x.dtype))
+        lora = (x_lora @ a.to(x.dtype).t()) @ (spec.scaling * b.to(x.dtype)).t()
+        base = _LoRABaseMatmul.apply(x_lora, x_lora, None, None, None, self.weight, 0.0)
+        y = scale * (base + lora)
+        if x_lora is not x:  # dropout active: the unscaled base term sees the undropped input, as in PEFT
+            y = y + _LoRABaseMatmul.apply(x, x, None, None, None, self.weight, 0.0) - base
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def magnitude(self, name: str | None = None) -> torch.Tensor | None:
+        """DoRA's m (fp32) for the adapter, or None for a plain LoRA adapter."""
+        name = name or self.active_adapter
+        return self.lora_magnitude_vector[name].float() if self.adapters[name].use_dora else None
 
     def delta_weight(self, name: str | None = None) -> torch.Tensor:
         """s·B·A in fp32."""
@@ -205,11 +265,11 @@ class LoRALinear4bit(nn.Module):
         return self.adapters[name].scaling * (self.lora_B[name].float() @ self.lora_A[name].float())
 
     def merged_weight(self, name: str | None = None) -> torch.Tensor:
-        """dequantize(W0) + s·B·A, in fp32: exactly the weight the adapter forward computes with."""
-        return self.base_weight(torch.float32) + self.delta_weight(name)
+        """dequantize(W0) + s·B·A (DoRA: rescaled row by row to m), in fp32: the weight the forward computes with."""
+        return dora_merge(self.base_weight(torch.float32), self.delta_weight(name), self.magnitude(name))
 
     def extra_repr(self) -> str:
         kind = "NF4" if self.quantized else str(self.weight.dtype).removeprefix("torch.")
         spec = self.adapters.get(self.active_adapter) if self.active_adapter else None
-        lora = f"r={spec.r}, alpha={spec.lora_alpha}" if spec else "no adapter"
+        lora = f"r={spec.r}, alpha={spec.lora_alpha}{', dora' if spec.use_dora else ''}" if spec else "no adapter"
         return f"in={self.in_features}, out={self.out_features}, base={kind}, {lora}, active={self.active_adapter!r}"

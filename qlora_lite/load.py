@@ -24,7 +24,7 @@ from torch import nn
 
 from .config import LoraConfig, QuantConfig, resolve_dtype
 from .errors import CheckpointError, ConfigError
-from .inject import find_targets, freeze_base, make_lora_layer, replace_module
+from .inject import find_targets, freeze_base, make_lora_layer, quantize_target, replace_module
 from .nf4 import NF4Weight, resolve_backend
 from .shards import ShardReader, TensorEntry, read_header
 
@@ -283,8 +283,13 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, lora: LoraCon
                                           f"implies {list(target_shape)}; the weights do not belong to this config")
                 seen.add(key)
                 if leaf == "weight" and module_name in quantized:
-                    bases[module_name] = NF4Weight.from_tensor(tensor.to(device), quant.blocksize, quant.double_quant,
-                                                               quant.backend, name=key).to(storage)
+                    base = quantize_target(tensor.to(device), quant, lora if module_name in lora_targets else None,
+                                           key)  # NF4(W0), or LoftQ/PiSSA's base and factors
+                    if isinstance(base, NF4Weight):
+                        base = base.to(storage)
+                    else:
+                        base.base = base.base.to(storage)
+                    bases[module_name] = base
                 elif leaf == "weight" and module_name in kept_dense:
                     bases[module_name] = tensor.to(device=storage, dtype=compute_dtype)
                 else:

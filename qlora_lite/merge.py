@@ -38,10 +38,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import AdapterFile, read_adapter
+from .adapter import BASE_NAME, AdapterFile, read_adapter
 from .config import QuantConfig
 from .errors import CheckpointError, ConfigError, MergeError, MergeOverflowError, VerificationError
 from .fsutil import DiskFullError, RunLock, atomic_directory, refuse_existing, refuse_output_over_inputs
+from .init import needs_weight
 from .inject import find_targets, lora_layers
 from .load import check_tied_head, checkpoint_files, release_free_memory, tensor_catalog, tied_head
 from .monitor import PeakRSS
@@ -245,6 +246,9 @@ def _plan(base_dir: Path, adapter_dir: Path, dtype: torch.dtype, base: BaseKind,
         raise ConfigError(f"{base_dir} is a 4-bit checkpoint without original weights; use base='quantized'",
                           "merge options")
     adapter = read_adapter(adapter_dir)
+    if adapter.base_file is not None and base == "original":
+        raise ConfigError(f"{adapter_dir} was initialised with LoftQ/PiSSA and trained on the NF4 base stored in "
+                          f"{adapter.base_file.name}, not on W0; use base='quantized' (or leave it out)", "merge options")
     _validate_adapter(adapter, catalog, nf4_shapes, config)
     linears, tied = _skeleton_facts(base_dir)
     check_tied_head(base_dir, entries, tied)  # as load_model: never publish a silently dropped head
@@ -332,7 +336,13 @@ def _merge_input_shard(file: Path, plan: _Plan, writer: _ShardWriter, quant: Qua
     with ShardReader(file) as reader:
         for item in (it for it in plan.items if it.file == file):
             try:
-                if item.nf4:
+                own = plan.adapter.stored_base(item.name.removesuffix(".weight")) if item.merge else None
+                if own is not None:  # LoftQ/PiSSA: the base it trained on, saved beside the adapter
+                    if own.shape != torch.Size(item.shape):
+                        raise ValueError(f"{item.name}: the NF4 base stored beside the adapter has shape "
+                                         f"{list(own.shape)}, the checkpoint {list(item.shape)}")
+                    nf4 = own
+                elif item.nf4:
                     state = {}
                     for key, source in plan.quant_keys.items():
                         if key.startswith(item.name + "."):
@@ -347,10 +357,11 @@ def _merge_input_shard(file: Path, plan: _Plan, writer: _ShardWriter, quant: Qua
                                                 name=item.name)
                     del w0
                     release_free_memory()
-                w = nf4.dequantize(torch.float32) if item.nf4 or item.quantized else reader.get(item.name)
+                w = nf4.dequantize(torch.float32) if own is not None or item.nf4 or item.quantized else \
+                    reader.get(item.name)
                 nf4 = None
                 if item.merge:
-                    w = w.float().add_(plan.adapter.delta_weight(item.name.removesuffix(".weight")))
+                    w = plan.adapter.merged_weight(item.name.removesuffix(".weight"), w)
             except ValueError as exc:
                 raise CheckpointError(f"{file.name}: {exc}") from None
             writer.write(item, _cast_checked(item.name, w, item.dtype, merged=item.merge))
@@ -469,6 +480,10 @@ def _rebuild_settings(base_dir, adapter_dir, quant, base, force) -> tuple[QuantC
     """The quantization and base kind that rebuild what the adapter trained on (settings.py), the base checked."""
     settings = read_settings(adapter_dir)
     check_base(settings, base_dir, force)
+    method = (settings.lora.get("init_lora_weights") if settings else None) or "kaiming"
+    if needs_weight(method) and not (Path(adapter_dir) / BASE_NAME).is_file():
+        raise CheckpointError(f"{adapter_dir} was initialised with {method} and trained on its own NF4 base, but "
+                              f"{BASE_NAME} is missing beside it; copy the whole adapter directory")
     recorded = quant_for(settings, quant, adapter_dir)
     if base is None:
         base = "original" if recorded is None else "quantized"
@@ -498,20 +513,26 @@ def merge_adapter(model: nn.Module, name: str | None = None) -> list[str]:
                          "qlora_lite.merge.merge(base_dir, adapter_dir, out_dir) to write a 16-bit merged checkpoint")
     for path, layer in layers.items():
         adapter, w = name or layer.active_adapter, layer.weight
-        merged = w.float() + layer.delta_weight(adapter)
+        magnitude = layer.magnitude(adapter)
+        # DoRA: the row scale m/‖W0 + s·B·A‖ is kept so that unmerge can divide it out again
+        layer.merged_scale = None if magnitude is None else magnitude / layer.weight_norm(adapter)
+        merged = layer.merged_weight(adapter)
         layer.weight = nn.Parameter(_cast_checked(f"{path}.weight", merged, w.dtype, merged=True), requires_grad=False)
         layer.merged_adapter, layer.active_adapter = adapter, None
     return list(layers)
 
 
 def unmerge_adapter(model: nn.Module) -> list[str]:
-    """Subtract s·B·A again and reactivate the adapter (exact up to one rounding of W in its dtype)."""
+    """Subtract s·B·A again (DoRA: after dividing out the row scale) and reactivate the adapter (exact up
+    to one rounding of W in its dtype)."""
     undone = []
     for path, layer in lora_layers(model).items():
         adapter = getattr(layer, "merged_adapter", None)
         if adapter is not None:
-            w = layer.weight
-            layer.weight = nn.Parameter((w.float() - layer.delta_weight(adapter)).to(w.dtype), requires_grad=False)
+            w = layer.weight.float()
+            if getattr(layer, "merged_scale", None) is not None:
+                w = w / layer.merged_scale.unsqueeze(1)
+            layer.weight = nn.Parameter((w - layer.delta_weight(adapter)).to(layer.weight.dtype), requires_grad=False)
             layer.merged_adapter, layer.active_adapter = None, adapter
             undone.append(path)
     return undone

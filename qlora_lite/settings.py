@@ -148,7 +148,8 @@ def check_resume(recorded: dict[str, Any] | None, current: RunSettings, checkpoi
                               f"{current.base['path']} is another base ({problem}); resume with the same model")
     pairs = [("quantization", describe_quant(before.quant), describe_quant(current.quant)),
              ("compute_dtype", before.compute_dtype, current.compute_dtype)]
-    pairs += [(f"lora.{k}", _show(before.lora.get(k)), _show(v)) for k, v in current.lora.items()]
+    defaults = dataclasses.asdict(LoraConfig())  # a field added since the checkpoint was written had its default
+    pairs += [(f"lora.{k}", _show(before.lora.get(k, defaults.get(k))), _show(v)) for k, v in current.lora.items()]
     for name, old, new in pairs:
         if old != new:
             raise CheckpointError(f"{checkpoint} was written with {name} {old} but this run has {new}; resume with "
