@@ -39,7 +39,7 @@ if args["threads"]:
 import peft, accelerate, safetensors
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from qlora_lite.merge import merge
-from qlora_lite.monitor import PeakRSS
+from qlora_lite.rss import PeakRSS
 
 with PeakRSS(interval=0.005) as rss:
     start = time.perf_counter()

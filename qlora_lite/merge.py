@@ -45,7 +45,7 @@ from .fsutil import DiskFullError, RunLock, atomic_directory, refuse_existing, r
 from .init import needs_weight
 from .inject import find_targets, lora_layers
 from .load import check_tied_head, checkpoint_files, release_free_memory, tensor_catalog, tied_head
-from .monitor import PeakRSS
+from .rss import PeakRSS
 from .nf4 import NF4Weight
 from .settings import check_base, quant_for, read_settings
 from .shards import ShardReader, read_header

@@ -3,14 +3,12 @@
 `MemoryMonitor.mark(phase)` records host RSS with its true peak since the previous mark (Linux
 VmHWM, reset through /proc/self/clear_refs) and, on CUDA, torch's peak allocated/reserved bytes;
 the training loop marks after_load, first_step and steady_state and writes them to memory.json.
-`PeakRSS` samples RSS in a thread around one block of work (merge reports it; tests and benchmarks
-measure with it in fresh processes). `preflight` sets the planner's prediction against what this
-machine has, before training loads anything.
+`PeakRSS` (rss.py, re-exported here) measures the peak around one block of work. `preflight` sets the
+planner's prediction against what this machine has, before training loads anything.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,50 +16,9 @@ from typing import Any
 import torch
 
 from .memory import _COMPONENTS, GiB, MemoryBudgetError, MemoryEstimate, estimate_memory, fit_to_budget
+from .rss import PeakRSS, peak_rss, reset_peak_rss
 
 __all__ = ["MemoryMonitor", "PeakRSS", "compare", "preflight"]
-
-
-def _reset_peak_rss() -> bool:
-    try:  # Linux >= 4.0: writing "5" resets the peak resident set size (VmHWM)
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss() -> int:
-    try:
-        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
-        return int(line.split()[1]) * 1024
-    except (OSError, StopIteration):
-        return 0
-
-
-class PeakRSS:
-    """`with PeakRSS() as rss: ...` samples this process's RSS every `interval` seconds in a daemon
-    thread; afterwards `rss.baseline` is the RSS on entry and `rss.peak` the largest seen (exit included)."""
-
-    def __init__(self, interval: float = 0.01):
-        self.interval = interval
-
-    def __enter__(self) -> PeakRSS:
-        import psutil
-
-        self._process, self._stop = psutil.Process(), threading.Event()
-        self.baseline = self.peak = self._process.memory_info().rss
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self._process.memory_info().rss)
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._process.memory_info().rss)
 
 
 class MemoryMonitor:
@@ -77,14 +34,14 @@ class MemoryMonitor:
         self._reset()
 
     def _reset(self) -> None:
-        self._hwm = _reset_peak_rss()
+        self._hwm = reset_peak_rss()
         self.peak_rss = self._process.memory_info().rss
         if self._cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def current(self) -> dict[str, int]:
         rss = self._process.memory_info().rss
-        self.peak_rss = max(self.peak_rss, rss, _peak_rss() if self._hwm else 0)
+        self.peak_rss = max(self.peak_rss, rss, peak_rss() if self._hwm else 0)
         out = {"rss_bytes": rss, "peak_rss_bytes": self.peak_rss}
         if self._cuda:
             out.update(cuda_allocated_bytes=torch.cuda.memory_allocated(self.device),

@@ -31,7 +31,7 @@ def test_nibble_order_first_value_in_high_nibble():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_torch_backend_bytes_equal_bitsandbytes_cpu(shape, dtype, double_quant):
-    g = torch.Generator().manual_seed(hash((shape, str(dtype))) % 2**31)
+    g = torch.Generator().manual_seed(100 * SHAPES.index(shape) + DTYPES.index(dtype))  # constant per case
     w = (torch.randn(shape, generator=g) * 0.05).to(dtype)
     w.view(-1)[:: 17] *= 20  # outliers move the absmax around
     packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
