@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .fsdp import full_tensor
+from .dtensor import full_tensor
 from .fsutil import atomic_directory
 from .inject import lora_layers
 from .layers import DEFAULT_ADAPTER, LoRALinear4bit, dora_merge

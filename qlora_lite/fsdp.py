@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig, QuantConfig
+from .dtensor import copy_into_parameter, full_tensor, local_tensor
 from .errors import QLoraLiteError, TrainingError
 from .inject import ParameterCount, count_parameters, lora_layers
 from .load import is_prequantized, load_model, load_skeleton, release_free_memory
@@ -218,36 +219,13 @@ def load_sharded(path, quant: QuantConfig, lora: LoraConfig | None, device: torc
     return model, tokenizer, params
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on every rank (collective for a sharded DTensor; a no-op otherwise)."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-def copy_into_parameter(param: torch.Tensor, value: torch.Tensor) -> None:
-    """param ← value, where `param` may be this rank's shard of a DTensor and `value` the whole tensor."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    with torch.no_grad():
-        if isinstance(param, DTensor):
-            value = distribute_tensor(value.to(param.device, param.dtype), param.device_mesh, param.placements)
-        param.copy_(value)
-
-
 def resident_base_bytes(model: nn.Module) -> int:
     """Bytes of the frozen base this rank holds (its shards under FSDP; everything otherwise)."""
     total = 0
     for layer in lora_layers(model).values():
         weight = layer.weight
         tensors = [*weight.parameters(), *weight.buffers()] if layer.quantized else [weight]
-        total += sum(_local(t).numel() * t.element_size() for t in tensors)
+        total += sum(local_tensor(t).numel() * t.element_size() for t in tensors)
     return total
 
 
