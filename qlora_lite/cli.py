@@ -118,7 +118,8 @@ def analyze(adapter: str, base: str | None = None, compare: str | None = None, o
     print(analyze_command(adapter, base=base, compare=compare, out=out, json_output=json_output, force=force))
 
 
-def quantize(model: str, out: str, blocksize: int = 64, double_quant: bool = True, overwrite: bool = False) -> None:
+def quantize(model: str, out: str, blocksize: int = 64, double_quant: bool = True, max_shard_size: str = "2GB",
+             overwrite: bool = False) -> None:
     """Write a model's NF4 checkpoint in the bitsandbytes/transformers 4-bit layout, so later runs skip quantizing.
 
     Args:
@@ -126,11 +127,13 @@ def quantize(model: str, out: str, blocksize: int = 64, double_quant: bool = Tru
         out: output directory (loads with qlora-lite and with transformers + bitsandbytes)
         blocksize: NF4 block size
         double_quant: also quantize the block scales (4.127 instead of 4.5 bits/param)
+        max_shard_size: largest output shard, e.g. 2GB (written one at a time)
         overwrite: replace an existing output directory
     """
-    from .export import write_quantized
+    from .quantize import write_quantized
 
-    path = write_quantized(model, out, blocksize=blocksize, double_quant=double_quant, overwrite=overwrite)
+    path = write_quantized(model, out, blocksize=blocksize, double_quant=double_quant, overwrite=overwrite,
+                           max_shard_size=max_shard_size)
     print(f"wrote NF4 checkpoint to {path}")
 
 

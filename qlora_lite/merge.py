@@ -48,7 +48,7 @@ from .load import check_tied_head, checkpoint_files, release_free_memory, tensor
 from .rss import PeakRSS
 from .nf4 import NF4Weight
 from .settings import check_base, quant_for, read_settings
-from .shards import ShardReader, read_header
+from .shards import ShardReader, parse_size, read_header
 from .verify import BaseKind, verify_merge
 
 __all__ = ["merge", "merge_weight", "merge_adapter", "unmerge_adapter", "parse_size", "MergeReport", "MergeError",
@@ -124,15 +124,6 @@ class _Plan:
     @property
     def total_bytes(self) -> int:
         return sum(it.nbytes for it in self.items)
-
-
-def parse_size(size: int | str) -> int:
-    """'2GB' -> 2_000_000_000, '1GiB' -> 2**30, 500_000 -> 500_000 (as transformers reads max_shard_size)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size).upper())
-    if isinstance(size, bool) or not match or float(match[1]) <= 0:
-        raise ConfigError(f"max_shard_size={size!r} is not a positive size; use bytes or e.g. '500MB', '2GB', '1GiB'")
-    unit = match[2] or "B"
-    return int(float(match[1]) * (1024 if "I" in unit else 1000) ** " KMGT".index(unit[0] if unit != "B" else " "))
 
 
 def merge_weight(w0: torch.Tensor, delta: torch.Tensor, base: BaseKind = "quantized",

@@ -10,15 +10,16 @@ before anything is loaded.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 
-__all__ = ["TensorEntry", "read_header", "ShardReader", "read_quant_shape"]
+__all__ = ["TensorEntry", "read_header", "ShardReader", "read_quant_shape", "parse_size"]
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -149,3 +150,12 @@ class ShardReader:
                                       "bytes); the file is truncated; re-download or re-save it")
             filled += read
         return out
+
+
+def parse_size(size: int | str) -> int:
+    """'2GB' -> 2_000_000_000, '1GiB' -> 2**30, 500_000 -> 500_000 (as transformers reads max_shard_size)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size).upper())
+    if isinstance(size, bool) or not match or float(match[1]) <= 0:
+        raise ConfigError(f"max_shard_size={size!r} is not a positive size; use bytes or e.g. '500MB', '2GB', '1GiB'")
+    unit = match[2] or "B"
+    return int(float(match[1]) * (1024 if "I" in unit else 1000) ** " KMGT".index(unit[0] if unit != "B" else " "))

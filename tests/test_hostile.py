@@ -106,7 +106,7 @@ def case_merge_out_inside_the_base(run):
 
 
 def case_quantize_out_is_the_model(run):
-    from qlora_lite.export import write_quantized
+    from qlora_lite.quantize import write_quantized
 
     write_quantized(run / "base", run / "base", overwrite=True)
 

@@ -105,7 +105,7 @@ def test_transformers_bitsandbytes_checkpoint_loads_without_requantizing(tmp_pat
 
 
 def test_quantize_command_output_loads_to_the_same_bytes(tmp_path):
-    from qlora_lite.export import write_quantized
+    from qlora_lite.quantize import write_quantized
 
     _tiny("llama", tmp_path / "fp")
     write_quantized(tmp_path / "fp", tmp_path / "nf4")
