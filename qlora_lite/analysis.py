@@ -29,7 +29,7 @@ from .adapter import AdapterFile, read_adapter
 from .config import QuantConfig
 from .errors import CheckpointError
 from .load import checkpoint_files
-from .nf4 import NF4Weight
+from .nf4 import NF4Weight, nf4_nbytes
 from .settings import check_base, quant_for, read_settings
 from .shards import ShardReader, read_quant_shape
 
@@ -48,11 +48,7 @@ _KIND_RANK = {k: i for i, k in enumerate(("q_proj", "k_proj", "v_proj", "o_proj"
 
 # --- accounting ----------------------------------------------------------------------
 
-def nf4_bytes(n: int, blocksize: int = 64) -> int:
-    """Bytes of one n-value NF4 weight with double quantization (as `NF4Weight.nbytes`):
-    packed codes ceil(n/2) + 8-bit absmax ceil(n/64) + fp32 per 256 absmaxes + fp32 offset."""
-    blocks = -(-n // blocksize)
-    return -(-n // 2) + blocks + 4 * -(-blocks // 256) + 4
+nf4_bytes = nf4_nbytes  # the one byte count (nf4.py), under the name this module has always exported
 
 
 def _base_shapes(base_dir: Path) -> dict[str, tuple[int, ...]]:

@@ -60,6 +60,7 @@ from .errors import ConfigError, QLoraLiteError
 from .memory_arch import (GB, GPU_MEMORY, GiB, ModelShape, builtin_configs, layer_index, load_model_config,
                           model_shape, parse_budget)
 from .memory_peer import peer_terms
+from .nf4 import nf4_nbytes
 
 __all__ = [
     "GPU_MEMORY", "CUDA_CONTEXT_BYTES", "ALLOCATOR_SLACK", "PAGED_MIN_NUMEL", "MemoryEstimate", "FitResult",
@@ -98,14 +99,6 @@ class MemoryBudgetError(QLoraLiteError, ValueError):
     def __init__(self, message: str, needed_bytes: int, budget_bytes: int, suggestions: list[str]):
         super().__init__(message)
         self.needed_bytes, self.budget_bytes, self.suggestions = needed_bytes, budget_bytes, suggestions
-
-
-def nf4_nbytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
-    """Bytes of one NF4 weight of `numel` values, exactly as `NF4Weight.nbytes` counts them."""
-    blocks = -(-numel // blocksize)
-    if double_quant:
-        return -(-numel // 2) + blocks + 4 * -(-blocks // 256) + 4
-    return -(-numel // 2) + 4 * blocks
 
 
 def _block_bytes_per_token(a: ModelShape, layer_targets: list[tuple[str, int]], *, b: int, mask: int, r: int,

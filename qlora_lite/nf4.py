@@ -37,6 +37,7 @@ __all__ = [
     "resolve_backend",
     "quantize_nf4",
     "dequantize_nf4",
+    "nf4_nbytes",
 ]
 
 # Quantiles of N(0, 1) normalised to [-1, 1] with an exact zero (QLoRA paper, appendix E).
@@ -227,6 +228,16 @@ def _dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocks
 # --------------------------------------------------------------------------------------------
 # the storage
 # --------------------------------------------------------------------------------------------
+
+def nf4_nbytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
+    """Bytes of one NF4 weight of `numel` values, exactly as `NF4Weight.nbytes` counts them: packed codes
+    ceil(n/2) + per block an 8-bit absmax code with double quantization (plus an fp32 scale per 256 blocks
+    and one fp32 offset) or an fp32 absmax without. The planner and the analysis count with this."""
+    blocks = -(-numel // blocksize)
+    if double_quant:
+        return -(-numel // 2) + blocks + 4 * -(-blocks // NESTED_BLOCKSIZE) + 4
+    return -(-numel // 2) + 4 * blocks
+
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """An fp32 tensor as its int32 bit pattern (a zero-copy view); uint8 codes stay as they are."""

@@ -228,3 +228,16 @@ def test_the_cached_absmax_is_the_decoded_one_and_follows_the_storage():
     assert torch.equal(q.block_absmax(), q._decode_absmax()) and not torch.equal(q.block_absmax(), before)
     q.cache_absmax = False
     assert q.block_absmax() is not q.block_absmax()  # decoded on every call
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("blocksize", [64, 128])
+def test_nf4_nbytes_counts_what_the_container_holds(blocksize, double_quant):
+    from qlora_lite import analysis, memory
+    from qlora_lite.nf4 import nf4_nbytes
+
+    for shape in [(3, 5), (77, 33), (300, 257), (128, 96)]:
+        w = torch.randn(shape, generator=torch.Generator().manual_seed(shape[0]))
+        held = NF4Weight.from_tensor(w, blocksize, double_quant, backend="torch").nbytes
+        assert nf4_nbytes(w.numel(), blocksize, double_quant) == held, shape
+    assert memory.nf4_nbytes is nf4_nbytes and analysis.nf4_bytes is nf4_nbytes  # one copy of the rule
