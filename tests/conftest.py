@@ -53,18 +53,26 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
 
 
-def write_tiny_model(directory, tokenizer_dir=None, seed: int = 0, vocab_size: int | None = None, **overrides):
+def tiny_llama_config(**overrides):
+    """The tests' one tiny Llama configuration (TINY, vocabulary 256) with `overrides`."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**{**TINY, "vocab_size": 256, **overrides})
+
+
+def write_tiny_model(directory, tokenizer_dir=None, seed: int = 0, vocab_size: int | None = None,
+                     max_shard_size: int | str = "2GB", **overrides):
     """A tiny random Llama saved as safetensors (with the embedded tokenizer when given)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir)) if tokenizer_dir else None
     vocab = vocab_size or (len(tokenizer) if tokenizer else 256)
     torch.manual_seed(seed)
-    config = LlamaConfig(**{**TINY, "vocab_size": vocab, **overrides})
+    config = tiny_llama_config(vocab_size=vocab, **overrides)
     if tokenizer is not None:
         config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     model = LlamaForCausalLM(config)
-    model.save_pretrained(str(directory), max_shard_size=overrides.pop("max_shard_size", "2GB"))
+    model.save_pretrained(str(directory), max_shard_size=max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
     return directory

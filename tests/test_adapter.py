@@ -22,6 +22,7 @@ from qlora_lite.config import LoraConfig, QuantConfig
 from qlora_lite.errors import CheckpointError
 from qlora_lite.inject import inject_lora, lora_layers
 from qlora_lite.load import load_model
+from conftest import tiny_llama_config
 
 peft = pytest.importorskip("peft")
 
@@ -30,12 +31,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def tiny_model(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256)
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=False)).eval()
 
 
 def randomize_b(model: torch.nn.Module, seed: int, std: float = 0.05) -> None:

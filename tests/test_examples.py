@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from qlora_lite.config import load_yaml_config
+from conftest import tiny_llama_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,14 +33,13 @@ def test_plan_memory_example():
 
 
 def test_merge_export_example(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from qlora_lite.adapter import save_adapter
     from qlora_lite.config import LoraConfig, QuantConfig
     from qlora_lite.inject import inject_lora
 
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256)
+    config = tiny_llama_config(tie_word_embeddings=False)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(str(tmp_path / "base"))
     model = LlamaForCausalLM.from_pretrained(str(tmp_path / "base"))

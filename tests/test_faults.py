@@ -20,6 +20,7 @@ from qlora_lite.errors import CheckpointError, ConfigError, DataError
 from qlora_lite.fsutil import DiskFullError, OutputExistsError, atomic_directory
 from qlora_lite.nf4 import NF4_CODE, NF4Weight
 from qlora_lite.shards import read_header
+from conftest import tiny_llama_config
 
 # ---- configuration: every problem at once, before any weight is loaded ------------------------
 
@@ -212,14 +213,13 @@ def test_atomic_directory_keeps_the_old_output_on_failure(tmp_path):
 
 
 def test_out_of_disk_during_adapter_save_is_clear_and_loses_nothing(tmp_path, monkeypatch):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     import safetensors.torch
     from qlora_lite.adapter import read_adapter, save_adapter
     from qlora_lite.inject import inject_lora
 
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=1, vocab_size=128, tie_word_embeddings=False))
     inject_lora(model, LoraConfig(r=4), QuantConfig(backend="torch"))
     save_adapter(model, tmp_path / "adapter")
     before = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()

@@ -24,9 +24,9 @@ from qlora_lite.fsutil import DiskFullError, OutputExistsError, RunLock, atomic_
 from qlora_lite.inject import lora_layers
 from qlora_lite.load import load_model, resolve_device
 from qlora_lite.merge import merge
+import conftest
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=256, tie_word_embeddings=False)
+TINY = conftest.TINY | dict(vocab_size=256, tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="module", autouse=True)

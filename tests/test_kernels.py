@@ -14,9 +14,9 @@ from qlora_lite.config import LoraConfig, QuantConfig, TrainConfig
 from qlora_lite.errors import ConfigError
 from qlora_lite.inject import inject_lora
 from qlora_lite.layers import LoRALinear4bit
+import conftest
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=64, vocab_size=97)
+TINY = conftest.TINY | dict(max_position_embeddings=64, vocab_size=97, tie_word_embeddings=False)
 
 
 class OpLog(TorchDispatchMode):
@@ -66,7 +66,7 @@ def _tiny(model_type: str = "llama", dtype: torch.dtype = torch.float32, device:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, **TINY, tie_word_embeddings=False)
+    config = AutoConfig.for_model(model_type, **TINY)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device)
     inject_lora(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, lora_dtype="float32"),
                 QuantConfig(backend="torch"))

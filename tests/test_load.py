@@ -15,6 +15,7 @@ from qlora_lite.errors import CheckpointError, ConfigError
 from qlora_lite.inject import lora_layers
 from qlora_lite.load import load_model
 from qlora_lite.nf4 import NF4Weight
+from conftest import TINY
 
 TINY_ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
@@ -29,9 +30,7 @@ def _tiny(arch: str, directory, tie=False, max_shard_size="2GB"):
     import transformers
 
     config_cls, model_cls, extra = TINY_ARCHS[arch]
-    config = getattr(transformers, config_cls)(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                                               tie_word_embeddings=tie, **extra)
+    config = getattr(transformers, config_cls)(**(TINY | {"vocab_size": 256, "tie_word_embeddings": tie} | extra))
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(config).eval()
     model.save_pretrained(str(directory), max_shard_size=max_shard_size)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from qlora_lite.config import LoraConfig, QuantConfig
 from qlora_lite.inject import inject_lora, lora_layers
 from qlora_lite.loss import chunked_cross_entropy, chunked_loss, install_chunked_loss, supports_chunked_loss
+from conftest import tiny_llama_config
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
@@ -36,8 +37,7 @@ def test_bad_use_is_refused():
 
 def _tiny_qlora(**overrides):
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=500, **overrides)
+    cfg = tiny_llama_config(**({"intermediate_size": 96, "vocab_size": 500, "tie_word_embeddings": False} | overrides))
     model = LlamaForCausalLM(cfg)
     inject_lora(model, LoraConfig(r=4, lora_dropout=0.0), QuantConfig(backend="torch"))
     for layer in lora_layers(model).values():

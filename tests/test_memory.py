@@ -31,6 +31,7 @@ from qlora_lite.memory_arch import model_shape as _arch
 from qlora_lite.loss import install_chunked_loss
 from qlora_lite.monitor import MemoryMonitor, compare, preflight
 from qlora_lite.train import enable_checkpointing
+from conftest import tiny_llama_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,9 +46,7 @@ def one_thread():
 
 
 def tiny_config(**overrides) -> LlamaConfig:
-    values = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=256)
-    return LlamaConfig(**{**values, **overrides})
+    return tiny_llama_config(**({"tie_word_embeddings": False} | overrides))
 
 
 @pytest.mark.parametrize("tied", [False, True])

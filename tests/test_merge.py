@@ -38,6 +38,7 @@ from qlora_lite.merge import (MergeError, MergeOverflowError, VerificationError,
                               unmerge_adapter)
 from qlora_lite.verify import top1_flips, verify_merge
 from qlora_lite.nf4 import NF4Weight
+from conftest import tiny_llama_config
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -46,9 +47,7 @@ def tiny_model(seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    kwargs = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=256)
-    return LlamaForCausalLM(LlamaConfig(**(kwargs | overrides))).eval()
+    return LlamaForCausalLM(tiny_llama_config(**({"tie_word_embeddings": False} | overrides))).eval()
 
 
 def adapter_model(base_dir: Path, adapter_dir: Path, seed: int = 1, std: float = 0.05, targets=TARGETS):
