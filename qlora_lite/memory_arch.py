@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .shards import size_bytes
 
 __all__ = ["GiB", "GB", "GPU_MEMORY", "builtin_configs", "load_model_config", "model_shape", "parse_budget",
            "ModelShape"]
@@ -33,8 +34,6 @@ GPU_MEMORY: dict[str, int] = {name: int(gib * GiB) for name, gib in {
     "A6000": 48, "L40S": 48, "RTX6000Ada": 48, "RTX3060": 12, "RTX3080": 10, "RTX3090": 24, "RTX4060Ti-16GB": 16,
     "RTX4070Ti": 12, "RTX4080": 16, "RTX4090": 24, "RTX5090": 32, "A100-40GB": 40, "A100-80GB": 80, "H100": 80,
     "H100-NVL": 94, "H200": 141, "B200": 180, "MI300X": 192}.items()}
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
-          "tib": 2**40}
 _GATE_NAMES = {"gate_proj", "gate_up_proj", "w3"}
 # config keys that give a mixture-of-experts MLP (Mixtral, Qwen-MoE, DeepSeek, DBRX, OLMoE, ...)
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
@@ -195,13 +194,13 @@ def parse_budget(budget: str | int | float) -> int:
         return int(budget)
     if not isinstance(budget, str):
         raise ConfigError(f"memory budget must be a size or a GPU name, not {type(budget).__name__}", "memory budget")
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", budget)
-    if match and match.group(2).lower() in _UNITS and float(match.group(1)) > 0:
-        return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    size = size_bytes(budget, unit_required=True)
+    if size is not None:
+        return size
     gpus = {_squash(k): v for k, v in GPU_MEMORY.items()}
     if _squash(budget) in gpus:
         return gpus[_squash(budget)]
-    if match:
+    if budget.strip()[:1] in tuple("0123456789."):
         raise ConfigError(f"memory budget {budget!r}: give a positive size with a unit, e.g. '24GB' or '24GiB'",
                           "memory budget")
     close = difflib.get_close_matches(_squash(budget), list(gpus), n=3, cutoff=0.5)

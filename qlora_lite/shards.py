@@ -19,7 +19,7 @@ import torch
 
 from .errors import CheckpointError, ConfigError
 
-__all__ = ["TensorEntry", "read_header", "ShardReader", "read_quant_shape", "parse_size"]
+__all__ = ["TensorEntry", "read_header", "ShardReader", "read_quant_shape", "parse_size", "size_bytes", "SIZE_UNITS"]
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -152,10 +152,23 @@ class ShardReader:
         return out
 
 
+SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def size_bytes(text: str, unit_required: bool = False) -> int | None:
+    """Bytes from '2GB' (10**9), '1GiB' (2**30), '1.5 MiB' or, unless `unit_required`, a bare '500';
+    None when `text` is not a positive size. The one reading of sizes: max_shard_size and memory budgets."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", text)
+    if not match or float(match[1]) <= 0 or (unit_required and not match[2]):
+        return None
+    factor = SIZE_UNITS.get(match[2].lower() or "b")
+    return int(float(match[1]) * factor) if factor else None
+
+
 def parse_size(size: int | str) -> int:
     """'2GB' -> 2_000_000_000, '1GiB' -> 2**30, 500_000 -> 500_000 (as transformers reads max_shard_size)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size).upper())
-    if isinstance(size, bool) or not match or float(match[1]) <= 0:
+    value = None if isinstance(size, bool) else size_bytes(str(size))
+    if value is None:
         raise ConfigError(f"max_shard_size={size!r} is not a positive size; use bytes or e.g. '500MB', '2GB', '1GiB'")
-    unit = match[2] or "B"
-    return int(float(match[1]) * (1024 if "I" in unit else 1000) ** " KMGT".index(unit[0] if unit != "B" else " "))
+    return value

@@ -673,3 +673,13 @@ def test_longest_llama3_8b_sequence_on_an_rtx4090_with_offload_and_tiling():
         estimate_memory("llama-3-8b", seq_len=1024, batch_size=1, offload_activations=True, gradient_checkpointing=False)
     with pytest.raises(ConfigError, match="link_gbps"):
         estimate_memory("llama-3-8b", seq_len=1024, batch_size=1, link_gbps=0)
+
+
+def test_budgets_and_shard_sizes_read_units_alike():
+    from qlora_lite.shards import parse_size
+
+    for text in ["24GB", "24GiB", "1500MiB", ".5GB", "2 tb", "100KB"]:
+        assert parse_budget(text) == parse_size(text), text
+    assert parse_size("500") == 500 and parse_size(500) == 500  # a bare byte count is a shard size, not a budget
+    with pytest.raises(ConfigError, match="with a unit"):
+        parse_budget("500")
