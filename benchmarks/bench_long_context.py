@@ -48,7 +48,7 @@ def one_variant(args: argparse.Namespace) -> dict:
     from qlora_lite.load import load_model
     from qlora_lite.loss import install_chunked_loss
     from qlora_lite.memory import estimate_memory
-    from qlora_lite.monitor import PeakRSS
+    from qlora_lite.rss import PeakRSS
     from qlora_lite.offload import install_activation_offload, install_tiled_mlp
     from qlora_lite.train import enable_checkpointing
 

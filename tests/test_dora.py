@@ -22,6 +22,7 @@ from qlora_lite.layers import LoRALinear4bit
 from qlora_lite.load import load_model
 from qlora_lite.merge import merge, merge_adapter, unmerge_adapter
 from qlora_lite.nf4 import NF4Weight
+from conftest import tiny_llama_config
 
 peft = pytest.importorskip("peft")
 
@@ -30,11 +31,10 @@ IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
 def tiny_model(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=256)).eval()
+    return LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=False)).eval()
 
 
 def perturb(model: torch.nn.Module, seed: int) -> None:

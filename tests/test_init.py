@@ -19,17 +19,17 @@ from qlora_lite.load import load_model
 from qlora_lite.merge import merge
 from qlora_lite.nf4 import NF4Weight
 from qlora_lite.settings import RunSettings
+from conftest import tiny_llama_config
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
 
 
 def tiny_model(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=256)).eval()
+    return LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=False)).eval()
 
 
 def logits(model) -> torch.Tensor:
