@@ -32,7 +32,7 @@ from .errors import CheckpointError
 from .dtensor import full_tensor
 from .fsutil import atomic_directory
 from .inject import lora_layers
-from .layers import DEFAULT_ADAPTER, LoRALinear4bit, dora_merge
+from .layers import DEFAULT_ADAPTER, LoRALinear4bit, dora_merge, lora_scaling
 from .nf4 import NF4Weight
 
 if TYPE_CHECKING:  # (settings.py reads model directories: a level above this module)
@@ -98,8 +98,7 @@ class AdapterFile:
     @property
     def scaling(self) -> float:
         """The scaling of modules without a rank/alpha pattern; `scaling_for(module)` in general."""
-        alpha = float(self.config.get("lora_alpha", self.r))
-        return alpha / (self.r ** 0.5 if self.config.get("use_rslora") else self.r)
+        return lora_scaling(float(self.config.get("lora_alpha", self.r)), self.r, bool(self.config.get("use_rslora")))
 
     @property
     def modules(self) -> list[str]:
@@ -121,8 +120,7 @@ class AdapterFile:
 
     def scaling_for(self, module: str) -> float:
         """α/r of this module (α/√r with rsLoRA), honouring PEFT's rank_pattern and alpha_pattern."""
-        r = self.rank_for(module)
-        return self.alpha_for(module) / (r ** 0.5 if self.config.get("use_rslora") else r)
+        return lora_scaling(self.alpha_for(module), self.rank_for(module), bool(self.config.get("use_rslora")))
 
     def delta_weight(self, module: str) -> torch.Tensor:
         """s·B·A in fp32 for one module."""

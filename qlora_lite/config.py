@@ -180,7 +180,9 @@ class LoraConfig:
     @property
     def scaling(self) -> float:
         """s in y = W0 x + s·B A x: alpha/r, or alpha/sqrt(r) with rsLoRA."""
-        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        from .layers import lora_scaling  # lazily: config is the leaf every module imports; the layer owns the rule
+
+        return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
 
 
 def _looks_like_name(text: str) -> bool:

@@ -24,7 +24,7 @@ from torch import nn
 
 from .nf4 import NF4Weight
 
-__all__ = ["LoRALinear4bit", "AdapterSpec", "DEFAULT_ADAPTER", "dora_merge"]
+__all__ = ["lora_scaling", "LoRALinear4bit", "AdapterSpec", "DEFAULT_ADAPTER", "dora_merge"]
 
 DEFAULT_ADAPTER = "default"
 
@@ -42,6 +42,11 @@ def _hand_packed_bytes_to_storage(layer: LoRALinear4bit, state_dict: dict, prefi
         state_dict[key + ".packed"] = state_dict.pop(key)
 
 
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
+    """s in y = W0·x + s·B·A·x: α/r, or α/√r with rsLoRA (the one copy of this rule)."""
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     r: int
@@ -52,7 +57,7 @@ class AdapterSpec:
 
     @property
     def scaling(self) -> float:
-        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return lora_scaling(self.lora_alpha, self.r, self.use_rslora)
 
 
 def dora_merge(w0: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor | None) -> torch.Tensor:
