@@ -74,7 +74,8 @@ __all__ = [
 CUDA_CONTEXT_BYTES = 512 * 2**20  # torch's CUDA context with lazy module loading, + cuBLAS handles; not yet measured
 ALLOCATOR_SLACK = 0.20  # reserved = allocated · (1 + ALLOCATOR_SLACK) at the peak
 PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages a state tensor of >= 1e5 values (Optimizer8bit.get_state_buffer)
-BACKWARD_WORKSPACE_INTER = 3  # live (token × intermediate) gradient buffers while a block runs backward
+BACKWARD_WORKSPACE_INTER = 2  # live (token × intermediate) gradient buffers while a block runs backward (3 before
+# the LoRA scale moved into the matmul: test_memory::test_peak_matches_live_tensor_bytes measures it)
 PCIE4_X16_GBPS = 25.0  # GB/s a host↔GPU copy of pinned memory reaches on PCIe 4.0 x16 (nominal 31.5)
 OFFLOAD_RESIDENT_INPUTS = 2  # offloaded block inputs on the GPU at once: the one in use + the one in flight
 Optimizer = Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw"]

@@ -333,7 +333,7 @@ def test_the_documented_70b_plan_is_what_the_planner_prints(capsys):
     assert main(shlex.split(command)[1:]) == 0
     printed = capsys.readouterr().out
     total = re.search(r"total \(peak per GPU\)\s+([\d.]+)", printed).group(1)
-    assert "2 ranks (FSDP)" in printed and "fits RTX4090" in printed
+    assert "2 ranks (FSDP)" in printed and "fits RTX5090" in printed
     assert f"| **total** | **{float(total):.2f}** |" in doc
 
 
