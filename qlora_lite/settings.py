@@ -87,13 +87,7 @@ def read_settings(directory: str | Path) -> RunSettings | None:
     path = Path(directory) / SETTINGS_NAME
     if not path.is_file():
         return None
-    try:
-        values = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); restore it from the run's checkpoint") from None
-    if not isinstance(values, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return RunSettings.from_dict(values, str(path))
+    return RunSettings.from_dict(_json_object(path, "restore it from the run's checkpoint"), str(path))
 
 
 def describe_quant(quant: dict[str, Any] | QuantConfig | None) -> str:
@@ -204,15 +198,19 @@ def _fingerprint_difference(recorded: dict[str, Any] | None, actual: dict[str, A
     return None
 
 
-def _read_config(base_dir: Path) -> dict[str, Any]:
-    path = base_dir / "config.json"
+def _json_object(path: Path, fix: str) -> dict[str, Any]:
+    """The JSON object in `path`; anything else is a CheckpointError naming the file and `fix`."""
     try:
-        config = json.loads(path.read_text())
+        values = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); re-save the model") from None
-    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); {fix}") from None
+    if not isinstance(values, dict):
         raise CheckpointError(f"{path} must hold a JSON object")
-    return config
+    return values
+
+
+def _read_config(base_dir: Path) -> dict[str, Any]:
+    return _json_object(base_dir / "config.json", "re-save the model")
 
 
 def _prequant_config(base_dir: Path) -> dict[str, Any] | None:

@@ -563,8 +563,8 @@ def test_recipe_peft_prints_the_peer_beside_ours():
                                                    (torch.float32, 0.0, ["q_proj", "v_proj"])])
 def test_tiled_mlp_terms_equal_what_autograd_saves(dtype, dropout, targets):
     """A tiled block keeps the MLP's input instead of its intermediates; one chunk's MLP saves `mlp_only`.
-    fp32 only: in bf16 with fp32 adapters the layer now also saves bf16 copies of A and B (per layer, not
-    per token), which test_block_formula_equals_what_autograd_saves does not count either."""
+    fp32 only: in bf16 with fp32 adapters the layer also saves bf16 copies of A and B (per layer, not per
+    token), which test_block_formula_equals_what_autograd_saves adds to its prediction explicitly."""
     from qlora_lite.offload import install_tiled_mlp
 
     torch.manual_seed(0)
