@@ -21,6 +21,7 @@ import torch
 from .data.schemas import check_columns
 from .errors import ConfigError
 from .init import INIT_METHODS, needs_weight
+from .dtypes import DTYPE_BY_NAME, FLOAT_DTYPES
 from .nf4 import SUPPORTED_BLOCKSIZES
 from .tracking import check_trackers
 
@@ -35,14 +36,6 @@ __all__ = [
     "load_yaml_config",
 ]
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 def resolve_dtype(name: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
@@ -59,9 +52,9 @@ def resolve_dtype(name: str | torch.dtype, device: str | torch.device | None = N
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     try:
-        return _DTYPES[name]
+        return DTYPE_BY_NAME[name]
     except KeyError:
-        raise ConfigError(f"unknown dtype {name!r}; use one of {sorted(set(_DTYPES))} or 'auto'") from None
+        raise ConfigError(f"unknown dtype {name!r}; use one of {sorted(set(DTYPE_BY_NAME))} or 'auto'") from None
 
 
 def resolve_lora_dtype(lora_dtype: str | torch.dtype, compute_dtype: torch.dtype,
@@ -77,10 +70,10 @@ def resolve_lora_dtype(lora_dtype: str | torch.dtype, compute_dtype: torch.dtype
 
 def _check_dtype(problems: list[str], field_name: str, value: Any, allow_auto: bool = True) -> None:
     if isinstance(value, torch.dtype):
-        if value not in _DTYPES.values():
+        if value not in FLOAT_DTYPES:
             problems.append(f"{field_name}={value} is not a floating dtype we compute in")
         return
-    allowed = set(_DTYPES) | ({"auto"} if allow_auto else set())
+    allowed = set(DTYPE_BY_NAME) | ({"auto"} if allow_auto else set())
     if value not in allowed:
         problems.append(f"{field_name}={value!r} is not one of {sorted(allowed)}")
 

@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 from collections import defaultdict
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from .shards import ShardReader, TensorEntry, read_header
 
 __all__ = ["load_model", "load_skeleton", "is_prequantized", "load_tokenizer", "checkpoint_files", "resolve_device",
            "read_safetensors_keys", "release_free_memory", "tensor_catalog", "check_finite", "tied_head",
-           "check_tied_head"]
+           "check_tied_head", "build_skeleton", "meta_model", "check_bnb_nf4"]
 
 logger = logging.getLogger(__name__)
 _QUANT_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
@@ -187,30 +188,52 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def _build_skeleton(path: Path, compute_dtype: torch.dtype):
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+def check_bnb_nf4(quantization_config: Any, where: str | Path) -> dict | None:
+    """A checkpoint's `quantization_config` as a dict when it is bitsandbytes 4-bit NF4, None when there is none;
+    CheckpointError (one line, naming `where`) for any other quantization."""
+    if not quantization_config:
+        return None
+    qc = quantization_config if isinstance(quantization_config, dict) else quantization_config.to_dict()
+    if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
+        raise CheckpointError(f"{where} is quantized with {qc.get('quant_method')!r}; only bitsandbytes 4-bit NF4 "
+                              "checkpoints (or unquantized ones) can be used")
+    if qc.get("bnb_4bit_quant_type", "nf4") != "nf4":
+        raise CheckpointError(f"{where} uses bnb_4bit_quant_type={qc.get('bnb_4bit_quant_type')!r}; only nf4 is "
+                              "supported")
+    return qc
 
+
+def meta_model(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
+    """`config`'s causal LM on the meta device (no weights allocated); ValueError when transformers has no
+    causal-LM class for it. Heads are not tied (tie_weights() does what a real instantiation would)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+
+
+def build_skeleton(path: str | Path, compute_dtype: torch.dtype | None = None) -> tuple[nn.Module, Any, dict | None]:
+    """`path`'s model on the meta device: `(model, transformers config, bitsandbytes quantization_config or
+    None)`; CheckpointError (one line) when config.json is unreadable, quantized otherwise than NF4, or not a
+    causal LM."""
+    from transformers import AutoConfig
+
+    path = Path(path)
     try:
         config = AutoConfig.from_pretrained(str(path))
-    except Exception as exc:
-        raise CheckpointError(f"{path}/config.json cannot be read by transformers ({exc})") from None
-    prequant = getattr(config, "quantization_config", None)
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises, the fix is the user's config.json
+        raise CheckpointError(f"{path}/config.json cannot be read by transformers ({exc})".splitlines()[0]) from None
+    prequant = check_bnb_nf4(getattr(config, "quantization_config", None), path)
     if prequant is not None:
-        prequant = prequant if isinstance(prequant, dict) else prequant.to_dict()
-        if prequant.get("quant_method") != "bitsandbytes" or not prequant.get("load_in_4bit"):
-            raise CheckpointError(f"{path} is quantized with {prequant.get('quant_method')!r}; only bitsandbytes "
-                                  "4-bit NF4 checkpoints (or unquantized ones) can be loaded")
-        if prequant.get("bnb_4bit_quant_type", "nf4") != "nf4":
-            raise CheckpointError(f"{path} uses bnb_4bit_quant_type={prequant.get('bnb_4bit_quant_type')!r}; "
-                                  "only nf4 is supported")
         del config.quantization_config
-    config.dtype = compute_dtype
+    if compute_dtype is not None:
+        config.dtype = compute_dtype
     try:
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
+        model = meta_model(config, compute_dtype)
     except ValueError as exc:
-        raise CheckpointError(f"{path}: transformers cannot build a causal LM from config.json ({exc})") from None
+        raise CheckpointError(f"{path}: transformers cannot build a causal LM from config.json ({exc})"
+                              .splitlines()[0]) from None
     return model, config, prequant
 
 
@@ -231,7 +254,7 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, lora: LoraCon
     compute_dtype = resolve_dtype(quant.compute_dtype if quant and compute_dtype == "auto" else compute_dtype, device)
     files = checkpoint_files(path)
     catalog = tensor_catalog(path)
-    model, config, prequant = _build_skeleton(path, compute_dtype)
+    model, config, prequant = build_skeleton(path, compute_dtype)
     tokenizer = load_tokenizer(path) if with_tokenizer else None
     tied = tied_head(model)
     check_tied_head(path, catalog, tied)
@@ -350,7 +373,7 @@ def load_skeleton(path: str | Path, quant: QuantConfig, lora: LoraConfig | None,
     compute_dtype = resolve_dtype(quant.compute_dtype if compute_dtype == "auto" else compute_dtype, device)
     stored = {name: entry.dtype for name, (_file, entry) in tensor_catalog(path).items()}
     tokenizer = load_tokenizer(path)
-    model, _, _ = _build_skeleton(path, compute_dtype)
+    model, _, _ = build_skeleton(path, compute_dtype)
     lora_targets = set(find_targets(model, lora.target_modules)) if lora is not None else set()
     backend = resolve_backend(quant.backend, device)
     for name in find_targets(model, "all-linear"):

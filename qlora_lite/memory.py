@@ -307,7 +307,7 @@ class MemoryEstimate:
         return "\n".join(rows)
 
 
-def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraConfig = LoraConfig(),
+def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraConfig | None = None,
                     quant: QuantConfig | None = QuantConfig(), optimizer: Optimizer = "paged_adamw_32bit",
                     gradient_checkpointing: bool = True, compute_dtype: str | torch.dtype = "bfloat16",
                     world_size: int = 1, fsdp: bool = False, device: Literal["cuda", "cpu"] = "cuda",
@@ -325,6 +325,7 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
     `link_gbps` the host↔GPU link speed in GB/s the transfer time is given at. On CPU offloading moves
     nothing (the host copies are the process's memory), so it changes only a GPU estimate.
     """
+    lora = lora if lora is not None else LoraConfig()  # LoraConfig is mutable: no shared default
     problems = [f"{n}={v!r} must be a positive integer" for n, v in
                 (("seq_len", seq_len), ("batch_size", batch_size), ("world_size", world_size))
                 if not isinstance(v, int) or isinstance(v, bool) or v <= 0]

@@ -143,15 +143,14 @@ def layer_index(name: str) -> int | None:
 
 @functools.lru_cache(maxsize=16)
 def _shape_from_json(config_json: str, model_type: str) -> ModelShape:
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from .inject import find_targets
+    from .load import meta_model
 
     cfg = AutoConfig.for_model(model_type, **{k: v for k, v in json.loads(config_json).items() if k != "model_type"})
     try:
-        with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(cfg)
+        model = meta_model(cfg)
     except ValueError as exc:  # no causal-LM class for this model type
         raise ConfigError(f"model_type {model_type!r} has no causal-LM class in transformers ({exc})".splitlines()[0],
                           "model") from None

@@ -40,13 +40,15 @@ from torch import nn
 
 from .adapter import BASE_NAME, AdapterFile, read_adapter
 from .config import QuantConfig
+from .dtypes import dtype_from_name, safetensors_code
 from .errors import CheckpointError, ConfigError, MergeError, MergeOverflowError, VerificationError
 from .fsutil import DiskFullError, RunLock, atomic_directory, refuse_existing, refuse_output_over_inputs
 from .init import needs_weight
 from .inject import find_targets, lora_layers
-from .load import check_tied_head, checkpoint_files, release_free_memory, tensor_catalog, tied_head
-from .rss import PeakRSS
+from .load import (build_skeleton, check_bnb_nf4, check_tied_head, checkpoint_files, release_free_memory,
+                   tensor_catalog, tied_head)
 from .nf4 import NF4Weight
+from .rss import PeakRSS
 from .settings import check_base, quant_for, read_settings
 from .shards import ShardReader, parse_size, read_header
 from .verify import BaseKind, verify_merge
@@ -54,11 +56,6 @@ from .verify import BaseKind, verify_merge
 __all__ = ["merge", "merge_weight", "merge_adapter", "unmerge_adapter", "parse_size", "MergeReport", "MergeError",
            "MergeOverflowError", "VerificationError"]
 
-_OUT_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
-               "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
-_ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-             torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 _QUANT_KEY = re.compile(r"\.weight\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\.bitsandbytes__\w+)$")
 _SIDE_FILES = ("tokenizer*.json", "special_tokens_map.json", "added_tokens.json", "*.model", "chat_template*",
                "generation_config.json", "vocab.json", "vocab.txt", "merges.txt")
@@ -162,13 +159,8 @@ def _cast_checked(name: str, w: torch.Tensor, dtype: torch.dtype, merged: bool) 
 
 def _prequant_shapes(config: dict, catalog: dict, base_dir: Path) -> dict[str, tuple[int, ...]]:
     """For a bnb-4bit checkpoint: the logical shape of each packed weight (from its quant state)."""
-    qc = config.get("quantization_config")
-    if not qc:
+    if check_bnb_nf4(config.get("quantization_config"), f"{base_dir}/config.json") is None:
         return {}
-    if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit") \
-            or qc.get("bnb_4bit_quant_type", "nf4") != "nf4":
-        raise CheckpointError(f"{base_dir}/config.json: quantization_config {qc.get('quant_method')!r} is not "
-                              "bitsandbytes 4-bit NF4; only NF4 (or unquantized) checkpoints can be merged")
     shapes = {}
     for key, (file, _shape, dtype) in catalog.items():
         if dtype == torch.uint8 and key.endswith(".weight"):
@@ -209,18 +201,7 @@ def _validate_adapter(adapter: AdapterFile, catalog: dict, nf4_shapes: dict, con
 def _skeleton_facts(base_dir: Path) -> tuple[set[str], tuple[str, str] | None]:
     """From a meta-device skeleton: the linears load_model stores in NF4 (every nn.Linear but the LM head)
     and the tied (head, embedding) weight keys, as load_model sees them."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(str(base_dir))
-        if getattr(config, "quantization_config", None) is not None:
-            del config.quantization_config
-        with init_empty_weights():
-            skeleton = AutoModelForCausalLM.from_config(config)
-    except (ValueError, OSError) as exc:
-        raise CheckpointError(f"{base_dir}/config.json: transformers cannot build a causal LM from it ({exc})"
-                              ) from None
+    skeleton, _config, _prequant = build_skeleton(base_dir)
     return set(find_targets(skeleton, "all-linear")), tied_head(skeleton)
 
 
@@ -269,7 +250,7 @@ def _plan(base_dir: Path, adapter_dir: Path, dtype: torch.dtype, base: BaseKind,
         offset, header = 0, {"__metadata__": {"format": "pt"}}
         for it in sorted(shard, key=lambda t: -t.dtype.itemsize):  # wider dtypes first keeps every tensor aligned
             it.shard, it.offset = index, offset
-            header[it.name] = {"dtype": _ST_NAMES[it.dtype], "shape": list(it.shape),
+            header[it.name] = {"dtype": safetensors_code(it.dtype), "shape": list(it.shape),
                                "data_offsets": [offset, offset + it.nbytes]}
             offset += it.nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
@@ -419,10 +400,10 @@ def merge(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, dt
     rename), and with verify=True only if its logits match base + adapter (see verify_merge).
     """
     quant, base = _rebuild_settings(base_dir, adapter_dir, quant, base, force)
-    if dtype not in _OUT_DTYPES or base not in ("quantized", "original"):
+    if dtype_from_name(dtype) is None or base not in ("quantized", "original"):
         raise ConfigError(f"dtype={dtype!r} must be 'float16', 'bfloat16' or 'float32' and base={base!r} "
                           "'quantized' or 'original'", "merge options")
-    out_dtype = _OUT_DTYPES[dtype]
+    out_dtype = dtype_from_name(dtype)
     max_bytes = parse_size(max_shard_size)
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
     refuse_output_over_inputs(out_dir, {"base model": base_dir, "adapter": adapter_dir})

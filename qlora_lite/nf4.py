@@ -27,6 +27,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .dtypes import FLOAT_DTYPES, dtype_from_name, dtype_name
+
 __all__ = [
     "NF4_CODE",
     "NESTED_BLOCKSIZE",
@@ -53,8 +55,6 @@ NF4_CODE = torch.tensor(
 _NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the double-quantized absmax
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 Backend = Literal["auto", "bitsandbytes", "torch"]
 
 
@@ -434,7 +434,7 @@ class NF4Weight(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         name = prefix[:-1] or "weight"  # as a layer's `weight`; standalone, named like one
         meta: dict = {"quant_type": "nf4", "blocksize": self.blocksize,
-                      "dtype": _DTYPE_NAMES[self.dtype], "shape": list(self.shape)}
+                      "dtype": dtype_name(self.dtype), "shape": list(self.shape)}
 
         def value(t: torch.Tensor) -> torch.Tensor:
             return t if keep_vars else t.detach()
@@ -501,7 +501,7 @@ class NF4Weight(nn.Module):
         blocksize = meta.get("blocksize")
         if blocksize not in SUPPORTED_BLOCKSIZES:
             problems.append(f"blocksize={blocksize!r} is not one of {SUPPORTED_BLOCKSIZES}")
-        dtype = {v: k for k, v in _DTYPE_NAMES.items()}.get(meta.get("dtype"))
+        dtype = dtype_from_name(meta.get("dtype"))
         if dtype is None:
             problems.append(f"dtype={meta.get('dtype')!r} is not float32/float16/bfloat16")
         shape = meta.get("shape")
@@ -544,7 +544,7 @@ def _validate_weight(weight: torch.Tensor, blocksize: int, name: str) -> None:
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2:
         raise ValueError(f"{name}: NF4 stores 2-D linear weights; got shape {tuple(weight.shape)}")
-    if weight.dtype not in _FLOAT_DTYPES:
+    if weight.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name}: dtype {weight.dtype} cannot be quantized; use float32, float16 or bfloat16")
     if weight.numel() == 0:
         raise ValueError(f"{name}: empty weight of shape {tuple(weight.shape)}")

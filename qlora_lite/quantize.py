@@ -23,7 +23,7 @@ from .config import QuantConfig
 from .errors import CheckpointError
 from .fsutil import atomic_directory, refuse_output_over_inputs
 from .inject import find_targets
-from .load import _build_skeleton, checkpoint_files
+from .load import build_skeleton, checkpoint_files
 from .nf4 import NF4Weight
 from .shards import ShardReader, parse_size
 
@@ -84,7 +84,7 @@ def write_quantized(model_dir: str | Path, out_dir: str | Path, blocksize: int =
     max_bytes = parse_size(max_shard_size)
     refuse_output_over_inputs(out_dir, {"model": model_dir})  # --out X --overwrite true replaced the original
     files = checkpoint_files(model_dir)
-    skeleton, _config, prequant = _build_skeleton(model_dir, torch.bfloat16)
+    skeleton, _config, prequant = build_skeleton(model_dir, torch.bfloat16)
     if prequant is not None:
         raise CheckpointError(f"{model_dir} is already quantized (its config.json has a quantization_config); "
                               "pass the 16/32-bit model")

@@ -17,15 +17,11 @@ from pathlib import Path
 
 import torch
 
+from .dtypes import SAFETENSORS_DTYPES
 from .errors import CheckpointError, ConfigError
 
 __all__ = ["TensorEntry", "read_header", "ShardReader", "read_quant_shape", "parse_size", "size_bytes", "SIZE_UNITS"]
 
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 _MAX_HEADER = 100 * 2**20
 
 
@@ -76,13 +72,13 @@ def read_header(file: str | Path) -> dict[str, TensorEntry]:
             dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
         except (TypeError, KeyError, ValueError):
             raise CheckpointError(f"{file}: corrupt header entry for {name!r}; {fix}") from None
-        if dtype_name not in _DTYPES:
+        if dtype_name not in SAFETENSORS_DTYPES:
             raise CheckpointError(f"{file}: tensor {name!r} has unknown dtype {dtype_name!r}; {fix}")
         if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
             raise CheckpointError(f"{file}: tensor {name!r} has an invalid shape {shape!r}; {fix}")
         if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
             raise CheckpointError(f"{file}: tensor {name!r} has invalid offsets {[begin, end]}; {fix}")
-        dtype = _DTYPES[dtype_name]
+        dtype = SAFETENSORS_DTYPES[dtype_name]
         expected = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         if end - begin != expected:
             raise CheckpointError(f"{file}: tensor {name!r} spans {end - begin} bytes but its shape needs "

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .adapter import load_adapter, read_adapter
+from .dtypes import dtype_from_name
 from .config import QuantConfig
 from .errors import VerificationError
 from .inject import replace_module
@@ -30,7 +31,6 @@ from .settings import check_base, quant_for, read_settings
 __all__ = ["verify_merge", "top1_flips", "DEFAULT_PROMPTS"]
 
 BaseKind = Literal["quantized", "original"]
-_SAVED_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_PROMPTS = (  # ~1000 tokens of fixed English text and code
     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined movable "
     "metal type, oil-based ink and a wooden press adapted from those used to make wine. Books, which had been copied "
@@ -145,7 +145,7 @@ def verify_merge(merged_dir: str | Path, base_dir: str | Path, adapter_dir: str 
     bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if bad:
         raise VerificationError(f"{merged_dir} does not load cleanly in transformers: {bad}")
-    saved_dtype = _SAVED_DTYPES.get(saved, torch.float32)
+    saved_dtype = dtype_from_name(saved) or torch.float32
     limit = max_abs_logit_diff if max_abs_logit_diff is not None else _DEFAULT_MAX_DIFF[saved_dtype]
     tie_margin = tie_margin if tie_margin is not None else _DEFAULT_TIE_MARGIN[saved_dtype]
     reference = _reference_model(base_dir, adapter_dir, quant, base)

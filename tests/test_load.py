@@ -151,11 +151,11 @@ def test_streaming_load_peak_memory_stays_near_one_shard(tmp_path):
         import torch
         torch.set_num_threads(1)
         import transformers, accelerate, safetensors
-        from qlora_lite.load import load_model, _build_skeleton
+        from qlora_lite.load import load_model, build_skeleton
         from qlora_lite.config import QuantConfig, LoraConfig
         from qlora_lite.rss import PeakRSS
         from pathlib import Path
-        _build_skeleton(Path({str(tmp_path)!r}), torch.bfloat16)  # imports the model code before measuring
+        build_skeleton(Path({str(tmp_path)!r}), torch.bfloat16)  # imports the model code before measuring
         with PeakRSS() as rss:
             model, _ = load_model({str(tmp_path)!r}, QuantConfig(backend="torch"), LoraConfig(r=8), device="cpu",
                                   compute_dtype="bfloat16", with_tokenizer=False)

@@ -54,10 +54,10 @@ _PEAK_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     from qlora_lite.nf4 import NF4Weight
     from qlora_lite.quantize import write_quantized
-    from qlora_lite.load import _build_skeleton
+    from qlora_lite.load import build_skeleton
     from qlora_lite.rss import PeakRSS
     from pathlib import Path
-    _build_skeleton(Path(sys.argv[1]), torch.bfloat16)  # imports the model code before measuring
+    build_skeleton(Path(sys.argv[1]), torch.bfloat16)  # imports the model code before measuring
     NF4Weight.from_tensor(torch.randn(256, 256), 64, True, "torch")  # pages in the kernels, like an import
     with PeakRSS() as rss:
         write_quantized(sys.argv[1], sys.argv[2], max_shard_size="4MB")
