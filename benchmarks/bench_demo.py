@@ -7,7 +7,7 @@ several settings side by side in one invocation, so that their ratios share the 
 
 Each run is a separate process (thread pools and caches start cold, as a user's `qlora-lite demo`
 does); the embedded model's one-off conversion is done before the first run and never timed.
-`threads=auto` keeps the demo's own choice (see qlora_lite.demo.pick_threads).
+`threads=auto` keeps the demo's own choice (see qlora_lite.threads.pick_threads).
 
 Usage:
 

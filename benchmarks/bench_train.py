@@ -20,7 +20,7 @@
     --memory-cap-gib 24: torch.cuda.set_per_process_memory_fraction, a consumer card emulated; a row that
     runs out of memory is recorded as such and the next row goes on
     per row and side: median step time, tokens/s, peak memory (CUDA: allocated and reserved during the steps;
-    CPU: peak RSS sampled every 5 ms by a psutil thread), load + quantize time, first/last loss;
+    CPU: the kernel's exact peak RSS, qlora_lite.rss.PeakRSS), load + quantize time, first/last loss;
     ratios ours/peer; the physical bound 6·N FLOPs per token (N = parameters in matmuls: every linear
     and the LM head, not the embedding lookup; attention-score FLOPs are left out) at the device's
     peak (bf16 table for GPUs; a measured fp32 matmul on CPU, the dtype the CPU runs compute in);
@@ -48,13 +48,14 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 from _checkpoint import write_sharded  # benchmarks/ is on sys.path when run as a script
 from _env import device_name, versions
+
+from qlora_lite.rss import PeakRSS
 
 SHAPES: dict[str, dict] = {
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
@@ -133,58 +134,6 @@ def build_checkpoint(shape: str, directory: Path, seed: int = 0, log=print, draw
 
 
 # ---- one side, in its own process ------------------------------------------------------------------
-
-class PeakRss:
-    """Samples this process's RSS every `interval` seconds in a daemon thread; `reset()` ends a window.
-
-    Next to the sampled peak, `reset()` also reads the kernel's exact high-water mark (VmHWM, reset
-    through /proc/self/clear_refs on Linux) as a cross-check: a sampler can miss a peak shorter than
-    its interval.
-    """
-
-    def __init__(self, interval: float = 0.005):
-        import psutil
-
-        self._process = psutil.Process()
-        self.peak = self._process.memory_info().rss
-        self._hwm = self._reset_hwm()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def _reset_hwm() -> bool:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            return True
-        except OSError:
-            return False
-
-    def _read_hwm(self) -> int | None:
-        if not self._hwm:
-            return None
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        return None
-
-    def _run(self, interval: float) -> None:
-        while not self._stop.wait(interval):
-            self.peak = max(self.peak, self._process.memory_info().rss)
-
-    def now(self) -> int:
-        return self._process.memory_info().rss
-
-    def reset(self) -> tuple[int, int | None]:
-        """(sampled peak, kernel high-water mark) of the window that ends now; a new window starts."""
-        peak, hwm = max(self.peak, self.now()), self._read_hwm()
-        self.peak, self._hwm = self.now(), self._reset_hwm()
-        return peak, hwm
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -289,18 +238,16 @@ def run_side(opts) -> dict:
             torch.cuda.set_per_process_memory_fraction(min(1.0, opts.memory_cap_gib * GiB / total), index)
             gpu["memory_cap_bytes"] = int(opts.memory_cap_gib * GiB)
     torch.manual_seed(opts.seed)
-    rss = PeakRss()
-    baseline_rss = rss.now()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     loader = _load_ours if opts.side == "ours" else _load_peer
-    model, trainable, optimizer, factor, autocast = loader(Path(opts.cache), opts, device, compute)
-    _sync(device)
-    load_s = time.perf_counter() - t0
-    load_peak, load_hwm = rss.reset()
-    out = {"side": opts.side, "load_s": load_s, "baseline_rss_bytes": baseline_rss, "load_peak_rss_bytes": load_peak,
-           "load_peak_rss_hwm_bytes": load_hwm,
+    with PeakRSS() as rss:
+        model, trainable, optimizer, factor, autocast = loader(Path(opts.cache), opts, device, compute)
+        _sync(device)
+    load_s, load_peak = time.perf_counter() - t0, rss.peak
+    out = {"side": opts.side, "load_s": load_s, "baseline_rss_bytes": rss.baseline, "load_peak_rss_bytes": load_peak,
+           "peak_rss_exact": rss.exact,
            "trainable_params": sum(p.numel() for p in trainable), "threads": torch.get_num_threads(), **gpu}
     if device.type == "cuda":
         out.update(load_peak_allocated_bytes=torch.cuda.max_memory_allocated(device),
@@ -325,8 +272,7 @@ def run_side(opts) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    out["rows"] = [_run_row(step, seq, batch, vocab, opts, device, rss) for seq, batch in opts.rows]
-    rss.stop()
+    out["rows"] = [_run_row(step, seq, batch, vocab, opts, device) for seq, batch in opts.rows]
     if opts.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -341,27 +287,27 @@ def run_side(opts) -> dict:
     return out
 
 
-def _run_row(step, seq: int, batch: int, vocab: int, opts, device: torch.device, rss: PeakRss) -> dict:
+def _run_row(step, seq: int, batch: int, vocab: int, opts, device: torch.device) -> dict:
     """warmup + steps at (seq, batch); peaks are this row's alone. Running out of memory is a result."""
     data = torch.randint(0, vocab, (opts.warmup + opts.steps, batch, seq),
                          generator=torch.Generator().manual_seed(opts.seed))
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    rss.reset()
     row: dict = {"seq": seq, "batch": batch}
     times, losses = [], []
-    try:
-        for i in range(opts.warmup + opts.steps):
-            _sync(device)
-            t = time.perf_counter()
-            losses.append(step(data[i]))
-            _sync(device)
-            times.append(time.perf_counter() - t)
-    except torch.OutOfMemoryError as exc:
-        row.update(oom=True, oom_message=str(exc).splitlines()[0][:300], steps_done=len(times))
-    peak, hwm = rss.reset()
-    row.update(peak_rss_bytes=peak, peak_rss_hwm_bytes=hwm, losses=losses, warmup_times_s=times[:opts.warmup])
+    with PeakRSS() as rss:
+        try:
+            for i in range(opts.warmup + opts.steps):
+                _sync(device)
+                t = time.perf_counter()
+                losses.append(step(data[i]))
+                _sync(device)
+                times.append(time.perf_counter() - t)
+        except torch.OutOfMemoryError as exc:
+            row.update(oom=True, oom_message=str(exc).splitlines()[0][:300], steps_done=len(times))
+    peak = rss.peak
+    row.update(peak_rss_bytes=peak, losses=losses, warmup_times_s=times[:opts.warmup])
     if device.type == "cuda":
         row.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(device),
                    peak_reserved_bytes=torch.cuda.max_memory_reserved(device))
@@ -475,7 +421,7 @@ def report(summary: dict) -> str:
     cuda = summary["device_type"] == "cuda"
     mem_label = "peak alloc" if cuda else "peak RSS"
     header = f"{'row':<10}{'side':<6}{'step s':>9}{'tokens/s':>11}{mem_label:>13}"
-    header += f"{'reserved':>12}" if cuda else f"{'VmHWM':>12}"
+    header += f"{'reserved':>12}" if cuda else ""
     header += f"{'predicted':>12}{'pred/meas':>10}{'loss first→last':>20}{'of bound':>10}"
     lines += [header]
     for row in summary["rows"]:
@@ -490,7 +436,7 @@ def report(summary: dict) -> str:
                              f"(peak {_fmt_bytes(r['peak_bytes'])}, predicted {_fmt_bytes(pred)})")
                 continue
             text = f"{label:<10}{side:<6}{r['step_s']:>9.3f}{r['tokens_per_s']:>11.1f}{_fmt_bytes(r['peak_bytes']):>13}"
-            text += f"{_fmt_bytes(r.get('peak_reserved_bytes')):>12}" if cuda else f"{_fmt_bytes(r.get('peak_rss_hwm_bytes')):>12}"
+            text += f"{_fmt_bytes(r.get('peak_reserved_bytes')):>12}" if cuda else ""
             ratio = f"{pred / r['peak_bytes']:.3f}" if pred and cuda else "-"
             text += f"{_fmt_bytes(pred):>12}{ratio:>10}"
             text += f"{r['losses'][0]:>11.4f}→{r['losses'][-1]:<8.4f}{100 * r['bound_fraction']:>9.2f}%"

@@ -176,10 +176,16 @@ def generate(prompt: str, model: str | None = None, adapter: str | None = None, 
 
 
 def _train(cfg) -> None:
+    import torch
     import torch.distributed as dist
 
+    from .threads import pick_threads
     from .train import train
 
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        # a step is hundreds of small ops ending at OpenMP barriers: no more threads than idle cores
+        torch.set_num_threads(pick_threads(max_threads=max(1, (os.cpu_count() or 1)
+                                                           // int(os.environ.get("WORLD_SIZE", "1")))))
     result = train(cfg)
     if dist.is_available() and dist.is_initialized():
         # the process is ours: leave the group together, so no rank's gloo/nccl threads see a peer vanish

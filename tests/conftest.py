@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_lite.demo import pick_threads
+from qlora_lite.threads import pick_threads
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(pick_threads(max_threads=2))  # 1 on a busy machine: see pick_threads

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from qlora_lite import demo
-from qlora_lite.demo import pick_threads
+from qlora_lite import threads
+from qlora_lite.threads import pick_threads
 
 
 def test_demo_writes_adapter_merged_checkpoint_plots_and_summary(demo_run):
@@ -76,10 +77,30 @@ def test_pick_threads_reads_the_load_average_and_respects_omp_num_threads(monkey
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)))
     monkeypatch.setattr(os, "getloadavg", lambda: (5.2, 1.0, 1.0))
-    monkeypatch.setattr(demo, "_other_runnable_processes", lambda: 9)
+    monkeypatch.setattr(threads, "_other_runnable_processes", lambda: 9)
     assert pick_threads() == 3
-    monkeypatch.setattr(demo, "_other_runnable_processes", lambda: 2)
+    monkeypatch.setattr(threads, "_other_runnable_processes", lambda: 2)
     assert pick_threads() == 6
     monkeypatch.setenv("OMP_NUM_THREADS", "6")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
     assert pick_threads() == 6
+
+
+def test_cli_train_on_cpu_uses_the_idle_cores_only(monkeypatch, tmp_path):
+    """`qlora-lite train` on a CPU sets torch's threads from pick_threads (here: a busy machine -> 1 thread)."""
+    import types
+
+    from qlora_lite import cli, train as train_module
+
+    seen = {}
+    monkeypatch.setattr(threads, "pick_threads", lambda max_threads=None: 1)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.setdefault("threads", n))
+
+    def fake_train(cfg):
+        seen["trained"] = cfg.max_steps
+        return types.SimpleNamespace(interrupted=False, steps=1, adapter_dir=tmp_path, losses=[1.0])
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    cli.main(["train", "--model", "embedded", "--data", "embedded", "--out_dir", str(tmp_path / "run"),
+              "--max_steps", "1", "--device", "cpu"])
+    assert seen == {"threads": 1, "trained": 1}
