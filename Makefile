@@ -23,8 +23,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/qlora-lite demo $(ARGS)
 
+# two workers (pytest-xdist): the tests that start processes overlap their imports and waits
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(ARGS)
 
 # GPU verification (docs/gpu.md): wheels for the offline GPU machine, then one command there.
 gpu-wheels: scripts/gpu_wheels.txt

@@ -28,7 +28,8 @@ import torch
 from .adapter import AdapterFile, read_adapter
 from .config import QuantConfig
 from .errors import CheckpointError
-from .load import checkpoint_files
+from .inject import find_targets
+from .load import build_skeleton, checkpoint_files
 from .nf4 import NF4Weight, nf4_nbytes
 from .settings import check_base, quant_for, read_settings
 from .shards import ShardReader, read_quant_shape
@@ -41,7 +42,6 @@ __all__ = [
     "ModuleStats", "Report", "analyze", "headline", "analyze_command",
 ]
 
-_HEADS = {"lm_head", "embed_tokens", "wte", "wpe", "embed_out", "word_embeddings", "embed_positions", "shared"}
 _ADAM_BYTES = 8  # fp32 first + second moment per trainable parameter
 _KIND_RANK = {k: i for i, k in enumerate(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))}
 
@@ -65,10 +65,11 @@ def _base_shapes(base_dir: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _is_linear(name: str, shape: tuple[int, ...]) -> bool:
-    """A weight QLoRA stores in NF4: 2-D `.weight` of anything but embeddings and the LM head."""
-    module = name[: -len(".weight")] if name.endswith(".weight") else ""
-    return bool(module) and len(shape) == 2 and module.rsplit(".", 1)[-1] not in _HEADS
+def _nf4_linears(base_dir: Path) -> set[str]:
+    """The weights load_model stores in NF4 (every nn.Linear but the LM head), from the model's meta skeleton:
+    the one rule inject and merge apply, not a guess from tensor names."""
+    skeleton, _config, _prequant = build_skeleton(base_dir)
+    return {f"{name}.weight" for name in find_targets(skeleton, "all-linear")}
 
 
 @dataclass
@@ -114,7 +115,8 @@ def account(adapter_dir_or_file: str | Path | AdapterFile, base_dir: str | Path 
     if base_dir is not None:
         shapes = _base_shapes(Path(base_dir))
         total = sum(math.prod(s) for s in shapes.values())
-        linear = [math.prod(s) for n, s in shapes.items() if _is_linear(n, s)]
+        nf4 = _nf4_linears(Path(base_dir))
+        linear = [math.prod(s) for n, s in shapes.items() if n in nf4]
         acc.total_params, acc.linear_params = total, sum(linear)
         acc.trainable_ratio = trainable / total if total else None
         acc.full_16bit_bytes = 2 * total

@@ -33,7 +33,7 @@ EXAMPLES = {
 }
 
 
-def demo(out: str | None = None, steps: int = 30, seq_len: int = 128, batch_size: int = 4,
+def demo(out: str | None = None, steps: int = 20, seq_len: int = 128, batch_size: int = 4,
          learning_rate: float = 1e-3, rank: int = 16) -> None:
     """Fine-tune the embedded SmolLM2-135M in 4-bit, merge to fp16, and report (writes into --out)."""
     from .demo import run_demo

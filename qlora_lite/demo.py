@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import LoraConfig, QuantConfig, TrainConfig
-from .generate import answer
+from .generate import answers
 from .inject import count_parameters
 from .load import load_model
 from .threads import pick_threads
@@ -87,7 +87,7 @@ def _loss_plot(metrics_file: Path, path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(out: str | None = None, steps: int = 30, seq_len: int = 128, batch_size: int = 4,
+def run_demo(out: str | None = None, steps: int = 20, seq_len: int = 128, batch_size: int = 4,
              learning_rate: float = 1e-3, rank: int = 16, max_new_tokens: int = 20, progress: bool = True,
              eval_every: int | None = None, threads: int | None = None) -> DemoResult:
     """Fine-tune the embedded model in 4-bit, merge and export fp16, and report; returns where it wrote.
@@ -112,7 +112,10 @@ def run_demo(out: str | None = None, steps: int = 30, seq_len: int = 128, batch_
                       batch_size=batch_size, max_steps=steps, learning_rate=learning_rate,
                       warmup_steps=max(1, steps // 10), eval_fraction=0.05,
                       eval_every=eval_every or max(1, steps // 2), save_every=steps, progress=progress,
-                      device="cpu" if not torch.cuda.is_available() else "auto", quant=quant, lora=lora)
+                      device="cpu" if not torch.cuda.is_available() else "auto", quant=quant, lora=lora,
+                      # recomputing each block saves memory this 0.4 GiB run does not need, and costs a CPU a
+                      # third more compute per step (docs/benchmarks.md, "Demo and test time")
+                      gradient_checkpointing=torch.cuda.is_available())
 
     say(f"[1/5] loading {model_dir.name} with every linear in NF4 and LoRA r={rank} on all of them "
         f"({torch.get_num_threads()} CPU threads)")
@@ -120,7 +123,7 @@ def run_demo(out: str | None = None, steps: int = 30, seq_len: int = 128, batch_
     load_s = clock.lap("load (NF4 quantize + LoRA)")
     params = count_parameters(model)
     say(f"      {params} (loaded in {load_s:.1f} s)")
-    before = {q: answer(model, tokenizer, q, max_new_tokens) for q in DEMO_QUESTIONS}
+    before = dict(zip(DEMO_QUESTIONS, answers(model, tokenizer, DEMO_QUESTIONS, max_new_tokens)))
     clock.lap(f"answers before ({len(DEMO_QUESTIONS)} × {max_new_tokens} tokens)")
 
     say(f"[2/5] training {steps} steps on the shipped Captain Quill chat set")
@@ -131,7 +134,7 @@ def run_demo(out: str | None = None, steps: int = 30, seq_len: int = 128, batch_
     del clock.seconds["train"]
     clock.seconds[f"training steps ({steps})"] = step_s
     clock.seconds[f"held-out evaluation ({len(result.eval_losses)}×), data, checkpoint"] = train_s - step_s
-    after = {q: answer(model, tokenizer, q, max_new_tokens) for q in DEMO_QUESTIONS}
+    after = dict(zip(DEMO_QUESTIONS, answers(model, tokenizer, DEMO_QUESTIONS, max_new_tokens)))
     clock.lap(f"answers after ({len(DEMO_QUESTIONS)} × {max_new_tokens} tokens)")
 
     say("[3/5] merging the adapter into an fp16 checkpoint (dequantize + s·B·A in fp32) and verifying it")

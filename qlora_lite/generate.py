@@ -9,7 +9,7 @@ import torch
 from .data import render_chat
 from .errors import ConfigError
 
-__all__ = ["answer", "check_temperature"]
+__all__ = ["answer", "answers", "check_temperature"]
 
 
 def check_temperature(temperature: float) -> None:
@@ -19,19 +19,31 @@ def check_temperature(temperature: float) -> None:
                           "generate options")
 
 
-@torch.no_grad()
 def answer(model, tokenizer, question: str, max_new_tokens: int = 48, temperature: float = 0.0,
            seed: int = 0) -> str:
-    """One assistant turn for `question`; temperature 0 is greedy (reproducible).
+    """One assistant turn for `question`; temperature 0 is greedy (reproducible). See `answers`."""
+    return answers(model, tokenizer, [question], max_new_tokens, temperature, seed)[0]
+
+
+@torch.no_grad()
+def answers(model, tokenizer, questions: list[str] | tuple[str, ...], max_new_tokens: int = 48,
+            temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """One assistant turn for each of `questions`, generated together as one left-padded batch (one decode
+    step per new token for all of them); temperature 0 is greedy.
 
     Sampling draws from a stream seeded with `seed` inside `torch.random.fork_rng`, so the caller's
     global random state is the same afterwards (transformers' sampler draws from the global generator
     and takes no torch.Generator of its own).
     """
     check_temperature(temperature)
-    prompt = render_chat(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True)
+    prompts = [render_chat(tokenizer, [{"role": "user", "content": q}], add_generation_prompt=True)
+               for q in questions]
     device = next(model.parameters()).device
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"  # new tokens follow every prompt
+    try:
+        inputs = tokenizer(prompts, return_tensors="pt", add_special_tokens=False, padding=True).to(device)
+    finally:
+        tokenizer.padding_side = padding_side
     was_training = model.training
     model.eval()
     sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
@@ -40,4 +52,5 @@ def answer(model, tokenizer, question: str, max_new_tokens: int = 48, temperatur
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                 use_cache=True, **sampling)
     model.train(was_training)
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    new = output[:, inputs["input_ids"].shape[1]:]
+    return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]

@@ -13,11 +13,26 @@ import torch
 from qlora_lite.threads import pick_threads
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(pick_threads(max_threads=2))  # 1 on a busy machine: see pick_threads
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # `pytest -n N` (make test: 2)
+if _WORKERS > 1 and not os.environ.get("OMP_NUM_THREADS"):
+    # the workers share the cores: one share each, also in the processes the tests start (they inherit it),
+    # since a thread that waits for a core makes every op's OpenMP barrier wait (see pick_threads)
+    _SHARE = max(1, len(os.sched_getaffinity(0)) // _WORKERS)
+    os.environ["OMP_NUM_THREADS"] = str(_SHARE)
+    torch.set_num_threads(_SHARE)
+else:
+    torch.set_num_threads(pick_threads(max_threads=2))  # 1 on a busy machine: see pick_threads
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        # under `pytest -n 2 --dist loadgroup`: the demo runs once, in the worker that runs every test
+        # that reads it; launchers (torchrun's default port) never run side by side
+        if "demo_run" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("demo"))
+        elif item.path.name == "test_distributed.py":
+            item.add_marker(pytest.mark.xdist_group("launchers"))
     if torch.cuda.is_available():
         return
     # scripts/gpu_check.sh --cpu-smoke runs the device-generic GPU tests (tests/test_gpu.py) on the CPU.

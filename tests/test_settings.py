@@ -130,6 +130,19 @@ def test_generate_leaves_the_global_random_state_alone(tiny_model_dir):
         answer(model, tokenizer, "x", temperature=-1)
 
 
+def test_batched_answers_equal_one_question_at_a_time(tiny_model_dir):
+    """The demo asks its questions as one left-padded batch; greedy answers must not depend on it."""
+    from qlora_lite.generate import answer, answers
+    from qlora_lite.load import load_model
+
+    model, tokenizer = load_model(tiny_model_dir, QuantConfig(backend="torch"), None, device="cpu")
+    questions = ["What is the code word number 1?", "Hi", "Tell me, please, the code word number twelve."]
+    assert len({len(tokenizer(q)["input_ids"]) for q in questions}) == 3  # the batch needs padding
+    batched = answers(model, tokenizer, questions, max_new_tokens=6)
+    assert batched == [answer(model, tokenizer, q, max_new_tokens=6) for q in questions]
+    assert tokenizer.padding_side == "right"  # restored
+
+
 def test_a_settings_file_that_is_not_json_is_a_clear_error(run, tmp_path):
     broken = tmp_path / "adapter"
     shutil.copytree(run.adapter_dir, broken)
