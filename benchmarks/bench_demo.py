@@ -1,8 +1,10 @@
 """The demo's time per phase (load, answers, training steps, evaluation, merge, verify, report), for
 several settings side by side in one invocation, so that their ratios share the machine's load.
 
-    for each --run "threads=N,eval_every=K,max_new_tokens=T,steps=S" (any subset):
+    for each --run "threads=N,eval_every=K,max_new_tokens=T,steps=S,src=DIR" (any subset):
         a fresh process: torch.set_num_threads(N) ──► qlora_lite.demo.run_demo(**rest) ──► phase seconds
+        (src: the qlora_lite of another checkout, e.g. `git worktree add /tmp/before <commit>`, so an old and
+        a new demo are timed side by side under the same load)
     ──► one table: phases × runs, with each run's load average before and after
 
 Each run is a separate process (thread pools and caches start cold, as a user's `qlora-lite demo`
@@ -13,6 +15,7 @@ Usage:
 
     python benchmarks/bench_demo.py                                   # the demo's defaults
     python benchmarks/bench_demo.py --run "threads=2,eval_every=10" "threads=1" "threads=2" --json
+    python benchmarks/bench_demo.py --run "src=/tmp/before" "threads=auto"      # before vs after a change
 """
 
 from __future__ import annotations
@@ -42,15 +45,16 @@ def parse_run(spec: str) -> dict:
     out: dict = {}
     for item in filter(None, spec.split(",")):
         key, _, value = item.partition("=")
-        out[key.strip()] = value.strip() if key.strip() == "threads" and value.strip() == "auto" else int(value)
+        key, value = key.strip(), value.strip()
+        out[key] = value if (key == "threads" and value == "auto") or key == "src" else int(value)
     return out
 
 
 def run_one(kwargs: dict, out_root: Path, index: int) -> dict:
     load_before = [round(x, 2) for x in os.getloadavg()]
-    child_kwargs = {**kwargs, "out": str(out_root / f"run{index}")}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
+    child_kwargs = {k: v for k, v in kwargs.items() if k != "src"} | {"out": str(out_root / f"run{index}")}
+    src = kwargs.get("src", str(Path(__file__).resolve().parents[1]))  # another checkout: its demo, same load
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(child_kwargs)], capture_output=True, text=True,
                           env=env)
     if proc.returncode != 0:

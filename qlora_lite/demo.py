@@ -146,7 +146,8 @@ def run_demo(out: str | None = None, steps: int = 20, seq_len: int = 128, batch_
 
     say("[4/5] memory: predicted vs measured")
     estimate = estimate_memory(model_dir, seq_len=seq_len, batch_size=batch_size, lora=lora, quant=quant,
-                               optimizer="adamw", compute_dtype="float32", device="cpu")
+                               optimizer="adamw", compute_dtype="float32", device="cpu",
+                               gradient_checkpointing=cfg.gradient_checkpointing)
     measured = result.memory.get("first_step", {}).get("peak_rss_bytes", 0)
     plot_estimate(estimate, out_dir / "memory.png")
     _loss_plot(out_dir / "metrics.jsonl", out_dir / "loss_curve.png")
