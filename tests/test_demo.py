@@ -49,7 +49,7 @@ def test_demo_merged_checkpoint_loads_in_transformers(demo_run):
 def test_demo_summary_times_every_phase(demo_run):
     out, _ = demo_run
     table = (out / "summary.md").read_text().split("## Time")[1]
-    for phase in ("load", "answers before", "training steps (30)", "held-out evaluation", "answers after",
+    for phase in ("load", "answers before", "training steps (20)", "held-out evaluation", "answers after",
                   "| merge |", "verify", "report", "| total |"):
         assert phase in table
     seconds = [float(row.split("|")[2]) for row in table.splitlines() if row.startswith("| ") and "phase" not in row]
