@@ -25,7 +25,7 @@ demo: $(STAMP)
 
 # two workers (pytest-xdist): the tests that start processes overlap their imports and waits
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup $(ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15 $(ARGS)
 
 # GPU verification (docs/gpu.md): wheels for the offline GPU machine, then one command there.
 gpu-wheels: scripts/gpu_wheels.txt
