@@ -23,6 +23,8 @@ if _WORKERS > 1 and not os.environ.get("OMP_NUM_THREADS"):
 else:
     torch.set_num_threads(pick_threads(max_threads=2))  # 1 on a busy machine: see pick_threads
 ROOT = Path(__file__).resolve().parents[1]
+# A guard against a hung process (a deadlocked launcher), never a speed limit: a busy machine is slower, not wrong.
+HANG_S = 3600
 
 
 def pytest_collection_modifyitems(config, items):

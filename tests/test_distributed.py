@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from qlora_lite.adapter import read_adapter
+from conftest import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def _cli(args, cwd, nproc=None, launcher=None):
     prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc else [sys.executable]
     prefix = launcher or prefix
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([*prefix, "-m", "qlora_lite.cli", *args], capture_output=True, text=True, timeout=900,
+    out = subprocess.run([*prefix, "-m", "qlora_lite.cli", *args], capture_output=True, text=True, timeout=HANG_S,
                          cwd=cwd, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
@@ -131,7 +132,7 @@ def test_fsdp_resume_continues_exactly(run_yaml):
     _assert_same_adapter(resumed, done, atol=0.0, rtol=0.0)
     out = subprocess.run([sys.executable, "-m", "qlora_lite.cli", "train", "--config", str(run_yaml / "run.yaml"),
                           "--out_dir", str(resumed), "--resume", "--max_steps", "6"], capture_output=True, text=True,
-                         cwd=run_yaml, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+                         cwd=run_yaml, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=HANG_S)
     assert out.returncode == 2 and "written with fsdp=true and this run has fsdp=false" in out.stderr
 
 
@@ -166,7 +167,7 @@ def test_a_checkpoint_error_on_rank_0_stops_every_process_with_the_message(run_y
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
                           "qlora_lite.cli", "train", "--config", str(run_yaml / "run.yaml"), "--model", str(broken),
                           "--out_dir", str(run_yaml / "broken"), "--fsdp"], capture_output=True, text=True,
-                         timeout=300, cwd=run_yaml, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         timeout=HANG_S, cwd=run_yaml, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode != 0
     assert out.stderr.count("the weights do not belong to this config") == 2, out.stderr[-3000:]  # both ranks say it
 
@@ -292,12 +293,12 @@ def test_interrupting_the_launcher_checkpoints_every_process_at_the_same_step(ru
     with open(log, "w") as handle:  # a file, not a pipe: a full pipe would block the workers
         proc = subprocess.Popen(argv, cwd=run_yaml, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                 stdout=subprocess.DEVNULL, stderr=handle)
-    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 300
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + HANG_S
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=120)
+    proc.wait(timeout=HANG_S)
     stderr = log.read_text()
     ckpt = latest_checkpoint(out)
     assert ckpt is not None, stderr[-3000:]

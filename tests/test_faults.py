@@ -20,7 +20,7 @@ from qlora_lite.errors import CheckpointError, ConfigError, DataError
 from qlora_lite.fsutil import DiskFullError, OutputExistsError, atomic_directory
 from qlora_lite.nf4 import NF4_CODE, NF4Weight
 from qlora_lite.shards import read_header
-from conftest import tiny_llama_config
+from conftest import HANG_S, tiny_llama_config
 
 # ---- configuration: every problem at once, before any weight is loaded ------------------------
 
@@ -260,7 +260,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_pat
     line = proc.stdout.readline()
     assert "WRITING" in line, proc.stderr.read()[-2000:]
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    proc.wait(timeout=HANG_S)
     from qlora_lite.adapter import read_adapter
     from qlora_lite.train import latest_checkpoint
 

@@ -15,7 +15,7 @@ from qlora_lite.errors import CheckpointError, ConfigError
 from qlora_lite.inject import lora_layers
 from qlora_lite.load import load_model
 from qlora_lite.nf4 import NF4Weight
-from conftest import TINY
+from conftest import HANG_S, TINY
 
 TINY_ARCHS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
@@ -162,7 +162,7 @@ def test_streaming_load_peak_memory_stays_near_one_shard(tmp_path):
         assert rss.exact, "the kernel's peak RSS (VmHWM) could not be read"
         print(rss.peak - rss.baseline)
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=HANG_S)
     assert out.returncode == 0, out.stderr[-2000:]
     growth = int(out.stdout.strip().splitlines()[-1])
     print(f"checkpoint {total / 1e6:.0f} MB, largest shard {largest / 1e6:.0f} MB, RSS growth {growth / 1e6:.0f} MB")

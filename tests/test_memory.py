@@ -31,7 +31,7 @@ from qlora_lite.memory_arch import model_shape as _arch
 from qlora_lite.loss import install_chunked_loss
 from qlora_lite.monitor import MemoryMonitor, compare, preflight
 from qlora_lite.train import enable_checkpointing
-from conftest import tiny_llama_config
+from conftest import HANG_S, tiny_llama_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -191,7 +191,7 @@ def test_host_rss_growth_of_a_step_matches_the_estimate():
     spec.loader.exec_module(memory_table)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     run = subprocess.run([sys.executable, "-c", memory_table.CPU_STEP, "4", "256"], capture_output=True, text=True,
-                         env=env, timeout=120)
+                         env=env, timeout=HANG_S)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     ratio = result["growth"] / result["predicted"]

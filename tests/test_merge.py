@@ -38,7 +38,7 @@ from qlora_lite.merge import (MergeError, MergeOverflowError, VerificationError,
                               unmerge_adapter)
 from qlora_lite.verify import top1_flips, verify_merge
 from qlora_lite.nf4 import NF4Weight
-from conftest import tiny_llama_config
+from conftest import HANG_S, tiny_llama_config
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -506,7 +506,7 @@ def test_peak_rss_of_streaming_merge_stays_near_one_shard(tmp_path):
                                                              "target_modules": ["q_proj", "v_proj", "down_proj"]}))
 
     run = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(base), str(adapter), str(tmp_path / "out")],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=HANG_S)
     assert run.returncode == 0, run.stderr[-3000:]
     stats = json.loads(run.stdout.strip().splitlines()[-1])
     growth = stats["peak"] - stats["baseline"]

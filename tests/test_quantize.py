@@ -10,7 +10,7 @@ import textwrap
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import write_tiny_model
+from conftest import HANG_S, write_tiny_model
 from qlora_lite.config import LoraConfig, QuantConfig
 from qlora_lite.inject import lora_layers
 from qlora_lite.load import checkpoint_files, load_model
@@ -97,7 +97,7 @@ def test_peak_memory_stays_near_one_output_shard(tmp_path):
     largest_input = max(f.stat().st_size for f in base.glob("*.safetensors"))
 
     run = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(base), str(tmp_path / "out")],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=HANG_S)
     assert run.returncode == 0, run.stderr[-3000:]
     stats = json.loads(run.stdout.strip().splitlines()[-1])
     outputs = list((tmp_path / "out").glob("*.safetensors"))

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HANG_S
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -37,7 +38,7 @@ def test_marked_readme_blocks_run(block):
         argv = shlex.split(line)
         assert argv[0] == "qlora-lite"
         out = subprocess.run([sys.executable, "-m", "qlora_lite.cli", *argv[1:]], capture_output=True, text=True,
-                             timeout=300, cwd=ROOT)
+                             timeout=HANG_S, cwd=ROOT)
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.strip()
 

@@ -18,6 +18,7 @@ from qlora_lite.errors import TrainingError
 from qlora_lite.inject import count_parameters, lora_layers
 from qlora_lite.load import load_model
 from qlora_lite.train import TrainingRun, latest_checkpoint, train
+from conftest import HANG_S
 
 
 def _cfg(model_dir, data, out, **kw):
@@ -143,11 +144,11 @@ def test_sigint_writes_a_checkpoint_and_resume_finishes(tiny_model_dir, memorize
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
     metrics = out / "metrics.jsonl"
-    deadline = time.time() + 180
+    deadline = time.time() + HANG_S
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 130, err[-2000:]
     ckpt = latest_checkpoint(out)
     assert ckpt is not None and "checkpoint saved" in err
