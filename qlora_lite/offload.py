@@ -1,4 +1,5 @@
-"""Long context: checkpointed block inputs in pinned host memory, and the MLP over sequence chunks.
+"""Host memory doing what the card cannot: checkpointed block inputs and the NF4 base in pinned host
+memory, and the MLP over sequence chunks.
 
 With per-block checkpointing (train.enable_checkpointing) the activations a step keeps are the L block
 inputs (batch·seq·hidden each), plus one block's recompute in backward. At 128k tokens the first is
@@ -22,6 +23,10 @@ no use with checkpointing), copies synchronously and does not prefetch; torchtun
 also offloads the final norm's and the loss's saved tensors, which backward needs at once. Here only
 what the checkpoints save moves. On CPU "host memory" is the same memory: the option makes a host
 copy (so the round trip runs and is tested) and transfers nothing.
+
+Big models, `offload_base` (BaseOffloader): every decoder layer's NF4 tensors in one page-locked host
+buffer, copied to the GPU before the layer's forward and again before its backward recompute, one layer
+ahead on a side stream, released after use; why hooks and not FSDP2's CPUOffloadPolicy: docs/design.md.
 """
 
 from __future__ import annotations
@@ -177,20 +182,29 @@ def install_tiled_mlp(model: nn.Module, chunk_tokens: int) -> int:
 class _LayerBase:
     """One decoder layer's NF4 tensors: where they are registered, their host copy, their device copy."""
 
-    slots: list[tuple[nn.Module, str, bool]]  # (NF4Weight, registered name, is a parameter), widest dtype first
+    slots: list[tuple[nn.Module, str, bool]]  # (NF4Weight, registered name, is a parameter), in `_layout` order
     host: torch.Tensor  # one flat uint8 buffer on the host (pinned under CUDA) the slots are views of
     host_views: list[torch.Tensor]
     on_device: torch.Tensor | None = None  # the flat device copy while fetched
     ready: torch.cuda.Event | None = field(default=None, repr=False)
 
 
-def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """`like`'s shapes and dtypes as consecutive views of the flat uint8 `flat` (no padding: widest first)."""
-    views, start = [], 0
+def _layout(like: list[torch.Tensor]) -> tuple[list[int], int]:
+    """Byte offsets of `like` packed one after another in one buffer, each aligned to its element size,
+    and the buffer's size. The caller orders them so that real shapes need no padding (the packed codes
+    first: their starts stay 16-byte aligned for the dequantize kernels' vector loads)."""
+    offsets, end = [], 0
     for tensor in like:
-        views.append(flat[start:start + tensor.nbytes].view(tensor.dtype).view(tensor.shape))
-        start += tensor.nbytes
-    return views
+        end = -(-end // tensor.element_size()) * tensor.element_size()
+        offsets.append(end)
+        end += tensor.nbytes
+    return offsets, end
+
+
+def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`like`'s shapes and dtypes as views of the flat uint8 `flat`, laid out by `_layout`."""
+    offsets, _ = _layout(like)
+    return [flat[start:start + t.nbytes].view(t.dtype).view(t.shape) for start, t in zip(offsets, like)]
 
 
 def _pin(flat: torch.Tensor) -> None:
@@ -238,9 +252,9 @@ class BaseOffloader:
                 module.cache_absmax = False  # a cache would keep the device copy alive past its release
                 slots += [(module, name, True) for name, p in module.named_parameters(recurse=False) if p is not None]
                 slots += [(module, name, False) for name, b in module.named_buffers(recurse=False) if b is not None]
-        slots.sort(key=lambda slot: -self._get(slot).element_size())
+        slots.sort(key=lambda slot: (slot[1] != "packed", -self._get(slot).element_size()))
         tensors = [self._get(slot).detach() for slot in slots]
-        host = torch.empty(sum(t.nbytes for t in tensors), dtype=torch.uint8)
+        host = torch.empty(_layout(tensors)[1], dtype=torch.uint8)
         if self.device.type == "cuda" and host.nbytes:
             _pin(host)
         host_views = _views(host, tensors)
