@@ -24,15 +24,8 @@
     `recipe="peft"` predicts the peer (transformers + bitsandbytes + PEFT) for the same run instead:
     `memory_peer.py` says which terms change and why.
 
-    long context (offload.py):
-      offload_activations   the L checkpointed block inputs live in pinned host memory (`pinned_host_bytes`);
-                            the GPU keeps 2 of them (the one in use, the one in flight); each step copies
-                            them out in forward and back in backward: `transfer_bytes`, `transfer_seconds`
-                            at `link_gbps` (PCIe 4.0 x16 ≈ 25 GB/s by default)
-      mlp_chunk_tokens      the recomputed block keeps the MLP's input (b·h per token) instead of its
-                            intermediates; one chunk's (batch·chunk tokens) are alive during its backward,
-                            and the backward workspace holds one chunk's token × intermediate buffers
-    big models: offload_base  the layers' NF4 base in pinned host memory, 2 layers' on the GPU (memory_offload.py)
+    host memory doing what the card cannot (offload.py; the terms: memory_offload.py): offload_activations,
+    mlp_chunk_tokens (long context), offload_base (the layers' NF4 base in pinned host memory)
 
     host memory to load (`host_load_bytes`, not in the GPU peak) = the largest 16-bit checkpoint tensor
     per process streaming to its GPU; under FSDP (rank 0 reads, then sends the shards) or on CPU,
@@ -60,7 +53,7 @@ from .config import LoraConfig, QuantConfig, resolve_dtype, resolve_lora_dtype
 from .errors import ConfigError, QLoraLiteError
 from .memory_arch import (GB, GPU_MEMORY, GiB, ModelShape, builtin_configs, layer_index, load_model_config,
                           model_shape, parse_budget)
-from .memory_offload import base_offload, offload_lines
+from .memory_offload import OFFLOAD_RESIDENT_INPUTS, PCIE4_X16_GBPS, BaseOffload, base_offload, offload_lines
 from .memory_peer import peer_terms
 from .nf4 import nf4_nbytes
 
@@ -78,8 +71,6 @@ ALLOCATOR_SLACK = 0.20  # reserved = allocated · (1 + ALLOCATOR_SLACK) at the p
 PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages a state tensor of >= 1e5 values (Optimizer8bit.get_state_buffer)
 BACKWARD_WORKSPACE_INTER = 2  # live (token × intermediate) gradient buffers while a block runs backward (3 before
 # the LoRA scale moved into the matmul: test_memory::test_peak_matches_live_tensor_bytes measures it)
-PCIE4_X16_GBPS = 25.0  # GB/s a host↔GPU copy of pinned memory reaches on PCIe 4.0 x16 (nominal 31.5)
-OFFLOAD_RESIDENT_INPUTS = 2  # offloaded block inputs on the GPU at once: the one in use + the one in flight
 Optimizer = Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw"]
 Recipe = Literal["qlora-lite", "peft"]
 _OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw")
@@ -345,7 +336,7 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
     if offload_base and (not gradient_checkpointing or not quant or fsdp):
         problems.append("offload_base needs gradient_checkpointing, an NF4 base (quant) and no fsdp")
     if recipe == "peft" and (offload_activations or mlp_chunk_tokens or offload_base):
-        problems.append("the peer's recipe (recipe='peft') has no activation offload or tiled MLP; plan it without")
+        problems.append("the peer's recipe (recipe='peft') has no offload or tiled MLP; plan it without")
     if isinstance(link_gbps, bool) or not isinstance(link_gbps, (int, float)) or not link_gbps > 0:
         problems.append(f"link_gbps={link_gbps!r} must be a positive speed in GB/s (PCIe 4.0 x16: 25)")
     if allocator_slack is not None and not 0 <= allocator_slack < 10:
@@ -376,10 +367,8 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
     root16 = n16 - a.layers * layer16  # embeddings, final norm, lm_head
     sharded = fsdp and world_size > 1
     gathered = min(2, a.layers)
-    q_whole = q_bytes
-    base_split = base_offload(a, quant, device) if offload_base else None
-    if base_split:
-        q_bytes = base_split.gpu_bytes
+    base = base_offload(a, quant, device) if offload_base else BaseOffload(q_bytes, 0, 0)  # offload_base: 2 layers
+    q_whole, q_bytes = q_bytes, base.gpu_bytes
     if sharded:
         q_bytes = -(-q_bytes // world_size) + gathered * q_layer
         w16_bytes = (-(-n16 // world_size) + gathered * layer16 + root16) * w16_b
@@ -436,11 +425,11 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
     # it has sent every process its shards (fsdp.load_sharded); on CPU the host holds the model anyway
     largest = 2 * max(max_linear, a.vocab * h)
     staged = q_whole + n16 * b + n_lora * lora_b
-    host_load = world_size * largest if device == "cuda" and not sharded and not offload_base else staged + largest
-    offloaded_base = base_split.host_bytes if base_split else 0
+    streamed = device == "cuda" and not sharded and not offload_base  # (offload_base: loaded into host memory)
+    host_load = world_size * largest if streamed else staged + largest
     detail = {"saved_block_inputs": saved, "recomputed_block": block, "backward_workspace": workspace,
               "final_norm": final_norm, "logits_and_loss": logits, "offloaded_block_inputs": offloaded,
-              "offloaded_base": offloaded_base}
+              "offloaded_base": base.host_bytes}
     cuda = device == "cuda"
     fields = dict(
         model=name, recipe=recipe, seq_len=seq_len, batch_size=batch_size, rank=lora.r,
@@ -454,8 +443,8 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
         quantized_weights=q_bytes, weights_16bit=w16_bytes, lora_params=lora_resident * lora_b, lora_grads=grads,
         optimizer_states=opt, optimizer_paged=paged, activations=saved + block_phase, logits=logits,
         allocator_slack=0, cuda_context=(CUDA_CONTEXT_BYTES if context_bytes is None else context_bytes) if cuda else 0,
-        peak_phase=phase, detail=detail, host_load_bytes=host_load, pinned_host_bytes=offloaded + offloaded_base,
-        transfer_bytes=2 * offloaded + (base_split.transfer_bytes if base_split else 0))
+        peak_phase=phase, detail=detail, host_load_bytes=host_load, pinned_host_bytes=offloaded + base.host_bytes,
+        transfer_bytes=2 * offloaded + base.transfer_bytes)
     est = MemoryEstimate(**fields)
     slack = ALLOCATOR_SLACK if allocator_slack is None else allocator_slack
     return dataclasses.replace(est, allocator_slack=round(slack * est.allocated_bytes) if cuda else 0)
@@ -620,8 +609,9 @@ def memory_report(model: str, seq_len: int = 2048, batch_size: int = 1, rank: in
     """The body of `qlora-lite memory`: the breakdown table, and for a GPU whether it fits and the
     largest batch and seq_len that do. `json_output` returns JSON; `plot` writes a PNG there.
     `recipe="peft"` plans the peer's recipe and prints ours beside it. `offload_activations`,
-    `mlp_chunk_tokens` plan the long-context options, `offload_base` the base in host memory; `link_gbps` is the host↔GPU speed (GB/s);
-    `lora_dropout` (PEFT's default 0.05) changes what each adapted linear saves."""
+    `mlp_chunk_tokens` plan the long-context options, `offload_base` the NF4 base in host memory;
+    `link_gbps` is the host↔GPU speed (GB/s); `lora_dropout` (PEFT's default 0.05) changes what each
+    adapted linear saves."""
     _check_report_args(rank, optimizer, world_size, fsdp, recipe)
     kwargs: dict[str, Any] = {"lora": LoraConfig(r=rank, lora_alpha=2 * rank, lora_dtype=lora_dtype,
                                                  lora_dropout=lora_dropout),

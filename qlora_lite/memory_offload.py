@@ -1,4 +1,15 @@
-"""The planner's terms for the NF4 base in host memory (`offload_base`; offload.BaseOffloader).
+"""The planner's terms for what lives in host memory instead of on the GPU (offload.py).
+
+    offload_activations   the L checkpointed block inputs live in pinned host memory (`pinned_host_bytes`);
+                          the GPU keeps OFFLOAD_RESIDENT_INPUTS = 2 of them (the one in use, the one in flight);
+                          each step copies them out in forward and back in backward: `transfer_bytes`,
+                          `transfer_seconds` at `link_gbps` (PCIe 4.0 x16 ≈ 25 GB/s by default)
+    mlp_chunk_tokens      the recomputed block keeps the MLP's input (b·h per token) instead of its
+                          intermediates; one chunk's (batch·chunk tokens) are alive during its backward,
+                          and the backward workspace holds one chunk's token × intermediate buffers
+                          (both computed with the block formula in memory.py)
+
+offload_base (offload.BaseOffloader), computed here:
 
     pinned host   every decoder layer's NF4 bytes (packed + scales, as NF4Weight.nbytes), held all run
     GPU           the NF4 outside the layers (none in a Llama: the head stays 16-bit)
@@ -20,8 +31,10 @@ from .config import QuantConfig
 from .memory_arch import GB, GiB, ModelShape, layer_index
 from .nf4 import nf4_nbytes
 
-__all__ = ["OFFLOAD_RESIDENT_LAYERS", "BaseOffload", "base_offload", "offload_lines"]
+__all__ = ["PCIE4_X16_GBPS", "OFFLOAD_RESIDENT_INPUTS", "OFFLOAD_RESIDENT_LAYERS", "BaseOffload", "base_offload", "offload_lines"]
 
+PCIE4_X16_GBPS = 25.0  # GB/s a host↔GPU copy of pinned memory reaches on PCIe 4.0 x16 (nominal 31.5)
+OFFLOAD_RESIDENT_INPUTS = 2  # offloaded block inputs on the GPU at once: the one in use + the one in flight
 OFFLOAD_RESIDENT_LAYERS = 2  # layers whose NF4 base is on the GPU at once: the one computing + the one in flight
 
 
