@@ -49,16 +49,12 @@ def _fill_random_nf4(weight, generator: torch.Generator, draw: torch.device) -> 
 
 def random_nf4_model(shape: str, r: int, device: torch.device, compute: torch.dtype, seed: int) -> nn.Module:
     """The `shape` Llama with its linears in NF4, random, their storage in host memory; the rest on `device`."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     from qlora_lite.config import LoraConfig
     from qlora_lite.inject import find_targets, freeze_base, make_lora_layer, replace_module
+    from qlora_lite.load import meta_model
     from qlora_lite.nf4 import NF4Weight, resolve_backend
 
-    config = llama_config(shape)
-    with init_empty_weights():  # parameters on meta; buffers (rotary frequencies) real
-        model = AutoModelForCausalLM.from_config(config, dtype=compute)
+    model = meta_model(llama_config(shape), compute)  # parameters on meta; buffers (rotary frequencies) real
     lora = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules="all-linear")
     generator = torch.Generator(device=device).manual_seed(seed)
     backend = resolve_backend("auto", device)
