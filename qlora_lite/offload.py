@@ -361,15 +361,14 @@ def install_base_offload(model: nn.Module, device: torch.device | str) -> BaseOf
                             "gradient_checkpointing: true")
     device = torch.device(device)
     offloader = BaseOffloader(layers, device)
-    offloaded = {id(module._parameters[name] if is_param else module._buffers[name])
-                 for entry in offloader.layers for module, name, is_param in entry.slots}
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if id(param) not in offloaded and param.device != device:
-                param.data = param.data.to(device)
-        for name, buffer in module.named_buffers(recurse=False):
-            if id(buffer) not in offloaded and buffer.device != device:
-                module._buffers[name] = buffer.to(device)
+    # the rest to the device by `model.to` (tied weights stay tied), the offloaded tensors unregistered meanwhile
+    slots = [(module, name, is_param) for entry in offloader.layers for module, name, is_param in entry.slots]
+    held = [getattr(module, name) for module, name, _ in slots]
+    for module, name, is_param in slots:  # None, not removed: the registration order stays
+        (module._parameters if is_param else module._buffers)[name] = None
+    model.to(device)
+    for (module, name, is_param), tensor in zip(slots, held):
+        (module._parameters if is_param else module._buffers)[name] = tensor
     for index, layer in enumerate(layers):
         layer.register_forward_pre_hook(lambda _m, _a, _i=index: offloader.before_forward(_i))
         layer.register_forward_hook(lambda _m, _a, _o, _i=index: offloader.after_forward(_i))

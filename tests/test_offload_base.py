@@ -108,6 +108,21 @@ def test_only_the_computing_layer_points_at_a_device_copy(monkeypatch):
     assert offloader.resident_bytes == 0
 
 
+def test_install_leaves_only_the_layers_nf4_on_the_host():
+    """Everything else (embeddings, norms, head, LoRA, rotary buffers) goes to the compute device ("meta" here:
+    any device other than the host shows the placement)."""
+    model = _model(LoraConfig(r=4))
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)], list(model.state_dict())
+    offloader = install_base_offload(model, "meta")
+    assert ([n for n, _ in model.named_parameters(remove_duplicate=False)], list(model.state_dict())) == names
+    offloaded = {id(getattr(m, name)) for entry in offloader.layers for m, name, _ in entry.slots}
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    assert len(offloaded) == 4 * 7 * LAYERS  # packed, block scales, nested scales, offset of 7 linears a layer
+    for name, tensor in tensors:
+        assert tensor.device.type == ("cpu" if id(tensor) in offloaded else "meta"), name
+    assert any(".lora_A." in n for n, t in tensors if t.device.type == "meta")
+
+
 def test_evaluation_without_grad_fetches_each_layer_once():
     model = _model(LoraConfig(r=4))
     offloader = install_base_offload(model, "cpu")
@@ -152,6 +167,11 @@ def test_training_run_with_offload_base_gives_the_plain_losses_and_resumes(tiny_
         real_save(run, step)
         raise KeyboardInterrupt  # the process dies right after the step-2 checkpoint
 
+    from accelerate import Accelerator
+
+    placements, real_prepare = [], Accelerator.prepare
+    monkeypatch.setattr(Accelerator, "prepare", lambda self, *objects, device_placement=None: (
+        placements.append(device_placement), real_prepare(self, *objects, device_placement=device_placement))[1])
     monkeypatch.setattr(TrainingRun, "setup_optimizer", spy)
     monkeypatch.setattr(TrainingRun, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
@@ -159,6 +179,7 @@ def test_training_run_with_offload_base_gives_the_plain_losses_and_resumes(tiny_
     monkeypatch.setattr(TrainingRun, "save_checkpoint", real_save)
     resumed = train(cfg("offload", offload_base=True, resume=True), log=lambda m: None)
     assert resumed.steps == 4 and len(offloaders) == 2
+    assert placements == [[False, True]] * 2  # accelerate must not move the host base to the device
     assert all(o.fetched_bytes > 0 and o.resident_bytes == 0 for o in offloaders)
     assert resumed.losses == pytest.approx(plain.losses, rel=1e-5)
     assert [s for s, _ in resumed.eval_losses] == [s for s, _ in plain.eval_losses] == [0, 2, 4]
