@@ -225,3 +225,23 @@ def test_llama2_70b_on_an_rtx4090_with_the_base_in_host_memory():
     report = memory_report("llama-2-70b", seq_len=2048, gpu="RTX4090", offload_base=True)
     assert "fits RTX4090" in report and "GiB of NF4 layers in pinned host memory" in report
     assert "host<->GPU" in report and "at 25 GB/s" in report
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_base_is_pinned_fetched_on_a_side_stream_and_gives_the_plain_run():
+    """The CUDA path (page-locked host buffers, copies on the side stream, events): the same loss and LoRA
+    gradients as the model held on the GPU, and between steps no layer's base on the GPU."""
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(3)).cuda()
+    lora = LoraConfig(r=4, init_lora_weights="gaussian")
+    plain_loss, plain_grads = _step(_model(lora).cuda(), ids)
+    model = _model(lora)
+    offloader = install_base_offload(model, "cuda")
+    assert offloader.stream is not None and all(entry.host.is_pinned() for entry in offloader.layers)
+    assert all(p.is_cuda for n, p in model.named_parameters() if p.requires_grad)
+    loss, grads = _step(model, ids)
+    torch.cuda.synchronize()
+    assert loss == pytest.approx(plain_loss, rel=1e-6)
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], msg=name)
+    assert offloader.fetched_bytes == 2 * offloader.host_bytes and offloader.resident_bytes == 0
+    assert all(_on_host(offloader))
