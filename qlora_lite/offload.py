@@ -352,10 +352,10 @@ def install_base_offload(model: nn.Module, device: torch.device | str) -> BaseOf
     The forward hooks sit on the layers; the backward's recompute is seen inside the layer's checkpoint
     call (transformers checkpoints `forward`, not `__call__`, so module hooks do not run again there).
     """
-    checkpointed = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True
-                    and callable(getattr(m, "_gradient_checkpointing_func", None))]
+    marked = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True
+              and callable(getattr(m, "_gradient_checkpointing_func", None))]
     # the decoder layers, in order (transformers also marks the model holding them, which checkpoints nothing)
-    layers = [m for m in checkpointed if not any(c is not m for c in m.modules() if c in checkpointed)]
+    layers = [m for m in marked if not any(c is not m for c in m.modules() if c in marked)]
     if not layers:
         raise TrainingError("offload_base fetches each layer's base again for the backward's recompute: set "
                             "gradient_checkpointing: true")
