@@ -26,6 +26,7 @@ EXAMPLES = {
               "  qlora-lite memory --model llama-3-8b --seq_len 8192 --recipe peft --gpu A100-80GB\n"
               "  qlora-lite memory --model llama-3-8b --seq_len 65536 --gpu RTX4090 --offload_activations true "
               "--mlp_chunk_tokens 4096\n"
+              "  qlora-lite memory --model llama-2-70b --gpu RTX4090 --offload_base true\n"
               "  qlora-lite memory --model ./my-model --json true",
     "analyze": "qlora-lite analyze --adapter runs/x/adapter --compare runs/y/adapter --out analysis/",
     "quantize": "qlora-lite quantize --model ./Llama-2-7b-hf --out ./Llama-2-7b-nf4",
@@ -72,7 +73,8 @@ def merge(base: str, adapter: str, out: str, dtype: str = "float16", base_kind: 
 def memory(model: str, seq_len: int = 2048, batch_size: int = 1, rank: int = 16, gpu: str | None = None,
            optimizer: str = "paged_adamw_32bit", world_size: int = 1, fsdp: bool = False, json_output: bool = False,
            plot: str | None = None, recipe: str = "qlora-lite", lora_dtype: str = "auto",
-           offload_activations: bool = False, mlp_chunk_tokens: int = 0, link_gbps: float = 25.0) -> None:
+           offload_activations: bool = False, mlp_chunk_tokens: int = 0, link_gbps: float = 25.0,
+           offload_base: bool = False) -> None:
     """Predict a run's GPU memory before loading any weight; say whether it fits and what does.
 
     Args:
@@ -92,13 +94,15 @@ def memory(model: str, seq_len: int = 2048, batch_size: int = 1, rank: int = 16,
             and the host<->GPU copies per step)
         mlp_chunk_tokens: the MLP over chunks of this many positions (0: off; e.g. 4096 at long context)
         link_gbps: host<->GPU link speed in GB/s the copy time is given at (PCIe 4.0 x16: 25)
+        offload_base: the decoder layers' NF4 base in pinned host memory, two layers' on the GPU at a time
+            (reports the host bytes and the host->GPU copies per step)
     """
     from .memory import memory_report
 
     print(memory_report(model, seq_len=seq_len, batch_size=batch_size, rank=rank, gpu=gpu, optimizer=optimizer,
                         world_size=world_size, fsdp=fsdp, json_output=json_output, plot=plot, recipe=recipe,
                         lora_dtype=lora_dtype, offload_activations=offload_activations,
-                        mlp_chunk_tokens=mlp_chunk_tokens, link_gbps=link_gbps))
+                        mlp_chunk_tokens=mlp_chunk_tokens, link_gbps=link_gbps, offload_base=offload_base))
 
 
 def analyze(adapter: str, base: str | None = None, compare: str | None = None, out: str = "analysis",

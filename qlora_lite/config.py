@@ -217,6 +217,9 @@ class TrainConfig:
             gradient_checkpointing)
         mlp_chunk_tokens: run each block's MLP over chunks of this many sequence positions, so one chunk's
             token x intermediate tensors live at a time (0: off; e.g. 4096 for sequences past 16k)
+        offload_base: keep the decoder layers' NF4 base in pinned host memory and copy each layer's to the
+            GPU just before its forward and its backward recompute, one layer ahead on a side stream (offload.py;
+            a 70B model on a 24 GB card; needs gradient_checkpointing and an NF4 base, one process, no fsdp)
         packing: pack several examples into one sequence
         packing_mode: isolated (examples do not attend to each other) or concat (plain causal, cross-talk)
         truncation: truncate or error for examples longer than seq_len
@@ -262,6 +265,7 @@ class TrainConfig:
     loss_chunk_tokens: int = 1024
     offload_activations: bool = False
     mlp_chunk_tokens: int = 0
+    offload_base: bool = False
     packing: bool = False
     packing_mode: Literal["isolated", "concat"] = "isolated"
     truncation: Literal["truncate", "error"] = "truncate"
@@ -301,15 +305,26 @@ class TrainConfig:
         if self.offload_activations is True and self.gradient_checkpointing is False:
             problems.append("offload_activations=true offloads the checkpointed blocks' inputs: it needs "
                             "gradient_checkpointing=true")
-        if self.compile is True and (self.offload_activations is True or self.mlp_chunk_tokens):
-            problems.append("compile=true with offload_activations or mlp_chunk_tokens is not supported yet (their "
-                            "hooks and nested checkpoints are untested under torch.compile): set compile: false")
+        if self.compile is True and (self.offload_activations is True or self.mlp_chunk_tokens
+                                     or self.offload_base is True):
+            problems.append("compile=true with offload_activations, offload_base or mlp_chunk_tokens is not supported "
+                            "yet (their hooks and nested checkpoints are untested under torch.compile): set "
+                            "compile: false")
+        if self.offload_base is True and self.gradient_checkpointing is False:
+            problems.append("offload_base=true fetches each layer's base again for the backward's recompute: it "
+                            "needs gradient_checkpointing=true")
+        if self.offload_base is True and self.fsdp is True:
+            problems.append("offload_base=true keeps the whole NF4 base in one process's host memory; fsdp=true "
+                            "shards it over GPUs instead: choose one")
+        if self.offload_base is True and self.quant is None:
+            problems.append("offload_base=true offloads the NF4 base, and quant=null trains a 16-bit base: set "
+                            "quant or offload_base: false")
         if self.global_batch_size is not None and (not _is_int(self.global_batch_size) or self.global_batch_size <= 0):
             problems.append(f"global_batch_size={self.global_batch_size!r} must be a positive integer or null")
         if self.fused_kernels not in (True, False, "auto"):
             problems.append(f"fused_kernels={self.fused_kernels!r} must be true, false or auto")
         for name in ("fsdp", "resume", "overwrite_output_dir", "progress", "gradient_checkpointing", "packing",
-                     "compile", "offload_activations"):
+                     "compile", "offload_activations", "offload_base"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name}={getattr(self, name)!r} must be true or false")
         if not isinstance(self.learning_rate, (int, float)) or isinstance(self.learning_rate, bool) or not (

@@ -24,14 +24,8 @@
     `recipe="peft"` predicts the peer (transformers + bitsandbytes + PEFT) for the same run instead:
     `memory_peer.py` says which terms change and why.
 
-    long context (offload.py):
-      offload_activations   the L checkpointed block inputs live in pinned host memory (`pinned_host_bytes`);
-                            the GPU keeps 2 of them (the one in use, the one in flight); each step copies
-                            them out in forward and back in backward: `transfer_bytes`, `transfer_seconds`
-                            at `link_gbps` (PCIe 4.0 x16 ≈ 25 GB/s by default)
-      mlp_chunk_tokens      the recomputed block keeps the MLP's input (b·h per token) instead of its
-                            intermediates; one chunk's (batch·chunk tokens) are alive during its backward,
-                            and the backward workspace holds one chunk's token × intermediate buffers
+    host memory doing what the card cannot (offload.py; the terms: memory_offload.py): offload_activations,
+    mlp_chunk_tokens (long context), offload_base (the layers' NF4 base in pinned host memory)
 
     host memory to load (`host_load_bytes`, not in the GPU peak) = the largest 16-bit checkpoint tensor
     per process streaming to its GPU; under FSDP (rank 0 reads, then sends the shards) or on CPU,
@@ -59,6 +53,7 @@ from .config import LoraConfig, QuantConfig, resolve_dtype, resolve_lora_dtype
 from .errors import ConfigError, QLoraLiteError
 from .memory_arch import (GB, GPU_MEMORY, GiB, ModelShape, builtin_configs, layer_index, load_model_config,
                           model_shape, parse_budget)
+from .memory_offload import OFFLOAD_RESIDENT_INPUTS, PCIE4_X16_GBPS, BaseOffload, base_offload, offload_lines
 from .memory_peer import peer_terms
 from .nf4 import nf4_nbytes
 
@@ -76,8 +71,6 @@ ALLOCATOR_SLACK = 0.20  # reserved = allocated · (1 + ALLOCATOR_SLACK) at the p
 PAGED_MIN_NUMEL = 100_000  # bitsandbytes pages a state tensor of >= 1e5 values (Optimizer8bit.get_state_buffer)
 BACKWARD_WORKSPACE_INTER = 2  # live (token × intermediate) gradient buffers while a block runs backward (3 before
 # the LoRA scale moved into the matmul: test_memory::test_peak_matches_live_tensor_bytes measures it)
-PCIE4_X16_GBPS = 25.0  # GB/s a host↔GPU copy of pinned memory reaches on PCIe 4.0 x16 (nominal 31.5)
-OFFLOAD_RESIDENT_INPUTS = 2  # offloaded block inputs on the GPU at once: the one in use + the one in flight
 Optimizer = Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw"]
 Recipe = Literal["qlora-lite", "peft"]
 _OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw")
@@ -185,6 +178,7 @@ class MemoryEstimate:
     offload_activations: bool
     mlp_chunk_tokens: int
     link_gbps: float
+    offload_base: bool
     compute_dtype: str
     world_size: int
     fsdp: bool
@@ -206,7 +200,7 @@ class MemoryEstimate:
     peak_phase: str
     detail: dict[str, int]
     host_load_bytes: int
-    pinned_host_bytes: int  # offloaded block inputs held in pinned host memory through the step
+    pinned_host_bytes: int  # offloaded block inputs + NF4 base held in pinned host memory
     transfer_bytes: int  # host↔GPU bytes per micro-step (out in forward, back in backward)
 
     @property
@@ -293,14 +287,12 @@ class MemoryEstimate:
                         "counters; it can move to host memory under pressure")
         if self.device == "cuda":
             how = ("rank 0 holds the whole quantized model until every process has its shard" if self.fsdp
-                   and self.world_size > 1 else "each process streams one checkpoint tensor at a time to its GPU")
+                   and self.world_size > 1 else "the model loads into host memory; the NF4 layers stay there"
+                   if self.offload_base else "each process streams one checkpoint tensor at a time to its GPU")
             rows.append(f"host memory to load: {self.host_load_bytes / GiB:.2f} GiB ({how})")
         if self.mlp_chunk_tokens:
             rows.append(f"tiled MLP: {self.mlp_chunk_tokens} positions per chunk")
-        if self.pinned_host_bytes:
-            rows.append(f"offloaded activations: {self.pinned_host_bytes / GiB:.2f} GiB of block inputs in pinned host "
-                        f"memory; {self.transfer_bytes / GiB:.2f} GiB host<->GPU per micro-step, "
-                        f"{self.transfer_seconds:.2f} s at {self.link_gbps:g} GB/s")
+        rows += offload_lines(self)
         rows.append(f"parameters: total {self.params_total:,}, NF4 {self.params_quantized:,}, unquantized "
                     f"{self.params_16bit:,}, trainable {self.params_trainable:,} "
                     f"({100 * self.params_trainable / self.params_total:.2f}%)")
@@ -313,7 +305,8 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
                     world_size: int = 1, fsdp: bool = False, device: Literal["cuda", "cpu"] = "cuda",
                     context_bytes: int | None = None, allocator_slack: float | None = None,
                     loss_chunk_tokens: int = 1024, recipe: Recipe = "qlora-lite", offload_activations: bool = False,
-                    mlp_chunk_tokens: int = 0, link_gbps: float = PCIE4_X16_GBPS) -> MemoryEstimate:
+                    mlp_chunk_tokens: int = 0, link_gbps: float = PCIE4_X16_GBPS,
+                    offload_base: bool = False) -> MemoryEstimate:
     """Peak memory per rank of one training step; `batch_size` is per device.
 
     `device="cpu"` estimates host memory (torch's CPU dropout keeps its mask in the compute dtype;
@@ -324,6 +317,7 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
     `offload_activations`, `mlp_chunk_tokens`: the long-context options (TrainConfig's; offload.py);
     `link_gbps` the host↔GPU link speed in GB/s the transfer time is given at. On CPU offloading moves
     nothing (the host copies are the process's memory), so it changes only a GPU estimate.
+    `offload_base`: the layers' NF4 base in pinned host memory, fetched layer by layer (memory_offload.py).
     """
     lora = lora if lora is not None else LoraConfig()  # LoraConfig is mutable: no shared default
     problems = [f"{n}={v!r} must be a positive integer" for n, v in
@@ -339,8 +333,10 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
         problems.append(f"mlp_chunk_tokens={mlp_chunk_tokens!r} must be a non-negative integer (0: off)")
     if offload_activations and not gradient_checkpointing:
         problems.append("offload_activations offloads the checkpointed blocks' inputs: it needs gradient_checkpointing")
-    if recipe == "peft" and (offload_activations or mlp_chunk_tokens):
-        problems.append("the peer's recipe (recipe='peft') has no activation offload or tiled MLP; plan it without")
+    if offload_base and (not gradient_checkpointing or not quant or fsdp):
+        problems.append("offload_base needs gradient_checkpointing, an NF4 base (quant) and no fsdp")
+    if recipe == "peft" and (offload_activations or mlp_chunk_tokens or offload_base):
+        problems.append("the peer's recipe (recipe='peft') has no offload or tiled MLP; plan it without")
     if isinstance(link_gbps, bool) or not isinstance(link_gbps, (int, float)) or not link_gbps > 0:
         problems.append(f"link_gbps={link_gbps!r} must be a positive speed in GB/s (PCIe 4.0 x16: 25)")
     if allocator_slack is not None and not 0 <= allocator_slack < 10:
@@ -371,7 +367,8 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
     root16 = n16 - a.layers * layer16  # embeddings, final norm, lm_head
     sharded = fsdp and world_size > 1
     gathered = min(2, a.layers)
-    q_whole = q_bytes
+    base = base_offload(a, quant, device) if offload_base else BaseOffload(q_bytes, 0, 0)  # offload_base: 2 layers
+    q_whole, q_bytes = q_bytes, base.gpu_bytes
     if sharded:
         q_bytes = -(-q_bytes // world_size) + gathered * q_layer
         w16_bytes = (-(-n16 // world_size) + gathered * layer16 + root16) * w16_b
@@ -428,9 +425,11 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
     # it has sent every process its shards (fsdp.load_sharded); on CPU the host holds the model anyway
     largest = 2 * max(max_linear, a.vocab * h)
     staged = q_whole + n16 * b + n_lora * lora_b
-    host_load = world_size * largest if device == "cuda" and not sharded else staged + largest
+    streamed = device == "cuda" and not sharded and not offload_base  # (offload_base: loaded into host memory)
+    host_load = world_size * largest if streamed else staged + largest
     detail = {"saved_block_inputs": saved, "recomputed_block": block, "backward_workspace": workspace,
-              "final_norm": final_norm, "logits_and_loss": logits, "offloaded_block_inputs": offloaded}
+              "final_norm": final_norm, "logits_and_loss": logits, "offloaded_block_inputs": offloaded,
+              "offloaded_base": base.host_bytes}
     cuda = device == "cuda"
     fields = dict(
         model=name, recipe=recipe, seq_len=seq_len, batch_size=batch_size, rank=lora.r,
@@ -438,13 +437,14 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
         lora_dtype=str(lora_dtype).removeprefix("torch."), quantized=quant is not None, optimizer=optimizer,
         gradient_checkpointing=gradient_checkpointing, loss_chunk_tokens=0 if peer else loss_chunk_tokens,
         offload_activations=offload_activations, mlp_chunk_tokens=mlp_chunk_tokens, link_gbps=float(link_gbps),
+        offload_base=offload_base,
         compute_dtype=str(dtype).removeprefix("torch."), world_size=world_size, fsdp=fsdp, device=device,
         params_total=a.total + n_lora, params_quantized=quantized_params, params_16bit=n16, params_trainable=n_lora,
         quantized_weights=q_bytes, weights_16bit=w16_bytes, lora_params=lora_resident * lora_b, lora_grads=grads,
         optimizer_states=opt, optimizer_paged=paged, activations=saved + block_phase, logits=logits,
         allocator_slack=0, cuda_context=(CUDA_CONTEXT_BYTES if context_bytes is None else context_bytes) if cuda else 0,
-        peak_phase=phase, detail=detail, host_load_bytes=host_load, pinned_host_bytes=offloaded,
-        transfer_bytes=2 * offloaded)
+        peak_phase=phase, detail=detail, host_load_bytes=host_load, pinned_host_bytes=offloaded + base.host_bytes,
+        transfer_bytes=2 * offloaded + base.transfer_bytes)
     est = MemoryEstimate(**fields)
     slack = ALLOCATOR_SLACK if allocator_slack is None else allocator_slack
     return dataclasses.replace(est, allocator_slack=round(slack * est.allocated_bytes) if cuda else 0)
@@ -559,6 +559,9 @@ def _budget_error(config: Any, budget: int, first: MemoryEstimate, kwargs: dict[
             if (est := fits(world_size=n, fsdp=True)):
                 ideas.append(f"FSDP over {n} GPUs ({est.required_bytes / GiB:.2f} GiB each)")
                 break
+        if not first.offload_base and first.quantized and (est := fits(offload_base=True)):
+            ideas.append(f"offload_base: true ({est.required_bytes / GiB:.2f} GiB, "
+                         f"{est.pinned_host_bytes / GiB:.2f} GiB pinned host memory)")
     advice = "; ".join(ideas) if ideas else "nothing smaller fits on this budget"
     message = (f"{first.model} does not fit: it needs {first.required_bytes / GiB:.2f} GiB at seq_len {first.seq_len} × "
                f"batch {first.batch_size}, {over / GiB:.2f} GiB over the {budget / GiB:.2f} GiB budget; {why}"
@@ -602,18 +605,19 @@ def memory_report(model: str, seq_len: int = 2048, batch_size: int = 1, rank: in
                   optimizer: Optimizer = "paged_adamw_32bit", world_size: int = 1, fsdp: bool = False,
                   json_output: bool = False, plot: str | None = None, recipe: Recipe = "qlora-lite",
                   lora_dtype: str = "auto", offload_activations: bool = False, mlp_chunk_tokens: int = 0,
-                  link_gbps: float = PCIE4_X16_GBPS, lora_dropout: float = 0.05) -> str:
+                  link_gbps: float = PCIE4_X16_GBPS, lora_dropout: float = 0.05, offload_base: bool = False) -> str:
     """The body of `qlora-lite memory`: the breakdown table, and for a GPU whether it fits and the
     largest batch and seq_len that do. `json_output` returns JSON; `plot` writes a PNG there.
     `recipe="peft"` plans the peer's recipe and prints ours beside it. `offload_activations`,
-    `mlp_chunk_tokens` plan the long-context options; `link_gbps` is the host↔GPU speed (GB/s);
-    `lora_dropout` (PEFT's default 0.05) changes what each adapted linear saves."""
+    `mlp_chunk_tokens` plan the long-context options, `offload_base` the NF4 base in host memory;
+    `link_gbps` is the host↔GPU speed (GB/s); `lora_dropout` (PEFT's default 0.05) changes what each
+    adapted linear saves."""
     _check_report_args(rank, optimizer, world_size, fsdp, recipe)
     kwargs: dict[str, Any] = {"lora": LoraConfig(r=rank, lora_alpha=2 * rank, lora_dtype=lora_dtype,
                                                  lora_dropout=lora_dropout),
                               "optimizer": optimizer, "world_size": world_size, "fsdp": fsdp, "recipe": recipe,
                               "offload_activations": offload_activations, "mlp_chunk_tokens": mlp_chunk_tokens,
-                              "link_gbps": link_gbps}
+                              "link_gbps": link_gbps, "offload_base": offload_base}
     est = estimate_memory(model, seq_len=seq_len, batch_size=batch_size, **kwargs)
     result: dict[str, Any] = {"estimate": est.to_dict()}
     lines = [est.to_table()]

@@ -1,4 +1,5 @@
-"""Long context: checkpointed block inputs in pinned host memory, and the MLP over sequence chunks.
+"""Host memory doing what the card cannot: checkpointed block inputs and the NF4 base in pinned host
+memory, and the MLP over sequence chunks.
 
 With per-block checkpointing (train.enable_checkpointing) the activations a step keeps are the L block
 inputs (batch·seq·hidden each), plus one block's recompute in backward. At 128k tokens the first is
@@ -22,6 +23,10 @@ no use with checkpointing), copies synchronously and does not prefetch; torchtun
 also offloads the final norm's and the loss's saved tensors, which backward needs at once. Here only
 what the checkpoints save moves. On CPU "host memory" is the same memory: the option makes a host
 copy (so the round trip runs and is tested) and transfers nothing.
+
+Big models, `offload_base` (BaseOffloader): every decoder layer's NF4 tensors in one page-locked host
+buffer, copied to the GPU before the layer's forward and again before its backward recompute, one layer
+ahead on a side stream, released after use; why hooks and not FSDP2's CPUOffloadPolicy: docs/design.md.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import TrainingError
 
-__all__ = ["ActivationOffloader", "install_activation_offload", "install_tiled_mlp"]
+__all__ = ["ActivationOffloader", "install_activation_offload", "install_tiled_mlp", "BaseOffloader",
+           "install_base_offload"]
 
 
 @dataclass(eq=False)
@@ -167,3 +173,214 @@ def install_tiled_mlp(model: nn.Module, chunk_tokens: int) -> int:
     for mlp in mlps:
         mlp.forward = functools.partial(_tiled_forward, mlp.forward, chunk_tokens)
     return len(mlps)
+
+
+# ---- the NF4 base in host memory (offload_base) -----------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _LayerBase:
+    """One decoder layer's NF4 tensors: where they are registered, their host copy, their device copy."""
+
+    slots: list[tuple[nn.Module, str, bool]]  # (NF4Weight, registered name, is a parameter), in `_layout` order
+    host: torch.Tensor  # one flat uint8 buffer on the host (pinned under CUDA) the slots are views of
+    host_views: list[torch.Tensor]
+    on_device: torch.Tensor | None = None  # the flat device copy while fetched
+    ready: torch.cuda.Event | None = field(default=None, repr=False)
+
+
+def _layout(like: list[torch.Tensor]) -> tuple[list[int], int]:
+    """Byte offsets of `like` packed one after another in one buffer, each aligned to its element size,
+    and the buffer's size. The caller orders them so that real shapes need no padding (the packed codes
+    first: their starts stay 16-byte aligned for the dequantize kernels' vector loads)."""
+    offsets, end = [], 0
+    for tensor in like:
+        end = -(-end // tensor.element_size()) * tensor.element_size()
+        offsets.append(end)
+        end += tensor.nbytes
+    return offsets, end
+
+
+def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """`like`'s shapes and dtypes as views of the flat uint8 `flat`, laid out by `_layout`."""
+    offsets, _ = _layout(like)
+    return [flat[start:start + t.nbytes].view(t.dtype).view(t.shape) for start, t in zip(offsets, like)]
+
+
+def _pin(flat: torch.Tensor) -> None:
+    """Page-lock `flat` where it is (cudaHostRegister), for asynchronous copies at full link speed.
+
+    Not `pin_memory()`: torch's caching host allocator rounds every pinned block up to a power of two
+    (a 70B layer's 0.43 GiB would take 0.5 GiB); registering the plain allocation pins exactly its bytes.
+    """
+    cudart = torch.cuda.cudart()
+    if int(cudart.cudaHostRegister(flat.data_ptr(), flat.nbytes, 0)) != 0:
+        raise TrainingError(f"offload_base could not pin {flat.nbytes:,} bytes of host memory (cudaHostRegister); "
+                            "raise the locked-memory limit (ulimit -l) or free host memory")
+    weakref.finalize(flat, cudart.cudaHostUnregister, flat.data_ptr())
+
+
+class BaseOffloader:
+    """The NF4 base of every decoder layer in host memory, on the device only while that layer computes.
+
+    Each layer's NF4 tensors (packed bytes, block scales) are views of one host buffer; the registered
+    tensors point at those host views except while the layer runs, when they point at views of one device
+    copy (one transfer per layer). Forward: a layer's pre-hook waits for its copy and starts the next
+    layer's; its post-hook points the tensors back at the host. Backward (checkpointing recomputes each
+    block): the recompute of layer i releases layer i+1, waits for layer i and starts layer i-1; the last
+    layer used is released when backward ends. So at most 2 layers' base are on the device.
+
+    Counters (bytes since construction): `fetched_bytes` (host → device copies), `resident_bytes` (device
+    copies alive now), `peak_resident_bytes`, `host_bytes` (the whole offloaded base). On CPU the "device
+    copy" is a clone of the host buffer: the mechanism runs (and is tested) with nothing to transfer.
+    """
+
+    def __init__(self, layers: list[nn.Module], device: torch.device | str):
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.layers = [self._take(layer) for layer in layers]
+        self.host_bytes = sum(entry.host.nbytes for entry in self.layers)
+        self.fetched_bytes = self.resident_bytes = self.peak_resident_bytes = 0
+        self._backward_task: int | None = None  # the backward whose end releases the last layer
+
+    def _take(self, layer: nn.Module) -> _LayerBase:
+        from .nf4 import NF4Weight
+
+        slots = []
+        for module in layer.modules():
+            if isinstance(module, NF4Weight):
+                module.cache_absmax = False  # a cache would keep the device copy alive past its release
+                slots += [(module, name, True) for name, p in module.named_parameters(recurse=False) if p is not None]
+                slots += [(module, name, False) for name, b in module.named_buffers(recurse=False) if b is not None]
+        slots.sort(key=lambda slot: (slot[1] != "packed", -self._get(slot).element_size()))
+        tensors = [self._get(slot).detach() for slot in slots]
+        host = torch.empty(_layout(tensors)[1], dtype=torch.uint8)
+        if self.device.type == "cuda" and host.nbytes:
+            _pin(host)
+        host_views = _views(host, tensors)
+        for view, tensor in zip(host_views, tensors):
+            view.copy_(tensor)
+        entry = _LayerBase(slots, host, host_views)
+        self._point(entry, host_views)  # the loaded copy (on the device or the host) is freed here
+        return entry
+
+    @staticmethod
+    def _get(slot: tuple[nn.Module, str, bool]) -> torch.Tensor:
+        module, name, _ = slot
+        return getattr(module, name)
+
+    @staticmethod
+    def _point(entry: _LayerBase, tensors: list[torch.Tensor]) -> None:
+        for (module, name, is_param), tensor in zip(entry.slots, tensors):
+            if is_param:
+                module._parameters[name].data = tensor
+            else:
+                module._buffers[name] = tensor
+
+    def _fetch(self, index: int) -> None:
+        """Start layer `index`'s copy to the device (on the side stream under CUDA)."""
+        entry = self.layers[index]
+        if entry.on_device is not None or not entry.host.nbytes:
+            return
+        if self.stream is None:
+            entry.on_device = entry.host.clone()
+        else:
+            target = torch.empty_like(entry.host, device=self.device)  # memory of the compute stream
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                target.copy_(entry.host, non_blocking=True)
+            target.record_stream(self.stream)
+            entry.on_device, entry.ready = target, self.stream.record_event()
+        self.fetched_bytes += entry.host.nbytes
+        self.resident_bytes += entry.host.nbytes
+        self.peak_resident_bytes = max(self.peak_resident_bytes, self.resident_bytes)
+
+    def _use(self, index: int) -> None:
+        """Layer `index`'s registered tensors point at its device copy (waited for)."""
+        entry = self.layers[index]
+        self._fetch(index)
+        if entry.on_device is None:  # a layer without NF4 tensors
+            return
+        if entry.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(entry.ready)
+            entry.ready = None
+        self._point(entry, _views(entry.on_device, entry.host_views))
+
+    def _release(self, index: int) -> None:
+        entry = self.layers[index]
+        if entry.on_device is None:
+            return
+        self._point(entry, entry.host_views)
+        entry.on_device, entry.ready = None, None  # (the compute stream's later work is ordered after its use)
+        self.resident_bytes -= entry.host.nbytes
+
+    def release_all(self) -> None:
+        for index in range(len(self.layers)):
+            self._release(index)
+        self._backward_task = None
+
+    def before_forward(self, index: int) -> None:
+        for other in range(len(self.layers)):  # anything left from an interrupted pass
+            if other not in (index, index + 1):
+                self._release(other)
+        self._use(index)
+        if index + 1 < len(self.layers):
+            self._fetch(index + 1)
+
+    def after_forward(self, index: int) -> None:
+        self._release(index)
+
+    def before_recompute(self, index: int) -> None:
+        """Backward reached layer `index`: the layer after it is done (backward runs the layers in reverse)."""
+        task = torch._C._current_graph_task_id()
+        if self._backward_task != task:
+            self._backward_task = task
+            torch.autograd.Variable._execution_engine.queue_callback(self.release_all)
+        for other in range(len(self.layers)):
+            if other not in (index, index - 1):
+                self._release(other)
+        self._use(index)
+        if index > 0:
+            self._fetch(index - 1)
+
+
+def install_base_offload(model: nn.Module, device: torch.device | str) -> BaseOffloader:
+    """Keep the NF4 base of `model`'s decoder layers in host memory, fetched layer by layer (offload_base).
+
+    Call after `train.enable_checkpointing`. The layers' NF4 tensors move to (pinned) host memory; every
+    other tensor of the model (embeddings, norms, head, LoRA, NF4 outside the layers) moves to `device`.
+    The forward hooks sit on the layers; the backward's recompute is seen inside the layer's checkpoint
+    call (transformers checkpoints `forward`, not `__call__`, so module hooks do not run again there).
+    """
+    marked = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True
+              and callable(getattr(m, "_gradient_checkpointing_func", None))]
+    # the decoder layers, in order (transformers also marks the model holding them, which checkpoints nothing)
+    layers = [m for m in marked if not any(c is not m for c in m.modules() if c in marked)]
+    if not layers:
+        raise TrainingError("offload_base fetches each layer's base again for the backward's recompute: set "
+                            "gradient_checkpointing: true")
+    device = torch.device(device)
+    offloader = BaseOffloader(layers, device)
+    # the rest to the device by `model.to` (tied weights stay tied), the offloaded tensors unregistered meanwhile
+    slots = [(module, name, is_param) for entry in offloader.layers for module, name, is_param in entry.slots]
+    held = [getattr(module, name) for module, name, _ in slots]
+    for module, name, is_param in slots:  # None, not removed: the registration order stays
+        (module._parameters if is_param else module._buffers)[name] = None
+    model.to(device)
+    for (module, name, is_param), tensor in zip(slots, held):
+        (module._parameters if is_param else module._buffers)[name] = tensor
+    for index, layer in enumerate(layers):
+        layer.register_forward_pre_hook(lambda _m, _a, _i=index: offloader.before_forward(_i))
+        layer.register_forward_hook(lambda _m, _a, _o, _i=index: offloader.after_forward(_i))
+        inner = layer._gradient_checkpointing_func
+
+        def checkpointed(function, *args, _inner=inner, _i=index, **kwargs):
+            def run(*run_args, **run_kwargs):
+                if torch._C._current_graph_task_id() != -1:  # the recompute, inside backward
+                    offloader.before_recompute(_i)
+                return function(*run_args, **run_kwargs)
+
+            return _inner(run, *args, **kwargs)
+
+        layer._gradient_checkpointing_func = checkpointed
+    return offloader

@@ -51,7 +51,7 @@ from .load import is_prequantized, load_model, load_tokenizer, release_free_memo
 from .loss import ChunkedLoss, install_chunked_loss, supports_chunked_loss
 from .memory import GiB, MemoryEstimate
 from .monitor import MemoryMonitor, preflight
-from .offload import install_activation_offload, install_tiled_mlp
+from .offload import install_activation_offload, install_base_offload, install_tiled_mlp
 from .settings import RunSettings
 from .tracking import Trackers
 
@@ -229,7 +229,7 @@ def _memory_plan(cfg: TrainConfig, model_path: Path, batch_size: int, world: int
                                    gradient_checkpointing=cfg.gradient_checkpointing, world_size=world,
                                    fsdp=cfg.fsdp, loss_chunk_tokens=cfg.loss_chunk_tokens,
                                    offload_activations=cfg.offload_activations,
-                                   mlp_chunk_tokens=cfg.mlp_chunk_tokens)
+                                   mlp_chunk_tokens=cfg.mlp_chunk_tokens, offload_base=cfg.offload_base)
     except Exception as exc:  # any planner limit (an unusual architecture) is the planner's, not the run's
         log(f"note: no memory plan for this model ({type(exc).__name__}: {exc})")
         return None
@@ -322,8 +322,10 @@ class TrainingRun:
 
         cfg = self.cfg
         if self.loaded is None:
-            # under FSDP on GPUs: quantize on the GPU, stage the bytes on the host, FSDP moves each shard back
-            storage = torch.device("cpu") if cfg.fsdp and self.device.type == "cuda" else None
+            # under FSDP on GPUs: quantize on the GPU, stage the bytes on the host, FSDP moves each shard back;
+            # offload_base: the base stays on the host (install_base_offload moves the rest to the GPU)
+            on_host = (cfg.fsdp or cfg.offload_base) and self.device.type == "cuda"
+            storage = torch.device("cpu") if on_host else None
             model, _ = load_model(self.model_path, cfg.quant, cfg.lora, device=self.device,
                                   compute_dtype=self.compute_dtype, storage_device=storage, with_tokenizer=False)
         else:
@@ -338,6 +340,13 @@ class TrainingRun:
         cfg, model = self.cfg, self.model
         if cfg.gradient_checkpointing:
             enable_checkpointing(model)
+        if cfg.offload_base:  # the NF4 base in host memory, layer by layer on the device (offload.py)
+            if self.world > 1:
+                raise TrainingError(f"offload_base=true runs in one process and {self.world} were launched: launch "
+                                    "one, or shard the base over the GPUs with fsdp: true instead")
+            self.base_offloader = install_base_offload(model, self.device)
+            self.log(f"offload_base: {self.base_offloader.host_bytes / GiB:.2f} GiB of NF4 base in host memory, "
+                     f"{len(self.base_offloader.layers)} layers fetched one at a time")
         apply_speedups(model, cfg.fused_kernels, cfg.compile, self.device, self.log)
         if cfg.mlp_chunk_tokens:  # long context (offload.py): chunks of the (fused) MLP; block inputs on the host
             install_tiled_mlp(model, cfg.mlp_chunk_tokens)
@@ -354,7 +363,9 @@ class TrainingRun:
         optimizer = build_optimizer(self.trainable, cfg, self.device, self.log)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         if not cfg.fsdp:
-            self.model, optimizer = self.accelerator.prepare(model, optimizer)
+            # (offload_base: the model is placed already; accelerate's placement would move the base too)
+            self.model, optimizer = self.accelerator.prepare(model, optimizer,
+                                                             device_placement=[not cfg.offload_base, True])
         self.optimizer = optimizer
 
     def unwrapped(self):

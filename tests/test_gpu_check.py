@@ -17,7 +17,7 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
                           capture_output=True, text=True)
     results = json.loads((tmp_path / "gpu_results.json").read_text())
     statuses = {p["part"]: p["status"] for p in results["parts"]}
-    assert statuses == dict.fromkeys(["env", "tests", "bench-tiny", "boundary-tiny"], "pass"), (
+    assert statuses == dict.fromkeys(["env", "tests", "bench-tiny", "boundary-tiny", "offload-tiny"], "pass"), (
         statuses, done.stdout[-3000:], done.stderr[-3000:])
     assert done.returncode == 0
     bench = next(p for p in results["parts"] if p["part"] == "bench-tiny")
@@ -26,5 +26,10 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
                for r in bench["rows"])
     boundary = next(p for p in results["parts"] if p["part"] == "boundary-tiny")
     assert boundary["clamped_from"] == boundary["planned_max_seq_len"] >= boundary["at_fit"]["seq"] == 32
+    offload = next(p for p in results["parts"] if p["part"] == "offload-tiny")
+    # every layer's NF4 base came in twice in the step (forward, recompute); on CPU the planner moves nothing
+    assert offload["fetched_bytes_per_step"] == 2 * offload["host_bytes"] > 0 and len(offload["losses"]) == 1
+    assert offload["peak_resident_base_bytes"] == 2 * offload["host_bytes"] // offload["layers"]
     report = (tmp_path / "gpu_results.md").read_text()
+    assert "| tiny | 32×1 |" in report and "offload_base" in report
     assert "| bench-tiny | pass |" in report and "ours beside transformers + bitsandbytes + PEFT" in report
