@@ -27,10 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 HANG_S = 3600
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         # under `pytest -n 2 --dist loadgroup`: the demo runs once, in the worker that runs every test
-        # that reads it; launchers (torchrun's default port) never run side by side
+        # that reads it; launchers (torchrun's default port) never run side by side. (pytest 9.2 keeps node
+        # ids where pytest-xdist 3.8 cannot rename them, and the groups silently stop working: pytest 9.1.1.)
         if "demo_run" in item.fixturenames:
             item.add_marker(pytest.mark.xdist_group("demo"))
         elif item.path.name == "test_distributed.py":
