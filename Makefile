@@ -4,9 +4,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# written last by `export_gguf.sh --fetch` (the extracted files keep the sdist's older dates)
+CONVERTER := .llama.cpp/VERSION
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml requirements-lock.txt | cksum | cut -d' ' -f1)
 
-.PHONY: demo test install clean gpu-wheels gpu-check
+.PHONY: demo test install clean gpu-wheels gpu-check gguf
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,8 +26,16 @@ demo: $(STAMP)
 	$(BIN)/qlora-lite demo $(ARGS)
 
 # two workers (pytest-xdist): the tests that start processes overlap their imports and waits
-test: $(STAMP)
+test: $(STAMP) $(CONVERTER)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15 $(ARGS)
+
+# llama.cpp's GGUF converter (not in any wheel) from the llama-cpp-python sdist, for tests/test_gguf.py and `make gguf`
+$(CONVERTER): scripts/export_gguf.sh
+	PYTHON=$(BIN)/python bash scripts/export_gguf.sh --fetch
+
+# make gguf MERGED=runs/x/merged OUT=model-q8_0.gguf TYPE=q8_0   (TYPE: f16 (default), bf16, f32, q8_0)
+gguf: $(STAMP) $(CONVERTER)
+	PYTHON=$(BIN)/python bash scripts/export_gguf.sh $(MERGED) $(OUT) $(or $(TYPE),f16)
 
 # GPU verification (docs/gpu.md): wheels for the offline GPU machine, then one command there.
 gpu-wheels: scripts/gpu_wheels.txt
@@ -39,4 +49,4 @@ gpu-check:
 	bash scripts/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .llama.cpp
