@@ -43,7 +43,8 @@ def random_adapter(base_dir: Path, adapter_dir: Path, r: int = 8, std: float = 1
             if key.endswith("_proj.weight"):
                 out_f, in_f = handle.get_slice(key).get_shape()
                 module = f"base_model.model.{key.removesuffix('.weight')}"
-                tensors[f"{module}.lora_A.weight"] = (torch.rand(r, in_f, generator=generator) * 2 - 1) / math.sqrt(in_f)
+                bound = 1 / math.sqrt(in_f)
+                tensors[f"{module}.lora_A.weight"] = (torch.rand(r, in_f, generator=generator) * 2 - 1) * bound
                 tensors[f"{module}.lora_B.weight"] = torch.randn(out_f, r, generator=generator) * std
     save_file(tensors, str(adapter_dir / "adapter_model.safetensors"), {"format": "pt"})
     (adapter_dir / "adapter_config.json").write_text(json.dumps({
@@ -101,14 +102,15 @@ def main() -> None:
         random_adapter(base, tmp / "adapter")
         merge(base, tmp / "adapter", tmp / "merged", dtype="float16", progress=False)
         ids = AutoTokenizer.from_pretrained(str(embedded))("\n\n".join(DEFAULT_PROMPTS), return_tensors="pt").input_ids
-        results = {"model": args.model, "tokens": ids.shape[1], "versions": versions(("torch", "transformers", "gguf", "safetensors")),
+        results = {"model": args.model, "tokens": ids.shape[1],
+                   "versions": versions(("torch", "transformers", "gguf", "safetensors", "sentencepiece")),
                    "converter": (ROOT / ".llama.cpp" / "VERSION").read_text().strip()
                    if (ROOT / ".llama.cpp" / "VERSION").is_file() else "QLORA_LITE_GGUF_CONVERTER"}
         for kind in args.types:
             out = tmp / f"merged-{kind}.gguf"
             t0 = time.perf_counter()
-            subprocess.run(["bash", str(ROOT / "scripts" / "export_gguf.sh"), str(tmp / "merged"), str(out), kind],
-                           check=True, capture_output=True)
+            script = ROOT / "scripts" / "export_gguf.sh"
+            subprocess.run(["bash", str(script), str(tmp / "merged"), str(out), kind], check=True, capture_output=True)
             results[kind] = {"convert_s": round(time.perf_counter() - t0, 1), **compare(tmp / "merged", out, ids)}
             print(json.dumps({kind: results[kind]}), flush=True)
         print(json.dumps(results, indent=1))

@@ -79,7 +79,7 @@ def _tracker(name: str, project: str, run_name: str, out_dir: Path):
         if "MLFLOW_TRACKING_URI" not in os.environ:
             mlflow.set_tracking_uri((out_dir / "mlruns").resolve().as_uri())
             # MLflow 3 refuses its file store unless opted in; the alternative (sqlite) needs SQLAlchemy
-            # and Alembic, which mlflow-skinny leaves out. `mlflow ui --backend-store-uri` reads the folder.
+            # and Alembic, which mlflow-skinny leaves out. (Full mlflow's `mlflow ui --backend-store-uri` reads it.)
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         return tracking.MLflowTracker(experiment_name=project, logging_dir=str(out_dir / "mlruns"),
                                       run_name=run_name)

@@ -36,7 +36,8 @@ fi
 MERGED=$1 OUTFILE=$2 TYPE=${3:-f16}
 CONVERTER=${QLORA_LITE_GGUF_CONVERTER:-$DEST/convert_hf_to_gguf.py}
 if [[ ! -f $CONVERTER ]]; then
-  echo "export_gguf: no converter at $CONVERTER; run scripts/export_gguf.sh --fetch (or set QLORA_LITE_GGUF_CONVERTER)" >&2
+  echo "export_gguf: no converter at $CONVERTER; run scripts/export_gguf.sh --fetch" \
+    "(or set QLORA_LITE_GGUF_CONVERTER)" >&2
   exit 2
 fi
 if [[ ! -f $MERGED/config.json ]]; then

@@ -70,10 +70,10 @@ def load_both(merged: Path, gguf_file: Path):
         return ours, theirs, ours(input_ids=ids).logits, theirs(input_ids=ids).logits
 
 
-def rope_base(gguf_file: Path) -> float:
+def gguf_field(gguf_file: Path, key: str):
     import gguf
 
-    return float(gguf.GGUFReader(str(gguf_file)).get_field("llama.rope.freq_base").contents())
+    return gguf.GGUFReader(str(gguf_file)).get_field(key).contents()
 
 
 def test_f16_gguf_holds_the_merged_weights_exactly(merged, tmp_path):
@@ -81,7 +81,9 @@ def test_f16_gguf_holds_the_merged_weights_exactly(merged, tmp_path):
     proc = export(merged, out, "f16")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().endswith(str(out)) and not list(tmp_path.glob("*.partial"))
-    assert rope_base(out) == json.loads((merged / "config.json").read_text())["rope_theta"] == ROPE_THETA
+    assert gguf_field(out, "llama.rope.freq_base") == json.loads((merged / "config.json").read_text())["rope_theta"]
+    assert gguf_field(out, "llama.rope.freq_base") == ROPE_THETA
+    assert gguf_field(out, "tokenizer.chat_template") == (merged / "chat_template.jinja").read_text()
     ours, theirs, want, got = load_both(merged, out)
     assert theirs.config.rope_parameters["rope_theta"] == ROPE_THETA and theirs.config.tie_word_embeddings
     mine, loaded = ours.state_dict(), theirs.state_dict()
@@ -90,7 +92,8 @@ def test_f16_gguf_holds_the_merged_weights_exactly(merged, tmp_path):
     assert torch.equal(got, want)
 
     again = export(merged, out, "f16")  # the script's own checks: one line, nothing overwritten
-    assert again.returncode == 2 and again.stderr.strip() == f"export_gguf: {out} exists; remove it or pass another path"
+    assert again.returncode == 2
+    assert again.stderr.strip() == f"export_gguf: {out} exists; remove it or pass another path"
     missing = export(tmp_path, tmp_path / "x.gguf", "f16")
     assert missing.returncode == 2 and "has no config.json" in missing.stderr
 
@@ -99,7 +102,7 @@ def test_q8_0_gguf_agrees_with_the_merged_checkpoint(merged, tmp_path):
     out = tmp_path / "model-q8_0.gguf"
     proc = export(merged, out, "q8_0")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert rope_base(out) == ROPE_THETA
+    assert gguf_field(out, "llama.rope.freq_base") == ROPE_THETA
     _, _, want, got = load_both(merged, out)
     assert not torch.equal(got, want)  # really quantized
     kl = torch.nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True,

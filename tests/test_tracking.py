@@ -58,7 +58,8 @@ def test_each_tracker_writes_its_local_files_in_a_tiny_run(tiny_model_dir, memor
     events.Reload()
     losses = [(e.step, round(e.value, 4)) for e in events.Scalars("loss")]
     assert losses == want
-    assert {"lr", "grad_norm", "tokens_per_s", "rss_bytes", "eval_loss"} <= set(events.Tags()["scalars"])
+    assert {"lr", "grad_norm", "tokens_per_s", "rss_bytes", "eval_loss",
+            "predicted_bytes"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("eval_loss")] == [0, 2, 3]
     if "wandb" in INSTALLED:
         runs = list((out / "wandb").glob("offline-run-*"))
