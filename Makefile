@@ -4,8 +4,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# written last by `export_gguf.sh --fetch` (the extracted files keep the sdist's older dates)
+# written last by `export_gguf.sh --fetch` (the extracted files keep the sdist's older dates); the second
+# converter is llama.cpp's from early 2025, which tests/test_gguf.py checks the merged config.json against
 CONVERTER := .llama.cpp/VERSION
+CONVERTER_2025 := .llama.cpp-0.3.7/VERSION
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml requirements-lock.txt | cksum | cut -d' ' -f1)
 
 .PHONY: demo test install clean gpu-wheels gpu-check gguf
@@ -26,12 +28,15 @@ demo: $(STAMP)
 	$(BIN)/qlora-lite demo $(ARGS)
 
 # two workers (pytest-xdist): the tests that start processes overlap their imports and waits
-test: $(STAMP) $(CONVERTER)
+test: $(STAMP) $(CONVERTER) $(CONVERTER_2025)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15 $(ARGS)
 
 # llama.cpp's GGUF converter (not in any wheel) from the llama-cpp-python sdist, for tests/test_gguf.py and `make gguf`
 $(CONVERTER): scripts/export_gguf.sh
 	PYTHON=$(BIN)/python bash scripts/export_gguf.sh --fetch
+
+$(CONVERTER_2025): scripts/export_gguf.sh
+	PYTHON=$(BIN)/python bash scripts/export_gguf.sh --fetch 0.3.7
 
 # make gguf MERGED=runs/x/merged OUT=model-q8_0.gguf TYPE=q8_0   (TYPE: f16 (default), bf16, f32, q8_0)
 gguf: $(STAMP) $(CONVERTER)
@@ -49,4 +54,4 @@ gpu-check:
 	bash scripts/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .llama.cpp
+	rm -rf $(VENV) runs .pytest_cache .llama.cpp .llama.cpp-*

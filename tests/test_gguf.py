@@ -1,7 +1,8 @@
 """GGUF export with llama.cpp's converter (scripts/export_gguf.sh), loaded back with transformers.
 
 Runs where the converter is: QLORA_LITE_GGUF_CONVERTER, else .llama.cpp/convert_hf_to_gguf.py
-(`scripts/export_gguf.sh --fetch`, which `make test` runs); skips otherwise. Tolerances:
+(`scripts/export_gguf.sh --fetch`, which `make test` runs); skips otherwise. The early-2025 converter
+(.llama.cpp-0.3.7/, `--fetch 0.3.7`) checks the legacy rope_theta key the merge writes. Tolerances:
 - f16: the merged checkpoint is fp16, so the GGUF holds the same numbers: every tensor bit-equal after
   transformers' dequantization, logits equal.
 - q8_0 (one scale per 32 weights): mean KL < 1e-4, max |Δlogit| < 0.05, no top-1 flip but between logits
@@ -32,12 +33,17 @@ CONVERTER = Path(os.environ.get("QLORA_LITE_GGUF_CONVERTER", ROOT / ".llama.cpp"
 EXPORT = ROOT / "scripts" / "export_gguf.sh"
 ROPE_THETA = 100_000.0  # not llama.cpp's fallback of 10,000, so a converter that misses it shows
 
+# llama.cpp's converter as vendored by llama-cpp-python 0.3.7 (llama.cpp 794fe23, early 2025): it reads only
+# the top-level rope_theta, the key transformers 5 no longer writes (issue 23)
+CONVERTER_2025 = Path(os.environ.get("QLORA_LITE_GGUF_CONVERTER_2025",
+                                     ROOT / ".llama.cpp-0.3.7" / "convert_hf_to_gguf.py"))
+
 pytestmark = pytest.mark.skipif(not CONVERTER.is_file(), reason=f"no llama.cpp converter at {CONVERTER} "
                                 "(scripts/export_gguf.sh --fetch, or set QLORA_LITE_GGUF_CONVERTER)")
 
 
-def export(merged: Path, out: Path, kind: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHON": sys.executable, "QLORA_LITE_GGUF_CONVERTER": str(CONVERTER)}
+def export(merged: Path, out: Path, kind: str, converter: Path = CONVERTER) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "QLORA_LITE_GGUF_CONVERTER": str(converter)}
     return subprocess.run(["bash", str(EXPORT), str(merged), str(out), kind], capture_output=True, text=True, env=env)
 
 
@@ -73,7 +79,8 @@ def load_both(merged: Path, gguf_file: Path):
 def gguf_field(gguf_file: Path, key: str):
     import gguf
 
-    return gguf.GGUFReader(str(gguf_file)).get_field(key).contents()
+    field = gguf.GGUFReader(str(gguf_file)).get_field(key)
+    return None if field is None else field.contents()
 
 
 def test_f16_gguf_holds_the_merged_weights_exactly(merged, tmp_path):
@@ -110,3 +117,25 @@ def test_q8_0_gguf_agrees_with_the_merged_checkpoint(merged, tmp_path):
     assert kl < 1e-4 and (got - want).abs().max() < 0.05, kl
     flips, decisive = top1_flips(got, want, tie_margin=0.05)  # a flip between near-equal logits is rounding
     assert decisive == 0 and flips <= 2, flips
+
+
+@pytest.mark.skipif(not CONVERTER_2025.is_file(), reason=f"no early-2025 converter at {CONVERTER_2025} "
+                    "(scripts/export_gguf.sh --fetch 0.3.7, or set QLORA_LITE_GGUF_CONVERTER_2025)")
+def test_an_early_2025_converter_reads_the_rope_base_from_the_legacy_key(merged, tmp_path):
+    out = tmp_path / "model-2025.gguf"
+    proc = export(merged, out, "f16", converter=CONVERTER_2025)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert gguf_field(out, "llama.rope.freq_base") == ROPE_THETA
+    _, _, want, got = load_both(merged, out)
+    assert torch.equal(got, want)
+    # without the legacy key (transformers 5's config.json alone) it writes no base: llama.cpp assumes 10,000
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for file in merged.iterdir():
+        (bare / file.name).symlink_to(file)
+    config = json.loads((merged / "config.json").read_text())
+    del config["rope_theta"]
+    (bare / "config.json").unlink()
+    (bare / "config.json").write_text(json.dumps(config))
+    proc = export(bare, tmp_path / "bare.gguf", "f16", converter=CONVERTER_2025)
+    assert proc.returncode == 0 and gguf_field(tmp_path / "bare.gguf", "llama.rope.freq_base") is None
