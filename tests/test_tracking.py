@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import sqlite3
+import sys
+import types
 import warnings
 
 import pytest
@@ -79,13 +81,13 @@ def test_each_tracker_writes_its_local_files_in_a_tiny_run(tiny_model_dir, memor
         assert json.loads(config)["lora.r"] == 4
 
 
-@pytest.mark.skipif("trackio" not in INSTALLED, reason="needs the [trackers] extra (trackio)")
 def test_trackio_directory_is_fixed_at_import_and_a_second_one_is_named(tmp_path, monkeypatch):
-    import trackio.utils
-
+    """trackio reads TRACKIO_DIR once, at import (trackio.utils.TRACKIO_DIR); stood in for here by a module
+    object, so that the real trackio is not imported with a directory of this test's choosing."""
     from qlora_lite import tracking
 
-    monkeypatch.setattr(trackio.utils, "TRACKIO_DIR", tmp_path / "first")
+    utils = types.SimpleNamespace(TRACKIO_DIR=tmp_path / "first")
+    monkeypatch.setitem(sys.modules, "trackio", types.SimpleNamespace(utils=utils))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tracking._import_trackio(tmp_path / "first")
