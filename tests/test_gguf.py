@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, write_tiny_model
+from conftest import HANG_S, ROOT, write_tiny_model
 from qlora_lite.adapter import save_adapter
 from qlora_lite.config import LoraConfig, QuantConfig
 from qlora_lite.inject import lora_layers
@@ -38,13 +38,15 @@ ROPE_THETA = 100_000.0  # not llama.cpp's fallback of 10,000, so a converter tha
 CONVERTER_2025 = Path(os.environ.get("QLORA_LITE_GGUF_CONVERTER_2025",
                                      ROOT / ".llama.cpp-0.3.7" / "convert_hf_to_gguf.py"))
 
-pytestmark = pytest.mark.skipif(not CONVERTER.is_file(), reason=f"no llama.cpp converter at {CONVERTER} "
-                                "(scripts/export_gguf.sh --fetch, or set QLORA_LITE_GGUF_CONVERTER)")
+pytestmark = [pytest.mark.skipif(not CONVERTER.is_file(), reason=f"no llama.cpp converter at {CONVERTER} "
+                                 "(scripts/export_gguf.sh --fetch, or set QLORA_LITE_GGUF_CONVERTER)"),
+              pytest.mark.xdist_group("gguf")]  # under `pytest -n 2`: one worker builds the merged fixture once
 
 
 def export(merged: Path, out: Path, kind: str, converter: Path = CONVERTER) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable, "QLORA_LITE_GGUF_CONVERTER": str(converter)}
-    return subprocess.run(["bash", str(EXPORT), str(merged), str(out), kind], capture_output=True, text=True, env=env)
+    return subprocess.run(["bash", str(EXPORT), str(merged), str(out), kind], capture_output=True, text=True, env=env,
+                          timeout=HANG_S)
 
 
 @pytest.fixture(scope="module")
