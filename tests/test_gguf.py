@@ -49,7 +49,7 @@ def export(merged: Path, out: Path, kind: str, converter: Path = CONVERTER) -> s
                           timeout=HANG_S)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # not module: under xdist other modules' tests run between these
 def merged(tmp_path_factory, embedded_dir):
     """A tiny Llama (SmolLM2's tokenizer, rope_theta 1e5) with an adapter of random B, merged to fp16."""
     root = tmp_path_factory.mktemp("gguf")
