@@ -40,7 +40,10 @@ CONVERTER_2025 = Path(os.environ.get("QLORA_LITE_GGUF_CONVERTER_2025",
 
 pytestmark = [pytest.mark.skipif(not CONVERTER.is_file(), reason=f"no llama.cpp converter at {CONVERTER} "
                                  "(scripts/export_gguf.sh --fetch, or set QLORA_LITE_GGUF_CONVERTER)"),
-              pytest.mark.xdist_group("gguf")]  # under `pytest -n 2`: one worker builds the merged fixture once
+              # meant to keep these in one worker under `pytest -n 2 --dist loadgroup`; pytest 9.2 ignores
+              # xdist 3.8's group (Node.nodeid no longer reads the _nodeid xdist rewrites), so a worker may
+              # build the session fixture each
+              pytest.mark.xdist_group("gguf")]
 
 
 def export(merged: Path, out: Path, kind: str, converter: Path = CONVERTER) -> subprocess.CompletedProcess:
@@ -49,7 +52,7 @@ def export(merged: Path, out: Path, kind: str, converter: Path = CONVERTER) -> s
                           timeout=HANG_S)
 
 
-@pytest.fixture(scope="session")  # not module: under xdist other modules' tests run between these
+@pytest.fixture(scope="session")  # not module: under xdist other modules' tests run between these ones
 def merged(tmp_path_factory, embedded_dir):
     """A tiny Llama (SmolLM2's tokenizer, rope_theta 1e5) with an adapter of random B, merged to fp16."""
     root = tmp_path_factory.mktemp("gguf")
