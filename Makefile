@@ -4,9 +4,13 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# written last by `export_gguf.sh --fetch` (the extracted files keep the sdist's older dates); the second
+# converter is llama.cpp's from early 2025, which tests/test_gguf.py checks the merged config.json against
+CONVERTER := .llama.cpp/VERSION
+CONVERTER_2025 := .llama.cpp-0.3.7/VERSION
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml requirements-lock.txt | cksum | cut -d' ' -f1)
 
-.PHONY: demo test install clean gpu-wheels gpu-check
+.PHONY: demo test install clean gpu-wheels gpu-check gguf
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,8 +28,19 @@ demo: $(STAMP)
 	$(BIN)/qlora-lite demo $(ARGS)
 
 # two workers (pytest-xdist): the tests that start processes overlap their imports and waits
-test: $(STAMP)
+test: $(STAMP) $(CONVERTER) $(CONVERTER_2025)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15 $(ARGS)
+
+# llama.cpp's GGUF converter (not in any wheel) from the llama-cpp-python sdist, for tests/test_gguf.py and `make gguf`
+$(CONVERTER): scripts/export_gguf.sh | $(STAMP)
+	PYTHON=$(BIN)/python bash scripts/export_gguf.sh --fetch
+
+$(CONVERTER_2025): scripts/export_gguf.sh | $(STAMP)
+	PYTHON=$(BIN)/python bash scripts/export_gguf.sh --fetch 0.3.7
+
+# make gguf MERGED=runs/x/merged OUT=model-q8_0.gguf TYPE=q8_0   (TYPE: f16 (default), bf16, f32, q8_0)
+gguf: $(STAMP) $(CONVERTER)
+	PYTHON=$(BIN)/python bash scripts/export_gguf.sh $(MERGED) $(OUT) $(or $(TYPE),f16)
 
 # GPU verification (docs/gpu.md): wheels for the offline GPU machine, then one command there.
 gpu-wheels: scripts/gpu_wheels.txt
@@ -39,4 +54,4 @@ gpu-check:
 	bash scripts/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .llama.cpp .llama.cpp-*

@@ -6,8 +6,10 @@ locally under out_dir, offline:
     tensorboard  out_dir/tensorboard/<run>/events.out.tfevents.*   (accelerate's TensorBoardTracker)
     wandb        out_dir/wandb/offline-run-*/   (mode=offline unless WANDB_MODE says otherwise; `wandb sync`
                  uploads it later)
-    mlflow       out_dir/mlruns/   (a file store, unless MLFLOW_TRACKING_URI names another)
-    trackio      out_dir/trackio/  (unless TRACKIO_DIR names another; `trackio show` opens it)
+    mlflow       out_dir/mlruns/   (a file store, unless MLFLOW_TRACKING_URI names another; MLflow 3 wants
+                 MLFLOW_ALLOW_FILE_STORE=true for it, set unless already set)
+    trackio      out_dir/trackio/  (unless TRACKIO_DIR names another; `trackio show` opens it). trackio reads
+                 its directory once per process: a later run in the same process warns where it writes
 
 The run's config is stored once (flattened: ``lora.r``); each logged step sends the same numbers as
 metrics.jsonl (loss, eval loss, learning rate, grad norm, tokens/s, memory measured) plus the
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -74,11 +78,32 @@ def _tracker(name: str, project: str, run_name: str, out_dir: Path):
 
         if "MLFLOW_TRACKING_URI" not in os.environ:
             mlflow.set_tracking_uri((out_dir / "mlruns").resolve().as_uri())
+            # MLflow 3 refuses its file store unless opted in; the alternative (sqlite) needs SQLAlchemy
+            # and Alembic, which mlflow-skinny leaves out. (Full mlflow's `mlflow ui --backend-store-uri` reads it.)
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         return tracking.MLflowTracker(experiment_name=project, logging_dir=str(out_dir / "mlruns"),
                                       run_name=run_name)
-    # trackio reads TRACKIO_DIR when imported (inside the tracker's start)
-    os.environ.setdefault("TRACKIO_DIR", str(out_dir / "trackio"))
+    _import_trackio(Path(os.environ.get("TRACKIO_DIR") or out_dir / "trackio"))
     return tracking.TrackioTracker(project, name=run_name)
+
+
+def _import_trackio(directory: Path) -> None:
+    """Import trackio so that it writes to `directory`: it reads TRACKIO_DIR once, when first imported."""
+    if "trackio" not in sys.modules:
+        previous = os.environ.get("TRACKIO_DIR")
+        os.environ["TRACKIO_DIR"] = str(directory)
+        try:
+            import trackio  # noqa: F401
+        finally:
+            if previous is None:
+                del os.environ["TRACKIO_DIR"]
+            else:
+                os.environ["TRACKIO_DIR"] = previous
+    from trackio import utils
+
+    if Path(utils.TRACKIO_DIR).resolve() != directory.resolve():  # a second run in this process
+        warnings.warn(f"trackio writes this run to {utils.TRACKIO_DIR}, not {directory}: trackio fixes its "
+                      "directory when first imported in a process; set TRACKIO_DIR before starting", stacklevel=3)
 
 
 class Trackers:

@@ -210,13 +210,20 @@ def test_flat_schemas_read_alike_from_jsonl_csv_parquet_folders_and_datasets(tok
     table = datasets.Dataset.from_list(rows)
     write_jsonl(tmp_path / "a.jsonl", [json.dumps(r) for r in rows])
     table.to_csv(str(tmp_path / "a.csv"))
-    (tmp_path / "shards").mkdir()
+    (tmp_path / "a.json").write_text(json.dumps(rows, indent=1))  # one JSON document: a list of records
+    (tmp_path / "shards" / "more").mkdir(parents=True)  # a folder is searched recursively, files in name order
     table.select([0]).to_parquet(str(tmp_path / "shards" / "0.parquet"))
-    table.select([1, 2]).to_parquet(str(tmp_path / "shards" / "1.parquet"))
+    table.select([1, 2]).to_parquet(str(tmp_path / "shards" / "more" / "1.parquet"))
     reference = [tokenize_record(r, tok, 64) for r in rows]
-    for source in (tmp_path / "a.jsonl", tmp_path / "a.csv", tmp_path / "shards", table, rows):
+    for source in (tmp_path / "a.jsonl", tmp_path / "a.json", tmp_path / "a.csv", tmp_path / "shards", table, rows):
         ds = build_dataset(source, tok, 64, cache_dir=tmp_path / "c")
         assert [ds[i] for i in range(len(ds))] == reference, source
+    datasets.DatasetDict({"train": table, "test": table}).save_to_disk(str(tmp_path / "splits"))
+    with pytest.raises(DataError) as info:
+        load_records(tmp_path / "splits")
+    assert str(info.value) == (f"{tmp_path / 'splits'} holds the splits ['test', 'train']; pass one split's folder, "
+                               f"e.g. {tmp_path / 'splits'}/train")
+    assert len(build_dataset(tmp_path / "splits" / "train", tok, 64, cache_dir=tmp_path / "c")) == 3
     (tmp_path / "shards" / "x.csv").write_text("instruction,output\na,b\n")
     with pytest.raises(DataError, match="mixes"):
         load_records(tmp_path / "shards")
@@ -280,6 +287,19 @@ def test_second_run_reads_the_cache_instead_of_tokenizing(tok, tmp_path, monkeyp
         build_dataset(path, other, 64, cache_dir=tmp_path / "c")
     with pytest.raises(AssertionError, match="tokenized again"):
         build_dataset(path, tok, 63, cache_dir=tmp_path / "c")
+
+
+def test_tokenizing_in_two_processes_gives_the_same_rows(tok, tmp_path, monkeypatch):
+    import datasets
+
+    path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(r) for r in [CHAT, {"text": "abc"}, SCHEMAS["alpaca"][0]] * 4])
+    one = build_dataset(path, tok, 64, cache_dir=tmp_path / "one")
+    seen = []
+    real_map = datasets.Dataset.map
+    monkeypatch.setattr(datasets.Dataset, "map", lambda self, *a, **kw: seen.append(kw.get("num_proc"))
+                        or real_map(self, *a, **kw))
+    two = build_dataset(path, tok, 64, cache_dir=tmp_path / "two", num_proc=2)
+    assert 2 in seen and [two[i] for i in range(len(two))] == [one[i] for i in range(len(one))]
 
 
 # --- truncation, stats, packing ---------------------------------------------------------
