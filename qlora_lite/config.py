@@ -129,6 +129,10 @@ class LoraConfig:
     loftq_iter: int = 1  # LoftQ's alternating steps (PEFT's default)
     lora_dtype: str = "auto"  # the compute dtype on CUDA, fp32 on CPU (resolve_lora_dtype)
     use_dora: bool = False  # DoRA: a trained magnitude per output row (PEFT's use_dora)
+    # mixture-of-experts projections (transformers 5's 3-D `experts.gate_up_proj`/`down_proj`), PEFT's
+    # name: None adapts them all when target_modules is "all-linear" (an expert is a linear stored 3-D)
+    # and none otherwise; a list of name suffixes ("mlp.experts.down_proj") picks some, [] none
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         problems: list[str] = []
@@ -158,6 +162,13 @@ class LoraConfig:
                 self.target_modules = list(targets)
         else:
             problems.append(f"target_modules={targets!r} must be 'all-linear', a list of names or a regex")
+        params = self.target_parameters
+        if params is not None:
+            if not isinstance(params, (list, tuple)) or not all(isinstance(t, str) and t for t in params):
+                problems.append(f"target_parameters={params!r} must be a list of parameter names, e.g. "
+                                "['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']")
+            else:
+                self.target_parameters = list(params)
         for flag in ("use_rslora", "use_dora"):
             if not isinstance(getattr(self, flag), bool):
                 problems.append(f"{flag}={getattr(self, flag)!r} must be true or false")

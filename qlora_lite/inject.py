@@ -2,7 +2,8 @@
 
 Targets are named the way PEFT names them: `"all-linear"` (every `nn.Linear` except the output
 projection), a list of module-name suffixes (`["q_proj", "v_proj"]`), or a regex matched against
-the full module path.
+the full module path. Mixture-of-experts projections (3-D parameters, experts.py) are PEFT's
+`target_parameters`: `find_expert_targets`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from torch import nn
 
 from .config import LoraConfig, QuantConfig, resolve_lora_dtype
 from .errors import ConfigError
+from .experts import (PROJECTIONS, LoRAExpertProjection4bit, LoRAExperts4bit, fused_experts_modules,
+                      unsupported_expert_parameters)
 from .init import Initialised, initialise, needs_weight
 from .layers import DEFAULT_ADAPTER, LoRALinear4bit
 from .nf4 import NF4Weight
@@ -23,6 +26,8 @@ __all__ = [
     "ParameterCount",
     "linear_module_names",
     "find_targets",
+    "find_expert_targets",
+    "make_experts_layer",
     "replace_module",
     "make_lora_layer",
     "quantize_target",
@@ -71,6 +76,61 @@ def find_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]
                               "Mistral, Gemma, ...)", "model")
         raise ConfigError(_no_match_message(target_modules, linears), "target_modules")
     return found
+
+
+def find_expert_targets(model: nn.Module, lora: LoraConfig) -> list[str]:
+    """The expert projections `lora` adapts, as "<experts module>.<gate_up_proj|down_proj>" paths.
+
+    `target_parameters=None`: all of them when `target_modules` is "all-linear", else none; a list
+    matches PEFT's way (the path or a "."-suffix of it), and a name that matches nothing is an error.
+    """
+    names = [f"{m}.{p}" for m in fused_experts_modules(model) for p in PROJECTIONS]
+    wanted = lora.target_parameters
+    if wanted is None:
+        return names if lora.target_modules == "all-linear" else []
+    unmatched = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        kinds = sorted({n.split(".", 3)[-1] if n.startswith("model.layers.") else n for n in names})
+        raise ConfigError(f"target_parameters {unmatched} match no expert projection; "
+                          + (f"this model's are {kinds[:4]}" if names else "this model has no mixture-of-experts "
+                             "layers"), "target_parameters")
+    return [n for n in names if any(n == t or n.endswith("." + t) for t in wanted)]
+
+
+def _check_experts(model: nn.Module, lora: LoraConfig | None, expert_targets: list[str]) -> None:
+    odd = unsupported_expert_parameters(model)
+    if odd:
+        raise ConfigError(f"{odd[0]} (and {len(odd) - 1} more) is a {model.get_parameter(odd[0]).dim()}-D expert "
+                          "parameter in a layout qlora-lite does not quantize or adapt (only transformers' fused "
+                          "experts with 3-D gate_up_proj and down_proj, as in Mixtral and Qwen3-MoE)", "model")
+    if expert_targets and lora is not None:
+        if lora.lora_dropout:
+            raise ConfigError(f"lora_dropout={lora.lora_dropout}: LoRA on experts takes no dropout (PEFT's parameter "
+                              "targets refuse it); set lora_dropout: 0, or target_parameters: [] to leave the "
+                              "experts unadapted", "LoraConfig")
+        if lora.use_dora or needs_weight(lora.init_lora_weights):
+            raise ConfigError(f"{'use_dora' if lora.use_dora else 'init_lora_weights=' + lora.init_lora_weights} is "
+                              "not available on experts (nor in PEFT's parameter targets); set "
+                              "target_parameters: [] to adapt only the linears", "LoraConfig")
+
+
+def make_experts_layer(weights: dict[str, torch.Tensor], act_fn: nn.Module, quant: QuantConfig | None,
+                       lora: LoraConfig | None, adapted: set[str], name: str = "experts",
+                       compute_dtype: torch.dtype = torch.float32) -> LoRAExperts4bit:
+    """A `LoRAExperts4bit` from the 3-D `gate_up_proj`/`down_proj` tensors: every expert's matrix its
+    own NF4Weight (with `quant`; else a frozen 16-bit copy), adapters on the projections in `adapted`."""
+    projections = {}
+    for proj in PROJECTIONS:
+        w = weights[proj].detach()
+        base = ([NF4Weight.from_tensor(w[e], quant.blocksize, quant.double_quant, quant.backend,
+                                       name=f"{name}.{proj}[{e}]") for e in range(w.shape[0])]
+                if quant is not None else w)
+        layer = LoRAExpertProjection4bit(base)
+        if lora is not None and proj in adapted:
+            layer.add_adapter(DEFAULT_ADAPTER, lora.r, lora.lora_alpha, lora.use_rslora, lora.init_lora_weights,
+                              resolve_lora_dtype(lora.lora_dtype, compute_dtype, layer.device))
+        projections[proj] = layer
+    return LoRAExperts4bit(projections["gate_up_proj"], projections["down_proj"], act_fn)
 
 
 def _no_match_message(spec, linears: list[str]) -> str:
@@ -130,8 +190,19 @@ def inject_lora(model: nn.Module, lora: LoraConfig, quant: QuantConfig | None = 
     """Swap the linears of an in-memory model for LoRA layers (quantizing every linear but the head).
 
     Like QLoRA, all linears are stored NF4 when `quant` is given, adapters go on the targets only.
-    Returns the adapted module paths. `load.load_model` does the same while streaming from disk.
+    Mixture-of-experts layers are swapped for `LoRAExperts4bit` (every expert NF4) and adapted on
+    `find_expert_targets`. Returns the adapted module paths (an expert projection's is
+    "<experts>.gate_up_proj"). `load.load_model` does the same while streaming from disk.
     """
+    expert_targets = find_expert_targets(model, lora)
+    _check_experts(model, lora, expert_targets)
+    for name, experts in fused_experts_modules(model).items():
+        adapted = {t.rpartition(".")[2] for t in expert_targets if t.rpartition(".")[0] == name}
+        if isinstance(experts, LoRAExperts4bit) or not (quant is not None or adapted):
+            continue
+        weights = {p: getattr(experts, p) for p in PROJECTIONS}
+        replace_module(model, name, make_experts_layer(weights, experts.act_fn, quant, lora, adapted, name,
+                                                       weights["gate_up_proj"].dtype))
     targets = set(find_targets(model, lora.target_modules))
     to_replace = find_targets(model, "all-linear") if quant is not None else sorted(targets)
     for name in to_replace:
@@ -146,7 +217,7 @@ def inject_lora(model: nn.Module, lora: LoraConfig, quant: QuantConfig | None = 
         replace_module(model, name, make_lora_layer(base, bias, lora if name in targets else None,
                                                     compute_dtype=linear.weight.dtype))
     freeze_base(model)
-    return [n for n in to_replace if n in targets]
+    return [n for n in to_replace if n in targets] + expert_targets
 
 
 def freeze_base(model: nn.Module) -> None:

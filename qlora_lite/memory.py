@@ -34,8 +34,10 @@
 The per-block formula is in `_block_bytes_per_token`; every term there was checked against the
 tensors autograd saves in a transformers Llama layer (tests/test_memory.py). Parameter counts come
 from the model built on the meta device, so they are exact for any architecture; the activation
-formula assumes a pre-norm decoder block (RMSNorm, SDPA attention, gated or plain MLP), and
-`memory_arch.model_shape` refuses what it does not describe (encoders, Mamba, mixture-of-experts).
+formula assumes a pre-norm decoder block (RMSNorm, SDPA attention, gated or plain MLP, or a routed
+mixture-of-experts MLP: `memory_moe.py`), and `memory_arch.model_shape` refuses what it does not
+describe (encoders, Mamba, expert layouts other than transformers' fused experts). Expert
+projections count like linears, one NF4 weight and one LoRA pair per expert.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from .config import LoraConfig, QuantConfig, resolve_dtype, resolve_lora_dtype
 from .errors import ConfigError, QLoraLiteError
 from .memory_arch import (GB, GPU_MEMORY, GiB, ModelShape, builtin_configs, layer_index, load_model_config,
                           model_shape, parse_budget)
+from .memory_moe import moe_mlp_bytes_per_token
 from .memory_offload import OFFLOAD_RESIDENT_INPUTS, PCIE4_X16_GBPS, BaseOffload, base_offload, offload_lines
 from .memory_peer import peer_terms
 from .nf4 import nf4_nbytes
@@ -96,7 +99,7 @@ class MemoryBudgetError(QLoraLiteError, ValueError):
 
 
 def _block_bytes_per_token(a: ModelShape, layer_targets: list[tuple[str, int]], *, b: int, mask: int, r: int,
-                           dropout: float, mlp_only: bool = False) -> int:
+                           dropout: float, mlp_only: bool = False, moe_mlp: int | None = None) -> int:
     """Bytes autograd saves per token in one decoder block (compute dtype b bytes, dropout mask `mask` bytes).
 
         2 RMSNorms  2·(4h + 4)         fp32 copy of the input + rsqrt (the weight multiply saves nothing: frozen)
@@ -108,9 +111,10 @@ def _block_bytes_per_token(a: ModelShape, layer_targets: list[tuple[str, int]], 
                                    gate/up share one, o_proj's is SDPA's output, already counted)
 
     `mlp_only`: the MLP's share alone (give it the MLP's targets): what a tiled MLP keeps per chunk.
+    `moe_mlp`: a routed MLP's bytes per token (memory_moe.moe_mlp_bytes_per_token) in place of the dense one.
     """
     h, q, kv, i = a.hidden, a.heads * a.head_dim, a.kv_heads * a.head_dim, a.intermediate
-    total = (3 if a.gated else 1) * b * i
+    total = (3 if a.gated else 1) * b * i if moe_mlp is None else moe_mlp
     if not mlp_only:
         total += 2 * (4 * h + 4) + b * (2 * q + 2 * kv) + 4 * a.heads
     shared: set[str] = set()
@@ -345,6 +349,10 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
         raise ConfigError(problems, "memory estimate")
     cfg, name = load_model_config(config)
     a = model_shape(cfg)
+    if a.experts and (recipe == "peft" or mlp_chunk_tokens):
+        raise ConfigError(f"{name} is a mixture-of-experts model; the planner does not plan "
+                          f"{'the peer recipe' if recipe == 'peft' else 'a tiled MLP (mlp_chunk_tokens)'} for it",
+                          "memory estimate")
     dtype = resolve_dtype(compute_dtype) if compute_dtype != "auto" else (
         torch.bfloat16 if device == "cuda" else torch.float32)
     peer = peer_terms(a, lora, dtype) if recipe == "peft" else None
@@ -352,18 +360,20 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
     optimizer = optimizer if device == "cuda" and not fsdp else "adamw"  # as train._optimizer_in_use
     b, lora_b = dtype.itemsize, lora_dtype.itemsize
     w16_b = peer.weight_bytes if peer else b
-    targets = a.target_names(lora.target_modules)
+    targets = a.target_names(lora.target_modules) + a.expert_target_names(lora)
+    matrices = a.matrices  # name -> (count, out, in): linears once, expert projections once per expert
 
     # weights. FSDP2 (fsdp.py: every block one unit, the root unit the rest) keeps per rank 1/N of every
     # parameter, plus the units it has gathered: the root unit (embeddings, final norm, head) whole from
     # the forward's start to the backward's end (FSDP2 does not reshard the root after forward), and
     # two blocks (the one computing and the next, prefetched)
-    quantized_params = sum(o * i for o, i in a.linears.values()) if quant else 0
+    quantized_params = sum(c * o * i for c, o, i in matrices.values()) if quant else 0
     n16 = a.total - quantized_params
-    q_bytes = sum(nf4_nbytes(o * i, quant.blocksize, quant.double_quant) for o, i in a.linears.values()) if quant else 0
-    q_layer = sum(nf4_nbytes(o * i, quant.blocksize, quant.double_quant)
-                  for n, (o, i) in a.linears.items() if layer_index(n) == 0) if quant else 0
-    layer16 = a.layer_params - sum(o * i for n, (o, i) in a.linears.items() if layer_index(n) == 0 and quant)
+    q_bytes = sum(c * nf4_nbytes(o * i, quant.blocksize, quant.double_quant) for c, o, i in matrices.values()) \
+        if quant else 0
+    q_layer = sum(c * nf4_nbytes(o * i, quant.blocksize, quant.double_quant)
+                  for n, (c, o, i) in matrices.items() if layer_index(n) == 0) if quant else 0
+    layer16 = a.layer_params - sum(c * o * i for n, (c, o, i) in matrices.items() if layer_index(n) == 0 and quant)
     root16 = n16 - a.layers * layer16  # embeddings, final norm, lm_head
     sharded = fsdp and world_size > 1
     gathered = min(2, a.layers)
@@ -377,9 +387,11 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
 
     # LoRA and optimizer: replicated under DDP (plus a gradient bucket copy); under FSDP sharded 1/N
     # like the base, with the gathered blocks' factors and gradients whole
-    lora_tensors = [n for t in targets for n in (lora.r * a.linears[t][1], a.linears[t][0] * lora.r)]
+    lora_tensors = [n for t in targets for n in (matrices[t][0] * lora.r * matrices[t][2],
+                                                 matrices[t][0] * matrices[t][1] * lora.r)]
     n_lora = sum(lora_tensors)
-    n_lora_layer = sum(lora.r * (a.linears[t][0] + a.linears[t][1]) for t in targets if layer_index(t) == 0)
+    n_lora_layer = sum(c * lora.r * (o + i) for t, (c, o, i) in matrices.items()
+                       if t in targets and layer_index(t) == 0)
     lora_resident = -(-n_lora // world_size) + gathered * n_lora_layer if sharded else n_lora
     grads = lora_resident * lora_b * (2 if world_size > 1 and not fsdp else 1)
     opt, paged = _optimizer_bytes(optimizer, lora_tensors, lora_b)
@@ -388,11 +400,19 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
 
     # activations
     tokens, h = seq_len * batch_size, a.hidden
-    layer0 = [(t.rsplit(".", 1)[-1], a.linears[t][1]) for t in targets if layer_index(t) == 0]
     mask = 1 if device == "cuda" else b  # CUDA's native dropout keeps a bool mask
-    block = tokens * _block_bytes_per_token(a, layer0, b=b, mask=mask, r=lora.r, dropout=lora.lora_dropout)
+    block, inter = 0, 0  # the largest recomputed block, the widest MLP intermediate per token
+    for n in a.representative_layers():  # a dense block, a routed one, or both
+        linear = [(t.rsplit(".", 1)[-1], a.linears[t][1]) for t in targets if layer_index(t) == n and t in a.linears]
+        routed = [t.rsplit(".", 1)[-1] for t in targets if layer_index(t) == n and t in a.experts]
+        moe = moe_mlp_bytes_per_token(a, n, routed, dtype=dtype, r=lora.r) if any(
+            layer_index(e) == n for e in a.experts) else None
+        block = max(block, tokens * _block_bytes_per_token(a, linear, b=b, mask=mask, r=lora.r,
+                                                           dropout=lora.lora_dropout, moe_mlp=moe))
+        inter = max(inter, a.intermediate if moe is None else a.top_k * next(
+            s[2] for e, s in a.experts.items() if layer_index(e) == n and e.endswith(".down_proj")))
     rope = 2 * seq_len * a.head_dim * b
-    max_linear = max(o * i for o, i in a.linears.values())
+    max_linear = max(o * i for _, o, i in matrices.values())
     inter_tokens = tokens  # positions whose MLP intermediates are alive at once
     if mlp_chunk_tokens and mlp_chunk_tokens < seq_len:  # offload.install_tiled_mlp: a checkpoint per chunk
         mlp_targets = [(t.rsplit(".", 1)[-1], a.linears[t][1]) for t in targets if layer_index(t) == 0 and ".mlp." in t]
@@ -400,7 +420,7 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
                                      mlp_only=True)
         inter_tokens = batch_size * mlp_chunk_tokens
         block += tokens * (b * h - mlp) + inter_tokens * mlp  # the MLP input instead; one chunk's own
-    workspace = tokens * b * h + inter_tokens * b * BACKWARD_WORKSPACE_INTER * a.intermediate + max_linear * b
+    workspace = tokens * b * h + inter_tokens * b * BACKWARD_WORKSPACE_INTER * inter + max_linear * b
     inputs = a.layers * tokens * h * (peer.residual_bytes if peer else b)  # the checkpointed block inputs
     offloaded = inputs if offload_activations and device == "cuda" else 0
     if gradient_checkpointing:

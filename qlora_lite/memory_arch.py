@@ -3,8 +3,9 @@
 `load_model_config` accepts a `PretrainedConfig`, a built-in shape name (qlora_lite/configs), a
 config.json or a model directory; `model_shape` builds the model on the meta device (exact
 parameter counts for any architecture) and refuses, in one line, what the activation formula does
-not describe: encoders (BERT), state-space models (Mamba), mixture-of-experts MLPs, and configs
-with no attention heads. `parse_budget` reads "24GB", "24GiB" or a GPU name.
+not describe: encoders (BERT), state-space models (Mamba), configs with no attention heads, and
+mixture-of-experts layouts other than transformers' fused experts (3-D `gate_up_proj`/`down_proj`
+beside a router, as in Mixtral and Qwen3-MoE: experts.py), e.g. shared experts. `parse_budget` reads "24GB", "24GiB" or a GPU name.
 """
 
 from __future__ import annotations
@@ -89,11 +90,6 @@ def _refusal(cfg: Any) -> str | None:
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     if getattr(cfg, "is_encoder_decoder", False):
         return f"model_type {kind!r} is an encoder-decoder model; the planner plans decoder-only causal LMs"
-    experts = {k: getattr(text, k) for k in _MOE_KEYS if isinstance(getattr(text, k, None), int)}
-    if any(v > 1 for v in experts.values()):
-        found = ", ".join(f"{k}={v}" for k, v in experts.items())
-        return (f"model_type {kind!r} is a mixture-of-experts model ({found}); the planner's activation "
-                "formula assumes one dense MLP per block and would under-count it")
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         value = getattr(text, key, None)
         if value is None and key == "num_attention_heads":
@@ -125,6 +121,8 @@ class ModelShape:
     gated: bool
     head_params: int  # the LM head's weight (the embedding's when tied)
     tied: bool
+    experts: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # "<experts>.<proj>" -> (E, out, in)
+    top_k: int = 0  # experts each token is routed to (0: no mixture-of-experts layer)
     targets: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def target_names(self, spec: str | list[str]) -> tuple[str, ...]:
@@ -134,6 +132,27 @@ class ModelShape:
         if key not in self.targets:
             self.targets[key] = tuple(find_targets(self.model, spec))
         return self.targets[key]
+
+    def expert_target_names(self, lora: Any) -> tuple[str, ...]:
+        """The expert projections `lora` adapts (inject.find_expert_targets)."""
+        from .inject import find_expert_targets
+
+        key = json.dumps([lora.target_modules, lora.target_parameters])
+        if key not in self.targets:
+            self.targets[key] = tuple(find_expert_targets(self.model, lora))
+        return self.targets[key]
+
+    @property
+    def matrices(self) -> dict[str, tuple[int, int, int]]:
+        """Every matrix stored NF4: linears (one each) and expert projections (one per expert), as
+        name -> (count, out, in)."""
+        return {**{n: (1, o, i) for n, (o, i) in self.linears.items()}, **self.experts}
+
+    def representative_layers(self) -> list[int]:
+        """The first dense layer and the first mixture-of-experts layer: the kinds of block there are."""
+        moe = sorted({layer_index(n) for n in self.experts})
+        dense = [i for i in range(self.layers) if i not in moe]
+        return [*dense[:1], *moe[:1]]
 
 
 def layer_index(name: str) -> int | None:
@@ -159,6 +178,7 @@ def _shape_from_json(config_json: str, model_type: str) -> ModelShape:
                           "the planner plans decoder-only transformers", "model")
     model.tie_weights()  # init_empty_weights skips the tying that a real instantiation does
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    experts = _expert_shapes(model, text, model_type)
     linears = {n: (model.get_submodule(n).out_features, model.get_submodule(n).in_features)
                for n in find_targets(model, "all-linear")}
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
@@ -170,7 +190,32 @@ def _shape_from_json(config_json: str, model_type: str) -> ModelShape:
                       text.num_hidden_layers, heads, getattr(text, "num_key_value_heads", None) or heads,
                       getattr(text, "head_dim", None) or text.hidden_size // heads, text.vocab_size, total, linears,
                       layer0, any(n.rsplit(".", 1)[-1] in _GATE_NAMES for n in linears),
-                      head.weight.numel() if head is not None else 0, tied)
+                      head.weight.numel() if head is not None else 0, tied, experts,
+                      getattr(text, "num_experts_per_tok", 0) if experts else 0)
+
+
+def _expert_shapes(model: Any, text: Any, model_type: str) -> dict[str, tuple[int, int, int]]:
+    """(experts, out, in) of every fused expert projection; a ConfigError for expert layouts the
+    planner cannot count (the activation formula knows router + fused experts blocks only)."""
+    from .experts import PROJECTIONS, fused_experts_modules, unsupported_expert_parameters
+
+    odd = unsupported_expert_parameters(model)
+    found = {k: getattr(text, k) for k in _MOE_KEYS if isinstance(getattr(text, k, None), int)}
+    modules = fused_experts_modules(model)
+    if odd or (any(v > 1 for v in found.values()) and not modules):
+        what = f"{odd[0]} is a {model.get_parameter(odd[0]).dim()}-D parameter" if odd else \
+            ", ".join(f"{k}={v}" for k, v in found.items())
+        raise ConfigError(f"model_type {model_type!r} is a mixture-of-experts model ({what}) in a layout the planner "
+                          "does not count: only transformers' fused experts (3-D gate_up_proj and down_proj beside "
+                          "a router, as in Mixtral and Qwen3-MoE)", "model for the memory planner")
+    for name in modules:
+        block = model.get_submodule(name.rpartition(".")[0])
+        extra = [n for n, _ in block.named_children() if n not in ("gate", "experts")]
+        if extra or not isinstance(getattr(text, "num_experts_per_tok", None), int):
+            raise ConfigError(f"model_type {model_type!r}: the mixture-of-experts block {name.rpartition('.')[0]} "
+                              f"has {extra or 'no num_experts_per_tok'} besides its router and experts (shared "
+                              "experts?), which the planner does not count", "model for the memory planner")
+    return {f"{m}.{p}": tuple(getattr(mod, p).shape) for m, mod in modules.items() for p in PROJECTIONS}
 
 
 def model_shape(cfg: Any) -> ModelShape:
