@@ -4,6 +4,11 @@
     adapter_model.safetensors    base_model.model.<module path>.lora_A.weight  (r × in)
                                  base_model.model.<module path>.lora_B.weight  (out × r)
                                  base_model.model.<module path>.lora_magnitude_vector  (out; DoRA only)
+                                 mixture-of-experts projections (experts.py), PEFT's `target_parameters`:
+                                 base_model.model.<experts>[.base_layer].lora_A.weight  (E·r × in)
+                                 base_model.model.<experts>[.base_layer].lora_B.weight  (out × r·E)
+                                 (PEFT nests one wrapper per targeted parameter: with both targeted,
+                                 gate_up_proj's factors sit under .base_layer, down_proj's above)
     qlora_lite.json              the run settings that rebuild the base it trained on (settings.py)
     qlora_lite_base.safetensors  LoftQ/PiSSA only: the NF4 base of the adapted modules, which is not
                                  NF4(W0) (bitsandbytes' keys: <module>.weight, .weight.absmax, ...)
@@ -32,6 +37,8 @@ from .errors import CheckpointError
 from .dtensor import full_tensor
 from .fsutil import atomic_directory
 from .inject import lora_layers
+from .experts import (PROJECTIONS, LoRAExpertProjection4bit, expert_delta_weight, peft_wrapper_path,
+                      projection_from_wrapper)
 from .layers import DEFAULT_ADAPTER, LoRALinear4bit, dora_merge, lora_scaling
 from .nf4 import NF4Weight
 
@@ -70,6 +77,7 @@ class AdapterFile:
     path: Path
     magnitude: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # DoRA's m per module
     base_file: Path | None = None  # LoftQ/PiSSA: the NF4 base the adapter trained on (BASE_NAME)
+    experts: dict[str, int] = dataclasses.field(default_factory=dict)  # "<experts>.<proj>" -> its expert count
 
     def stored_base(self, module: str) -> NF4Weight | None:
         """The NF4 base saved beside the adapter for `module` (LoftQ/PiSSA), else None: NF4(W0) applies."""
@@ -123,7 +131,10 @@ class AdapterFile:
         return lora_scaling(self.alpha_for(module), self.rank_for(module), bool(self.config.get("use_rslora")))
 
     def delta_weight(self, module: str) -> torch.Tensor:
-        """s·B·A in fp32 for one module."""
+        """s·B·A in fp32 for one module; for an expert projection (experts, out, in), one per expert."""
+        if module in self.experts:
+            return expert_delta_weight(self.lora_A[module], self.lora_B[module], self.experts[module],
+                                       self.scaling_for(module))
         return self.scaling_for(module) * (self.lora_B[module].float() @ self.lora_A[module].float())
 
     def merged_weight(self, module: str, w0: torch.Tensor) -> torch.Tensor:
@@ -138,9 +149,12 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
     Under FSDP the factors are sharded: every rank must call this (it all-gathers them).
     """
     out: dict[str, torch.Tensor] = {}
-    for path, layer in lora_layers(model).items():
+    layers = lora_layers(model)
+    for path, layer in layers.items():
         key = name or layer.active_adapter
         if key in layer.adapters:
+            if isinstance(layer, LoRAExpertProjection4bit):
+                path = _expert_wrapper_path(layers, path, name)
             out[f"{PEFT_PREFIX}{path}.lora_A.weight"] = full_tensor(layer.lora_A[key].detach()).contiguous()
             out[f"{PEFT_PREFIX}{path}.lora_B.weight"] = full_tensor(layer.lora_B[key].detach()).contiguous()
             if layer.adapters[key].use_dora:
@@ -149,6 +163,23 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
     if not out:
         raise CheckpointError(f"the model has no adapter named {name!r} to save; loaded: {list_adapters(model)}")
     return out
+
+
+def _expert_wrapper_path(layers: dict, path: str, name: str | None) -> str:
+    experts, _, projection = path.rpartition(".")
+    adapted = [p for p in PROJECTIONS if (layer := layers.get(f"{experts}.{p}")) is not None
+               and (name or layer.active_adapter) in layer.adapters]
+    return peft_wrapper_path(experts, projection, adapted)
+
+
+def _parameter_spec(layers: dict, adapted: list[str]) -> list[str]:
+    """PEFT's `target_parameters` for the adapted expert projections: "experts.<proj>" when that selects
+    exactly them (PEFT matches "."-suffixes), else their full paths."""
+    experts = [p for p in layers if isinstance(layers[p], LoRAExpertProjection4bit)]
+    short = sorted({".".join(p.rsplit(".", 2)[-2:]) for p in adapted})
+    if sorted(p for p in experts if any(p.endswith("." + s) for s in short)) == sorted(adapted):
+        return short
+    return sorted(adapted)
 
 
 def _target_spec(model: nn.Module, adapted: list[str]) -> list[str] | str:
@@ -178,7 +209,9 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
     # the most common rank and alpha are the defaults; modules that differ go into PEFT's patterns
     r = Counter(s.r for s in specs.values()).most_common(1)[0][0]
     alpha = Counter(s.lora_alpha for s in specs.values()).most_common(1)[0][0]
-    spec = specs[adapted[0]]
+    linear = [p for p in adapted if not isinstance(layers[p], LoRAExpertProjection4bit)]
+    expert = [p for p in adapted if p not in linear]
+    spec = specs[(linear or adapted)[0]]
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
     config = {
@@ -190,7 +223,7 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
         "rank_pattern": {p: s.r for p, s in specs.items() if s.r != r},
         "alpha_pattern": {p: s.lora_alpha for p, s in specs.items() if s.lora_alpha != alpha},
         "lora_dropout": spec.lora_dropout,
-        "target_modules": _target_spec(model, adapted),
+        "target_modules": _target_spec(model, linear) if linear else [],
         "use_rslora": spec.use_rslora,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -199,6 +232,8 @@ def save_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
         "modules_to_save": None,
         "use_dora": spec.use_dora,
     }
+    if expert:
+        config["target_parameters"] = _parameter_spec(layers, expert)
     if len({s.use_dora for s in specs.values()}) > 1:  # PEFT's config has one use_dora for all modules
         raise CheckpointError(f"adapter {name!r} mixes DoRA and plain LoRA modules; PEFT's format cannot say so")
     own_base = {}  # LoftQ/PiSSA: the base trained on is not NF4(W0); it travels with the adapter
@@ -267,6 +302,7 @@ def read_adapter(directory: str | Path) -> AdapterFile:
             raise CheckpointError(f"{weights_file}: unexpected tensor {key!r}; only LoRA A/B weights (and DoRA's "
                                   "lora_magnitude_vector) are supported")
         (magnitude if match["magnitude"] else lora_A if match["which"] == "A" else lora_B)[match["module"]] = value
+    experts = _expert_modules(config, lora_A, lora_B, weights_file)
     if set(lora_A) != set(lora_B) or not lora_A:
         raise CheckpointError(f"{weights_file}: every module needs both lora_A and lora_B "
                               f"(A only: {sorted(set(lora_A) - set(lora_B))[:3]}, B only: {sorted(set(lora_B) - set(lora_A))[:3]})")
@@ -286,12 +322,49 @@ def read_adapter(directory: str | Path) -> AdapterFile:
             raise CheckpointError(f"{weights_file}: {module}'s lora_magnitude_vector has shape {tuple(m.shape)} (or "
                                   f"non-finite values); DoRA needs {lora_B[module].shape[0]} finite values")
     base_file = directory / BASE_NAME
-    adapter = AdapterFile(config, lora_A, lora_B, directory, magnitude, base_file if base_file.is_file() else None)
+    adapter = AdapterFile(config, lora_A, lora_B, directory, magnitude, base_file if base_file.is_file() else None,
+                          experts)
     for module in lora_A:
-        if lora_A[module].shape[0] != adapter.rank_for(module):
+        if lora_A[module].shape[0] != adapter.rank_for(module) * experts.get(module, 1):
             raise CheckpointError(f"{weights_file}: {module} has rank {lora_A[module].shape[0]} but adapter_config.json "
                                   f"says r={adapter.rank_for(module)} for it (r, rank_pattern)")
     return adapter
+
+
+def _expert_modules(config: dict, lora_A: dict, lora_B: dict, weights_file: Path) -> dict[str, int]:
+    """Rename PEFT's parameter-target entries ("<experts>[.base_layer]") to "<experts>.<proj>" in place,
+    and return each one's expert count (A is (E·r, in): E = rows / r)."""
+    targets = config.get("target_parameters") or []
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise CheckpointError(f"{weights_file.parent / CONFIG_NAME}: target_parameters={targets!r} must be a list of "
+                              "parameter names")
+    found: dict[str, int] = {}
+    for path in [p for p in lora_A if targets]:
+        base = path
+        while base.endswith(".base_layer"):
+            base = base.removesuffix(".base_layer")
+        adapted = [p for p in PROJECTIONS if any(f"{base}.{p}" == t or f"{base}.{p}".endswith("." + t)
+                                                 for t in targets)]
+        if not adapted:
+            continue  # a linear (target_modules)
+        try:
+            experts, projection = projection_from_wrapper(path, adapted)
+        except ValueError as exc:
+            raise CheckpointError(f"{weights_file}: {exc}") from None
+        module = f"{experts}.{projection}"
+        lora_A[module], lora_B[module] = lora_A.pop(path), lora_B.pop(path, None)
+        if lora_B[module] is None:
+            raise CheckpointError(f"{weights_file}: {path} has lora_A but no lora_B")
+        r = _pattern_rank(config, module)
+        if lora_A[module].shape[0] % r:
+            raise CheckpointError(f"{weights_file}: {path}'s lora_A has {lora_A[module].shape[0]} rows, not a "
+                                  f"multiple of r={r} (one block of r rows per expert)")
+        found[module] = lora_A[module].shape[0] // r
+    return found
+
+
+def _pattern_rank(config: dict, module: str) -> int:
+    return AdapterFile(config, {}, {}, Path()).rank_for(module)
 
 
 def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT_ADAPTER,
@@ -303,14 +376,18 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT_AD
     if missing:
         raise CheckpointError(f"{adapter.path}: adapter targets modules this model has no LoRA layer for, e.g. "
                               f"{missing[:3]}; use the base model it was trained on (a model built with "
-                              f"load_model(lora=...) needs target_modules covering "
-                              f"{sorted({m.rsplit('.', 1)[-1] for m in missing})})")
+                              f"load_model(lora=...) needs {'target_parameters' if missing[0] in adapter.experts else 'target_modules'} "
+                              f"covering {sorted({m.rsplit('.', 1)[-1] for m in missing})})")
     for module in adapter.modules:
         layer = layers[module]
         a, b = adapter.lora_A[module], adapter.lora_B[module]
         if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
             raise CheckpointError(f"{adapter.path}: {module} expects in={a.shape[1]}, out={b.shape[0]} but the model's "
                                   f"layer is in={layer.in_features}, out={layer.out_features}: wrong base model")
+        experts = getattr(layer, "num_experts", None)
+        if adapter.experts.get(module) != experts:
+            raise CheckpointError(f"{adapter.path}: {module} is adapted for {adapter.experts.get(module, 'no')} experts "
+                                  f"but the model's layer has {experts or 'none (a linear)'}: wrong base model")
     own_bases = {m: adapter.stored_base(m) for m in adapter.modules}  # all read (and checked) before any change
     for module, base in own_bases.items():
         if base is not None and (not layers[module].quantized or base.shape != layers[module].weight.shape):
@@ -324,8 +401,8 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT_AD
             layer.weight.load_state_dict(own_bases[module].state_dict(prefix="weight."))
             layer.own_base = True
         dtype = next(iter(layer.lora_A.values())).dtype if len(layer.lora_A) else torch.float32
-        layer.add_adapter(name, a.shape[0], adapter.alpha_for(module),
-                          float(adapter.config.get("lora_dropout", 0.0)), bool(adapter.config.get("use_rslora", False)),
+        dropout = 0.0 if module in adapter.experts else float(adapter.config.get("lora_dropout", 0.0))  # PEFT's rule
+        layer.add_adapter(name, adapter.rank_for(module), adapter.alpha_for(module), dropout, bool(adapter.config.get("use_rslora", False)),
                           dtype=dtype, activate=False, use_dora=adapter.use_dora)
         params = [(layer.lora_A[name], a), (layer.lora_B[name], b)]
         if adapter.use_dora:

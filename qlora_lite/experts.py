@@ -31,7 +31,7 @@ from .layers import DEFAULT_ADAPTER, AdapterSpec, _dense
 from .nf4 import NF4Weight
 
 __all__ = ["PROJECTIONS", "LoRAExpertProjection4bit", "LoRAExperts4bit", "fused_experts_modules",
-           "unsupported_expert_parameters"]
+           "unsupported_expert_parameters", "expert_delta_weight", "peft_wrapper_path", "projection_from_wrapper"]
 
 PROJECTIONS = ("gate_up_proj", "down_proj")  # transformers 5's fused expert parameters, in registration order
 
@@ -57,6 +57,13 @@ def unsupported_expert_parameters(model: nn.Module) -> list[str]:
     transposed storage) that would otherwise stay 16-bit and untrained without anyone being told."""
     handled = fused_experts_modules(model)
     return [n for n, p in model.named_parameters() if p.dim() >= 3 and n.rpartition(".")[0] not in handled]
+
+
+def expert_delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, experts: int, scaling: float) -> torch.Tensor:
+    """s·B_e·A_e for every expert from PEFT-layout factors (A: (E·r, in), B: (out, r·E)), (E, out, in) fp32."""
+    a = lora_A.float().view(experts, -1, lora_A.shape[1])
+    b = lora_B.float().view(lora_B.shape[0], -1, experts)
+    return scaling * torch.einsum("ore,eri->eoi", b, a)
 
 
 class _GroupedLoRAMatmul(torch.autograd.Function):
@@ -138,6 +145,7 @@ class LoRAExpertProjection4bit(nn.Module):
         self.lora_B = nn.ParameterDict()
         self.adapters: dict[str, AdapterSpec] = {}
         self.active_adapter: str | None = None
+        self.own_base = False  # the interface of LoRALinear4bit: no LoftQ/PiSSA base on experts
         self._disabled = False
 
     @property
@@ -155,11 +163,15 @@ class LoRAExpertProjection4bit(nn.Module):
         """Every expert's W0 in `dtype`, (experts, out, in): what the projection computes with."""
         return torch.stack([_dense(w, dtype) for w in self.bases()])
 
-    def add_adapter(self, name: str, r: int, lora_alpha: float, use_rslora: bool = False,
-                    init_lora_weights: str = "kaiming", dtype: torch.dtype = torch.float32,
-                    activate: bool = True) -> None:
-        """PEFT's initialisation: kaiming-uniform over the whole (E·r, in) A (fan-in = in), B = 0;
-        "zeros" for factors about to be overwritten (a loaded adapter)."""
+    def add_adapter(self, name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights: str = "kaiming", dtype: torch.dtype = torch.float32,
+                    activate: bool = True, use_dora: bool = False) -> None:
+        """`LoRALinear4bit.add_adapter`'s signature. PEFT's initialisation: kaiming-uniform over the whole
+        (E·r, in) A (fan-in = in), B = 0; "zeros" for factors about to be overwritten (a loaded adapter).
+        No dropout and no DoRA: PEFT's parameter targets have neither."""
+        if lora_dropout or use_dora:
+            raise ValueError(f"expert adapters take no {'dropout' if lora_dropout else 'DoRA'} (as PEFT's "
+                             "target_parameters); set lora_dropout: 0 and use_dora: false")
         if r <= 0 or r > min(self.in_features, self.out_features):
             raise ValueError(f"rank r={r} must be in [1, min(in, out) = {min(self.in_features, self.out_features)}]")
         lora_A = torch.zeros(self.num_experts * r, self.in_features, dtype=dtype, device=self.device)
@@ -209,13 +221,14 @@ class LoRAExpertProjection4bit(nn.Module):
         return _GroupedLoRAMatmul.apply(x, self.lora_A[name], self.lora_B[name], counts, self.bases(),
                                         self.adapters[name].scaling)
 
+    def magnitude(self, name: str | None = None) -> None:
+        """No DoRA on experts (`LoRALinear4bit.magnitude`'s interface)."""
+        return None
+
     def delta_weight(self, name: str | None = None) -> torch.Tensor:
         """s·B_e·A_e for every expert, (experts, out, in), fp32: PEFT's `get_delta_weight`."""
         name = name or self.active_adapter
-        r, experts = self.adapters[name].r, self.num_experts
-        a = self.lora_A[name].float().view(experts, r, self.in_features)
-        b = self.lora_B[name].float().view(self.out_features, r, experts)
-        return self.adapters[name].scaling * torch.einsum("ore,eri->eoi", b, a)
+        return expert_delta_weight(self.lora_A[name], self.lora_B[name], self.num_experts, self.adapters[name].scaling)
 
     def merged_weight(self, name: str | None = None) -> torch.Tensor:
         """dequantize(W0_e) + s·B_e·A_e for every expert, (experts, out, in), fp32."""
@@ -255,3 +268,22 @@ class LoRAExperts4bit(nn.Module):
         # a sum over the k slots, not an index_add_ (whose backward would keep another copy of y); the
         # router's fp32 weights (Mixtral) promote the product, as in transformers
         return (y * top_k_weights.unsqueeze(-1)).sum(1).to(hidden_states.dtype)
+
+
+def peft_wrapper_path(experts: str, projection: str, adapted: list[str]) -> str:
+    """Where PEFT keeps the factors of `experts`.`projection` when `adapted` of the module's projections
+    carry the adapter: it nests one `ParamWrapper` per targeted parameter, the first registered innermost,
+    so gate_up_proj's are under "<experts>.base_layer" when down_proj is adapted too."""
+    order = [p for p in PROJECTIONS if p in adapted]
+    return experts + ".base_layer" * (len(order) - 1 - order.index(projection))
+
+
+def projection_from_wrapper(path: str, adapted: list[str]) -> tuple[str, str]:
+    """(experts module, projection) for a PEFT wrapper path: the inverse of `peft_wrapper_path`."""
+    depth = 0
+    while path.endswith(".base_layer"):
+        path, depth = path.removesuffix(".base_layer"), depth + 1
+    order = [p for p in PROJECTIONS if p in adapted]
+    if depth >= len(order):
+        raise ValueError(f"{path}: {depth} nested base_layer levels but only {order} are targeted")
+    return path, order[len(order) - 1 - depth]

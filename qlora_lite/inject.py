@@ -127,8 +127,9 @@ def make_experts_layer(weights: dict[str, torch.Tensor], act_fn: nn.Module, quan
                 if quant is not None else w)
         layer = LoRAExpertProjection4bit(base)
         if lora is not None and proj in adapted:
-            layer.add_adapter(DEFAULT_ADAPTER, lora.r, lora.lora_alpha, lora.use_rslora, lora.init_lora_weights,
-                              resolve_lora_dtype(lora.lora_dtype, compute_dtype, layer.device))
+            layer.add_adapter(DEFAULT_ADAPTER, lora.r, lora.lora_alpha, use_rslora=lora.use_rslora,
+                              init_lora_weights=lora.init_lora_weights,
+                              dtype=resolve_lora_dtype(lora.lora_dtype, compute_dtype, layer.device))
         projections[proj] = layer
     return LoRAExperts4bit(projections["gate_up_proj"], projections["down_proj"], act_fn)
 
@@ -227,8 +228,9 @@ def freeze_base(model: nn.Module) -> None:
         param.requires_grad_(any(part in f".{name}" for part in trained))
 
 
-def lora_layers(model: nn.Module) -> dict[str, LoRALinear4bit]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear4bit)}
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear4bit | LoRAExpertProjection4bit]:
+    """Every layer that can carry adapters, by path: linears, and expert projections ("<experts>.down_proj")."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (LoRALinear4bit, LoRAExpertProjection4bit))}
 
 
 @dataclass(frozen=True)

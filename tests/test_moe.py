@@ -177,3 +177,226 @@ def test_moe_options_the_planner_does_not_model_are_refused():
     for kwargs, words in (({"recipe": "peft"}, "peer recipe"), ({"mlp_chunk_tokens": 16}, "tiled MLP")):
         with pytest.raises(ConfigError, match=words):
             estimate_memory(tiny_mixtral_config(), seq_len=64, batch_size=1, **kwargs)
+
+
+# ---- NF4 experts ----------------------------------------------------------------------------------
+
+def _randomize_adapters(model, seed: int = 1) -> None:
+    """Non-zero A and B everywhere (B starts at 0), so every LoRA term shows in the logits."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def _dequantized_reference(model, reference):
+    """`reference` (the model before injection) with every NF4 weight replaced by its dequantized value."""
+    from qlora_lite.inject import lora_layers
+
+    with torch.no_grad():
+        for path, layer in lora_layers(model).items():
+            target = reference.get_submodule(path.rpartition(".")[0]) if hasattr(layer, "num_experts") else None
+            if target is not None:
+                getattr(target, path.rpartition(".")[2]).copy_(layer.base_weight(torch.float32))
+            else:
+                reference.get_submodule(path).weight.copy_(layer.base_weight(torch.float32))
+    return reference
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nf4_experts_logits_equal_a_dequantized_reference(kind):
+    model = build(kind).eval()
+    reference = copy.deepcopy(model)
+    inject_lora(model, LoraConfig(r=4, lora_dropout=0.0, target_parameters=[]), QuantConfig())
+    experts = model.model.layers[0].mlp.experts
+    assert isinstance(experts, LoRAExperts4bit) and experts.gate_up_proj.quantized
+    _dequantized_reference(model, reference)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, reference(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    # and NF4 changed the experts: the reference is not the original model
+    with torch.no_grad():
+        assert (build(kind).eval()(ids).logits - theirs).abs().max() > 1e-3
+
+
+def test_each_expert_is_bitsandbytes_nf4_of_its_own_matrix():
+    import bitsandbytes.functional as bnbf
+
+    model = build("mixtral")
+    original = model.model.layers[1].mlp.experts.gate_up_proj.detach().clone()
+    inject_lora(model, LoraConfig(r=4, lora_dropout=0.0), QuantConfig())
+    stored = model.model.layers[1].mlp.experts.gate_up_proj.weight
+    for e in range(original.shape[0]):
+        packed, state = bnbf.quantize_4bit(original[e].contiguous(), blocksize=64, compress_statistics=True,
+                                           quant_type="nf4")
+        assert torch.equal(stored[e].packed, packed) and torch.equal(stored[e].absmax, state.absmax)
+        assert torch.equal(stored[e].nested_absmax, state.state2.absmax)
+
+
+def test_only_the_routed_experts_are_dequantized(monkeypatch):
+    model = build("qwen3_moe").eval()
+    inject_lora(model, LoraConfig(r=4, lora_dropout=0.0), QuantConfig())
+    experts = model.model.layers[0].mlp.experts
+    index = {id(w): e for e, w in enumerate(experts.gate_up_proj.weight)}
+    dequantized, routed = set(), set()
+    real = NF4Weight.dequantize
+    monkeypatch.setattr(NF4Weight, "dequantize",
+                        lambda self, dtype=None: (dequantized.add(index.get(id(self))), real(self, dtype))[1])
+    model.model.layers[0].mlp.gate.register_forward_hook(lambda m, a, out: routed.update(out[2].flatten().tolist()))
+    with torch.no_grad():
+        model(torch.tensor([[5, 9, 17]]))  # 3 tokens × top-2: at most 6 of the 8 experts
+    assert routed and len(routed) < experts.num_experts
+    assert dequantized - {None} == routed
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_reach_every_routed_experts_lora_and_no_other(kind):
+    model = build(kind)
+    inject_lora(model, LoraConfig(r=4, lora_dropout=0.0), QuantConfig())
+    _randomize_adapters(model)
+    model.train()
+    routed: list[torch.Tensor] = []
+    model.model.layers[1].mlp.gate.register_forward_hook(lambda m, a, out: routed.append(out[2].flatten()))
+    ids = torch.tensor([[3, 7, 11]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    chosen = set(routed[0].tolist())
+    experts = model.model.layers[1].mlp.experts
+    assert 0 < len(chosen) < experts.num_experts
+    for proj in experts.projections().values():
+        r, e_count = proj.adapters["default"].r, proj.num_experts
+        grad_a = proj.lora_A["default"].grad.view(e_count, r, -1)
+        grad_b = proj.lora_B["default"].grad.view(-1, r, e_count)
+        for e in range(e_count):
+            nonzero = bool(grad_a[e].abs().sum() > 0) and bool(grad_b[:, :, e].abs().sum() > 0)
+            assert nonzero == (e in chosen), (e, chosen)
+    assert all(p.grad is None for n, p in model.named_parameters() if ".gate." in n)  # the router stays frozen
+
+
+def test_expert_gradients_equal_the_dense_reference():
+    """Output and gradients (input, every A and B) equal autograd's through W_e + s·B_e·A_e, token by token."""
+    from qlora_lite.inject import make_experts_layer
+
+    gen = torch.Generator().manual_seed(0)
+    experts, hidden, inter, tokens, k = 4, 16, 12, 7, 2
+    weights = {"gate_up_proj": torch.randn(experts, 2 * inter, hidden, generator=gen, dtype=torch.float64),
+               "down_proj": torch.randn(experts, hidden, inter, generator=gen, dtype=torch.float64)}
+    layer = make_experts_layer(weights, torch.nn.SiLU(), None, LoraConfig(r=2, lora_dropout=0.0),
+                               {"gate_up_proj", "down_proj"})
+    for proj in layer.projections().values():
+        with torch.no_grad():
+            proj.lora_A["default"].copy_(torch.randn(proj.lora_A["default"].shape, generator=gen))
+            proj.lora_B["default"].copy_(torch.randn(proj.lora_B["default"].shape, generator=gen))
+    x = torch.randn(tokens, hidden, generator=gen, dtype=torch.float64, requires_grad=True)
+    index = torch.tensor([[0, 2], [2, 0], [2, 1], [0, 2], [1, 0], [2, 1], [0, 1]])  # expert 3 never routed
+    route = torch.rand(tokens, k, generator=gen, dtype=torch.float64, requires_grad=True)
+    for proj in layer.projections().values():
+        proj.lora_A["default"].data = proj.lora_A["default"].data.double()
+        proj.lora_B["default"].data = proj.lora_B["default"].data.double()
+    ours = layer(x, index, route)
+    factors = {n: (p.lora_A["default"].detach().clone().requires_grad_(),
+                   p.lora_B["default"].detach().clone().requires_grad_(), p.scaling)
+               for n, p in layer.projections().items()}
+    # PEFT's layout, in fp64: A (E·r, in) has expert e's rows at [e·r, (e+1)·r), B (out, r·E) its columns e::E
+    w = {n: weights[n] + s * torch.stack([b[:, e::experts] @ a[e * a.shape[0] // experts:(e + 1) * a.shape[0] // experts]
+                                          for e in range(experts)]) for n, (a, b, s) in factors.items()}
+    rows = []
+    for t in range(tokens):
+        out = 0
+        for j in range(k):
+            e = int(index[t, j])
+            gate, up = (x[t] @ w["gate_up_proj"][e].T).chunk(2)
+            out = out + route[t, j] * ((torch.nn.functional.silu(gate) * up) @ w["down_proj"][e].T)
+        rows.append(out)
+    theirs = torch.stack(rows)
+    torch.testing.assert_close(ours, theirs)
+    grad = torch.randn(tokens, hidden, generator=gen, dtype=torch.float64)
+    mine = torch.autograd.grad(ours, [x, route, *[p for n in factors for p in (layer.projections()[n].lora_A["default"],
+                                                                                 layer.projections()[n].lora_B["default"])]], grad)
+    ref = torch.autograd.grad(theirs, [x, route, *[p for a, b, _ in factors.values() for p in (a, b)]], grad)
+    for m, r in zip(mine, ref):
+        torch.testing.assert_close(m, r)
+    r = layer.down_proj.adapters["default"].r
+    assert mine[4].view(experts, r, -1)[3].abs().sum() == 0  # the unrouted expert's A gets nothing
+
+
+# ---- PEFT's parameter-target format ----------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,targets", [("mixtral", None), ("qwen3_moe", ["down_proj"])])
+def test_our_adapter_loads_in_peft_with_the_same_logits(tmp_path, kind, targets):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from qlora_lite.adapter import save_adapter
+
+    model = build(kind).eval()
+    base = copy.deepcopy(model)
+    inject_lora(model, LoraConfig(r=4, lora_alpha=12, lora_dropout=0.0, target_parameters=targets), None)
+    _randomize_adapters(model)
+    save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    if targets is None:
+        assert config["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
+        # PEFT nests a wrapper per parameter: gate_up_proj (registered first) innermost
+        assert keys["base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"].shape == (4 * 4, 64)
+        assert keys["base_model.model.model.layers.0.mlp.experts.lora_B.weight"].shape == (64, 4 * 4)
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(ids).logits, peft_model(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), peft_model.disable_adapter():
+        assert (peft_model(ids).logits - theirs).abs().max() > 1e-3  # the expert adapters do change the logits
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_peft_adapter_loads_in_ours_with_the_same_logits(tmp_path, kind):
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    from qlora_lite.adapter import load_adapter, set_adapter
+
+    base = build(kind).eval()
+    ours = copy.deepcopy(base)
+    peft_model = get_peft_model(base, PeftLoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    _randomize_adapters(peft_model, seed=3)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    lora = LoraConfig(r=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    inject_lora(ours, lora, None)
+    with pytest.raises(Exception, match="needs target_parameters covering"):  # built without expert adapters
+        load_adapter(ours, tmp_path / "peft", name="peft")
+    ours = copy.deepcopy(build(kind).eval())
+    inject_lora(ours, LoraConfig(r=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                 target_parameters=["gate_up_proj", "down_proj"]), None)
+    load_adapter(ours, tmp_path / "peft", name="peft")
+    set_adapter(ours, "peft")
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids).logits, peft_model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_wrong_expert_count_is_refused(tmp_path):
+    from qlora_lite.adapter import load_adapter, save_adapter
+    from qlora_lite.errors import CheckpointError
+
+    small = build("mixtral")
+    inject_lora(small, LoraConfig(r=4, lora_dropout=0.0), None)
+    save_adapter(small, tmp_path / "adapter")
+    other = build("mixtral", num_local_experts=8)
+    inject_lora(other, LoraConfig(r=4, lora_dropout=0.0), None)
+    with pytest.raises(CheckpointError, match="adapted for 4 experts but the model's layer has 8"):
+        load_adapter(other, tmp_path / "adapter", name="x")
+
+
+def test_expert_lora_refuses_dropout_and_dora_in_one_line():
+    for lora, words in ((LoraConfig(r=4), "lora_dropout=0.05: LoRA on experts takes no dropout"),
+                        (LoraConfig(r=4, lora_dropout=0.0, use_dora=True), "use_dora is not available on experts")):
+        with pytest.raises(ConfigError, match=words) as info:
+            inject_lora(build("mixtral"), lora, QuantConfig())
+        assert len(info.value.problems) == 1
+    inject_lora(build("mixtral"), LoraConfig(r=4, target_parameters=[]), QuantConfig())  # experts NF4, unadapted
+    with pytest.raises(ConfigError, match="match no expert projection"):
+        inject_lora(build("mixtral"), LoraConfig(r=4, lora_dropout=0.0, target_parameters=["w1"]), QuantConfig())
