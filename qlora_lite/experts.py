@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Iterator
 
 import torch
@@ -31,7 +32,8 @@ from .layers import DEFAULT_ADAPTER, AdapterSpec, _dense
 from .nf4 import NF4Weight
 
 __all__ = ["PROJECTIONS", "LoRAExpertProjection4bit", "LoRAExperts4bit", "fused_experts_modules",
-           "unsupported_expert_parameters", "expert_delta_weight", "peft_wrapper_path", "projection_from_wrapper"]
+           "unsupported_expert_parameters", "expert_delta_weight", "peft_wrapper_path", "projection_from_wrapper",
+           "ExpertSource", "expert_source", "model_key", "ExpertAssembler"]
 
 PROJECTIONS = ("gate_up_proj", "down_proj")  # transformers 5's fused expert parameters, in registration order
 
@@ -287,3 +289,61 @@ def projection_from_wrapper(path: str, adapted: list[str]) -> tuple[str, str]:
     if depth >= len(order):
         raise ValueError(f"{path}: {depth} nested base_layer levels but only {order} are targeted")
     return path, order[len(order) - 1 - depth]
+
+
+# ---- checkpoints: per-expert tensors ----------------------------------------------------------------
+# Hub checkpoints (and transformers 5's save_pretrained) keep one 2-D tensor per expert and projection,
+# the layout transformers' conversion mapping fuses at load: Mixtral's block_sparse_moe.experts.<e>.w1/w3/w2
+# (gate, up, down), Qwen-MoE's mlp.experts.<e>.gate_proj/up_proj/down_proj; gate_up_proj[e] = cat(gate, up).
+_PER_EXPERT = re.compile(r"^(?P<block>.+)\.(?:block_sparse_moe|mlp)\.experts\.(?P<expert>\d+)\."
+                         r"(?P<name>w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
+_FUSED = re.compile(r"^(?P<experts>.+\.experts)\.(?P<proj>gate_up_proj|down_proj)$")
+_PARTS = {"w1": ("gate_up_proj", 0), "gate_proj": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1),
+          "up_proj": ("gate_up_proj", 1), "w2": ("down_proj", None), "down_proj": ("down_proj", None)}
+
+
+class ExpertSource(tuple):
+    """(experts module path, projection, expert index or None for a fused 3-D tensor, part: 0 gate rows,
+    1 up rows, None the whole matrix) of one checkpoint tensor."""
+
+    experts = property(lambda self: self[0])
+    projection = property(lambda self: self[1])
+    expert = property(lambda self: self[2])
+    part = property(lambda self: self[3])
+
+
+def expert_source(key: str) -> ExpertSource | None:
+    """Where a checkpoint tensor goes in the fused experts, or None for any other tensor."""
+    if (match := _PER_EXPERT.match(key)) is not None:
+        projection, part = _PARTS[match["name"]]
+        return ExpertSource((f"{match['block']}.mlp.experts", projection, int(match["expert"]), part))
+    if (match := _FUSED.match(key)) is not None:
+        return ExpertSource((match["experts"], match["proj"], None, None))
+    return None
+
+
+def model_key(key: str) -> str:
+    """The model's name for a checkpoint key outside the experts (Mixtral's router: block_sparse_moe -> mlp)."""
+    return key.replace(".block_sparse_moe.", ".mlp.")
+
+
+class ExpertAssembler:
+    """Collects per-expert checkpoint tensors into each expert's matrix (gate and up arrive as two
+    tensors) and hands each on as soon as it is complete, so a loader holds at most the halves
+    still waiting for their other half."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[tuple[str, int], list[torch.Tensor | None]] = {}
+
+    def add(self, source: ExpertSource, tensor: torch.Tensor) -> list[tuple[str, str, int, torch.Tensor]]:
+        """The (experts, projection, expert, matrix) completed by `tensor`."""
+        if source.expert is None:
+            return [(source.experts, source.projection, e, tensor[e]) for e in range(tensor.shape[0])]
+        if source.part is None:
+            return [(source.experts, source.projection, source.expert, tensor)]
+        halves = self.waiting.setdefault((source.experts, source.expert), [None, None])
+        halves[source.part] = tensor
+        if any(h is None for h in halves):
+            return []
+        del self.waiting[(source.experts, source.expert)]
+        return [(source.experts, "gate_up_proj", source.expert, torch.cat(halves))]

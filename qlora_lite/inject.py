@@ -28,6 +28,8 @@ __all__ = [
     "find_targets",
     "find_expert_targets",
     "make_experts_layer",
+    "quantize_expert",
+    "check_experts",
     "replace_module",
     "make_lora_layer",
     "quantize_target",
@@ -97,7 +99,7 @@ def find_expert_targets(model: nn.Module, lora: LoraConfig) -> list[str]:
     return [n for n in names if any(n == t or n.endswith("." + t) for t in wanted)]
 
 
-def _check_experts(model: nn.Module, lora: LoraConfig | None, expert_targets: list[str]) -> None:
+def check_experts(model: nn.Module, lora: LoraConfig | None, expert_targets: list[str]) -> None:
     odd = unsupported_expert_parameters(model)
     if odd:
         raise ConfigError(f"{odd[0]} (and {len(odd) - 1} more) is a {model.get_parameter(odd[0]).dim()}-D expert "
@@ -114,18 +116,18 @@ def _check_experts(model: nn.Module, lora: LoraConfig | None, expert_targets: li
                               "target_parameters: [] to adapt only the linears", "LoraConfig")
 
 
-def make_experts_layer(weights: dict[str, torch.Tensor], act_fn: nn.Module, quant: QuantConfig | None,
-                       lora: LoraConfig | None, adapted: set[str], name: str = "experts",
-                       compute_dtype: torch.dtype = torch.float32) -> LoRAExperts4bit:
-    """A `LoRAExperts4bit` from the 3-D `gate_up_proj`/`down_proj` tensors: every expert's matrix its
-    own NF4Weight (with `quant`; else a frozen 16-bit copy), adapters on the projections in `adapted`."""
+def quantize_expert(w0: torch.Tensor, quant: QuantConfig, name: str) -> NF4Weight:
+    """One expert's matrix as its own NF4 weight: the format and bytes of a linear's."""
+    return NF4Weight.from_tensor(w0, quant.blocksize, quant.double_quant, quant.backend, name=name)
+
+
+def make_experts_layer(bases: dict[str, torch.Tensor | list[NF4Weight]], act_fn: nn.Module, lora: LoraConfig | None,
+                       adapted: set[str], compute_dtype: torch.dtype = torch.float32) -> LoRAExperts4bit:
+    """A `LoRAExperts4bit` from each projection's bases (one NF4Weight per expert, or the 3-D 16-bit
+    tensor of a LoRA control run), with adapters on the projections in `adapted`."""
     projections = {}
     for proj in PROJECTIONS:
-        w = weights[proj].detach()
-        base = ([NF4Weight.from_tensor(w[e], quant.blocksize, quant.double_quant, quant.backend,
-                                       name=f"{name}.{proj}[{e}]") for e in range(w.shape[0])]
-                if quant is not None else w)
-        layer = LoRAExpertProjection4bit(base)
+        layer = LoRAExpertProjection4bit(bases[proj])
         if lora is not None and proj in adapted:
             layer.add_adapter(DEFAULT_ADAPTER, lora.r, lora.lora_alpha, use_rslora=lora.use_rslora,
                               init_lora_weights=lora.init_lora_weights,
@@ -196,13 +198,15 @@ def inject_lora(model: nn.Module, lora: LoraConfig, quant: QuantConfig | None = 
     "<experts>.gate_up_proj"). `load.load_model` does the same while streaming from disk.
     """
     expert_targets = find_expert_targets(model, lora)
-    _check_experts(model, lora, expert_targets)
+    check_experts(model, lora, expert_targets)
     for name, experts in fused_experts_modules(model).items():
         adapted = {t.rpartition(".")[2] for t in expert_targets if t.rpartition(".")[0] == name}
         if isinstance(experts, LoRAExperts4bit) or not (quant is not None or adapted):
             continue
-        weights = {p: getattr(experts, p) for p in PROJECTIONS}
-        replace_module(model, name, make_experts_layer(weights, experts.act_fn, quant, lora, adapted, name,
+        weights = {p: getattr(experts, p).detach() for p in PROJECTIONS}
+        bases = {p: [quantize_expert(w[e], quant, f"{name}.{p}[{e}]") for e in range(len(w))]
+                 if quant is not None else w for p, w in weights.items()}
+        replace_module(model, name, make_experts_layer(bases, experts.act_fn, lora, adapted,
                                                        weights["gate_up_proj"].dtype))
     targets = set(find_targets(model, lora.target_modules))
     to_replace = find_targets(model, "all-linear") if quant is not None else sorted(targets)

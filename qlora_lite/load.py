@@ -4,6 +4,8 @@
     *.safetensors ──► one tensor at a time (plain reads, shards.py; nothing stays mapped):
          target linear weight ──► NF4Weight.from_tensor on the target device ──► LoRALinear4bit
          bnb-4bit quant-state keys ──► NF4Weight.from_state_dict (no re-quantization)
+         per-expert weights (Mixtral w1/w3/w2, Qwen-MoE gate/up/down_proj) ──► each expert's matrix
+                                       ──► NF4Weight per expert ──► LoRAExperts4bit (experts.py)
          everything else ──► compute dtype, placed into the skeleton
     tokenizer files ──► AutoTokenizer
 
@@ -25,7 +27,9 @@ from torch import nn
 
 from .config import LoraConfig, QuantConfig, resolve_dtype
 from .errors import CheckpointError, ConfigError
-from .inject import find_targets, freeze_base, make_lora_layer, quantize_target, replace_module
+from .experts import ExpertAssembler, expert_source, fused_experts_modules, model_key
+from .inject import (check_experts, find_expert_targets, find_targets, freeze_base, make_experts_layer,
+                     make_lora_layer, quantize_expert, quantize_target, replace_module)
 from .nf4 import NF4Weight, resolve_backend
 from .shards import ShardReader, TensorEntry, read_header
 
@@ -269,6 +273,14 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, lora: LoraCon
         raise CheckpointError(f"{path} is a 4-bit checkpoint; it cannot be loaded as 16-bit (quant=None)")
     quantized = set(linear_names) if (quant is not None or prequant) else set()
     kept_dense = lora_targets - quantized
+    experts_modules = fused_experts_modules(model)
+    expert_targets = find_expert_targets(model, lora) if lora is not None else []
+    check_experts(model, lora, expert_targets)
+    if experts_modules and prequant is not None:
+        raise CheckpointError(f"{path} is a 4-bit mixture-of-experts checkpoint; bitsandbytes defines no 4-bit "
+                              "layout for fused experts: load the 16-bit checkpoint (experts are quantized at load)")
+    assembler = ExpertAssembler()
+    expert_bases: dict[tuple[str, str], dict[int, NF4Weight | torch.Tensor]] = defaultdict(dict)
     expected = dict(model.state_dict(keep_vars=True))
     bases: dict[str, NF4Weight | torch.Tensor] = {}
     pending_quant: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -283,6 +295,20 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, lora: LoraCon
     for file in shard_iter:
         with ShardReader(file) as handle:
             for key in handle.keys():
+                source = expert_source(key)
+                if source is not None and source.experts in experts_modules:
+                    tensor = handle.get(key)
+                    check_finite(tensor, key, file)
+                    for experts, proj, e, matrix in assembler.add(source, tensor):
+                        expert_bases[experts, proj][e] = _expert_base(
+                            experts_modules[experts], proj, e, matrix, quant, device, storage, compute_dtype, file)
+                    seen.add(key)
+                    del tensor
+                    continue
+                if key not in expected and model_key(key) in expected:  # Mixtral's router
+                    key, stored_key = model_key(key), key
+                else:
+                    stored_key = key
                 module_name, _, leaf = key.rpartition(".")
                 owner = _quant_owner(key)
                 if owner is not None and owner in quantized:
@@ -294,7 +320,7 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, lora: LoraCon
                 if key not in expected:
                     unexpected.append(key)
                     continue
-                tensor = handle.get(key)
+                tensor = handle.get(stored_key)
                 check_finite(tensor, key, file)  # norms and embeddings too, not only what NF4 quantizes
                 if leaf == "weight" and module_name in quantized and tensor.dtype == torch.uint8:
                     pending_quant[module_name][key] = tensor.to(storage)
@@ -332,6 +358,19 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, lora: LoraCon
     if unexpected:
         logger.warning("ignored %d checkpoint tensors the model does not use, e.g. %s", len(unexpected), unexpected[:3])
 
+    for name, experts in experts_modules.items():
+        adapted = {t.rpartition(".")[2] for t in expert_targets if t.rpartition(".")[0] == name}
+        per_proj = {p: expert_bases.pop((name, p), {}) for p in ("gate_up_proj", "down_proj")}
+        count = getattr(experts, "gate_up_proj").shape[0]
+        lacking = [f"{name}.{p}[{e}]" for p, got in per_proj.items() for e in range(count) if e not in got]
+        if lacking:
+            raise CheckpointError(f"{path}: the checkpoint lacks {len(lacking)} expert weights, e.g. {lacking[:3]} "
+                                  "(an incomplete download, or a gate without its up half?)")
+        layer_bases = {p: [got[e] for e in range(count)] if quant is not None else torch.stack([got[e] for e in
+                       range(count)]) for p, got in per_proj.items()}
+        replace_module(model, name, make_experts_layer(layer_bases, experts.act_fn, lora if adapted else None,
+                                                       adapted, compute_dtype))
+
     for name in sorted(quantized | kept_dense):
         if name not in bases:
             continue
@@ -348,6 +387,19 @@ def load_model(path: str | Path, quant: QuantConfig | None = None, lora: LoraCon
                               f"{missing[:5]}; the files are incomplete or belong to another model")
     model.to(storage)
     return _finish(model), tokenizer
+
+
+def _expert_base(experts: nn.Module, proj: str, e: int, matrix: torch.Tensor, quant: QuantConfig | None,
+                 device: torch.device, storage: torch.device, compute_dtype: torch.dtype,
+                 file: Path) -> NF4Weight | torch.Tensor:
+    """One expert's matrix as the loader keeps it: NF4 (quantized on `device`), or 16-bit for quant=None."""
+    want = tuple(getattr(experts, proj).shape[1:])
+    if tuple(matrix.shape) != want:
+        raise CheckpointError(f"{file.name}: expert {e}'s {proj} is {list(matrix.shape)} but config.json implies "
+                              f"{list(want)}; the weights do not belong to this config")
+    if quant is None:
+        return matrix.to(device=storage, dtype=compute_dtype)
+    return quantize_expert(matrix.to(device), quant, f"{proj}[{e}]").to(storage)
 
 
 def is_prequantized(path: str | Path) -> bool:
@@ -374,6 +426,9 @@ def load_skeleton(path: str | Path, quant: QuantConfig, lora: LoraConfig | None,
     stored = {name: entry.dtype for name, (_file, entry) in tensor_catalog(path).items()}
     tokenizer = load_tokenizer(path)
     model, _, _ = build_skeleton(path, compute_dtype)
+    if fused_experts_modules(model):
+        raise CheckpointError(f"{path} is a mixture-of-experts model; the meta skeleton (FSDP's sharded load) does "
+                              "not build NF4 experts yet: train it on one GPU (load_model)")
     lora_targets = set(find_targets(model, lora.target_modules)) if lora is not None else set()
     backend = resolve_backend(quant.backend, device)
     for name in find_targets(model, "all-linear"):

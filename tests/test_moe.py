@@ -282,7 +282,7 @@ def test_expert_gradients_equal_the_dense_reference():
     experts, hidden, inter, tokens, k = 4, 16, 12, 7, 2
     weights = {"gate_up_proj": torch.randn(experts, 2 * inter, hidden, generator=gen, dtype=torch.float64),
                "down_proj": torch.randn(experts, hidden, inter, generator=gen, dtype=torch.float64)}
-    layer = make_experts_layer(weights, torch.nn.SiLU(), None, LoraConfig(r=2, lora_dropout=0.0),
+    layer = make_experts_layer(weights, torch.nn.SiLU(), LoraConfig(r=2, lora_dropout=0.0),
                                {"gate_up_proj", "down_proj"})
     for proj in layer.projections().values():
         with torch.no_grad():
@@ -400,3 +400,62 @@ def test_expert_lora_refuses_dropout_and_dora_in_one_line():
     inject_lora(build("mixtral"), LoraConfig(r=4, target_parameters=[]), QuantConfig())  # experts NF4, unadapted
     with pytest.raises(ConfigError, match="match no expert projection"):
         inject_lora(build("mixtral"), LoraConfig(r=4, lora_dropout=0.0, target_parameters=["w1"]), QuantConfig())
+
+
+# ---- loading from a checkpoint (per-expert tensors) and merging --------------------------------------
+
+@pytest.fixture(scope="module", params=KINDS)
+def moe_dir(request, tmp_path_factory):
+    """A tiny MoE model saved by transformers: per-expert tensors (Mixtral's w1/w3/w2, Qwen's gate/up/down_proj)."""
+    directory = tmp_path_factory.mktemp(request.param) / "model"
+    build(request.param).save_pretrained(str(directory))
+    return request.param, directory
+
+
+def test_load_model_quantizes_each_expert_as_inject_does(moe_dir):
+    from qlora_lite.load import load_model
+
+    kind, directory = moe_dir
+    lora = LoraConfig(r=4, lora_dropout=0.0)
+    loaded, _ = load_model(directory, QuantConfig(), lora, device="cpu", compute_dtype=torch.float32,
+                           with_tokenizer=False)
+    memory = build(kind)
+    inject_lora(memory, lora, QuantConfig())
+    for name, weight in memory.named_modules():
+        if isinstance(weight, NF4Weight):
+            other = loaded.get_submodule(name)
+            assert torch.equal(other.packed, weight.packed) and torch.equal(other.absmax, weight.absmax), name
+    with torch.no_grad():
+        for name, p in loaded.named_parameters():
+            if ".lora_" in name:
+                p.copy_(memory.get_parameter(name))
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, memory.eval()(ids).logits, rtol=0, atol=0)
+    assert count_parameters(loaded).quantized == count_parameters(memory).quantized
+
+
+def test_merge_writes_dequantized_experts_plus_their_delta(moe_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from qlora_lite.adapter import save_adapter
+    from qlora_lite.inject import lora_layers
+    from qlora_lite.load import load_model
+    from qlora_lite.merge import merge
+
+    kind, directory = moe_dir
+    model, _ = load_model(directory, QuantConfig(), LoraConfig(r=4, lora_dropout=0.0), device="cpu",
+                          compute_dtype=torch.float32, with_tokenizer=False)
+    _randomize_adapters(model)
+    save_adapter(model, tmp_path / "adapter")
+    report = merge(directory, tmp_path / "adapter", tmp_path / "merged", dtype="float32", verify=True, progress=False)
+    assert report.verification["max_abs_logit_diff"] < 1e-4
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    experts = lora_layers(model)["model.layers.1.mlp.experts.gate_up_proj"]
+    down = lora_layers(model)["model.layers.1.mlp.experts.down_proj"]
+    want_gate_up, want_down = experts.merged_weight()[2], down.merged_weight()[2]  # expert 2: W0 dequantized + s·B·A
+    names = (("block_sparse_moe.experts.2.w1", "block_sparse_moe.experts.2.w3", "block_sparse_moe.experts.2.w2")
+             if kind == "mixtral" else ("mlp.experts.2.gate_proj", "mlp.experts.2.up_proj", "mlp.experts.2.down_proj"))
+    got = [merged[f"model.layers.1.{n}.weight"] for n in names]
+    torch.testing.assert_close(torch.cat(got[:2]), want_gate_up, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got[2], want_down, rtol=0, atol=1e-6)
