@@ -137,6 +137,13 @@ class AdapterFile:
                                        self.scaling_for(module))
         return self.scaling_for(module) * (self.lora_B[module].float() @ self.lora_A[module].float())
 
+    def expert_delta_weight(self, module: str, expert: int) -> torch.Tensor:
+        """s·B_e·A_e in fp32 for one expert of an expert projection (the rows and columns PEFT gives it)."""
+        experts = self.experts[module]
+        a, b = self.lora_A[module].float(), self.lora_B[module].float()
+        r = a.shape[0] // experts
+        return self.scaling_for(module) * (b[:, expert::experts] @ a[expert * r:(expert + 1) * r])
+
     def merged_weight(self, module: str, w0: torch.Tensor) -> torch.Tensor:
         """The module's weight with the adapter applied to `w0` (the base it trained on), in fp32:
         W0 + s·B·A, or for DoRA that rescaled to the magnitude row by row."""

@@ -19,6 +19,8 @@
 
 W is what training computed with: every linear that load_model holds in NF4 (all but the LM head)
 becomes dequantize(quantize(W0)); adapted ones add s·B·A; one rounding to the output dtype.
+Mixture-of-experts weights keep the checkpoint's per-expert tensors: expert e's gate and up halves
+are quantized together, as load_model holds gate_up_proj[e], and get rows of s·B_e·A_e (experts.py).
 Host memory: the adapter plus a few copies of the largest tensor; output bytes go straight to disk.
 """
 
@@ -42,6 +44,7 @@ from .adapter import BASE_NAME, AdapterFile, read_adapter
 from .config import QuantConfig
 from .dtypes import dtype_from_name, safetensors_code
 from .errors import CheckpointError, ConfigError, MergeError, MergeOverflowError, VerificationError
+from .experts import ExpertSource, expert_source, fused_experts_modules
 from .fsutil import DiskFullError, RunLock, atomic_directory, refuse_existing, refuse_output_over_inputs
 from .init import needs_weight
 from .inject import find_targets, lora_layers
@@ -100,6 +103,8 @@ class _Item:
     merge: bool  # + s·B·A
     quantized: bool  # held in NF4 by training: written as dequantize(quantize(W0))
     nf4: bool  # stored bnb-4bit in the base checkpoint
+    expert: ExpertSource | None = None  # a mixture-of-experts tensor: where it sits in the fused experts
+    sibling: tuple[str, Path] | None = None  # the other half of expert e's gate_up (key, shard)
     shard: int = 0
     offset: int = 0
 
@@ -177,12 +182,36 @@ def _prequant_shapes(config: dict, catalog: dict, base_dir: Path) -> dict[str, t
     return shapes
 
 
-def _validate_adapter(adapter: AdapterFile, catalog: dict, nf4_shapes: dict, config: dict) -> None:
+def _expert_shapes(catalog: dict, experts: set[str]) -> dict[tuple[str, str], dict[int, tuple[int, int]]]:
+    """(experts module, projection) -> expert -> its (out, in) as the checkpoint stores it (halves summed)."""
+    shapes: dict[tuple[str, str], dict[int, tuple[int, int]]] = {}
+    for key, (_file, shape, _dtype) in catalog.items():
+        source = expert_source(key)
+        if source is None or source.experts not in experts:
+            continue
+        found = shapes.setdefault((source.experts, source.projection), {})
+        if source.expert is None:
+            found.update({e: tuple(shape[1:]) for e in range(shape[0])})
+        else:
+            rows = found.get(source.expert, (0, shape[1]))[0]
+            found[source.expert] = (rows + shape[0] if source.part is not None else shape[0], shape[1])
+    return shapes
+
+
+def _validate_adapter(adapter: AdapterFile, catalog: dict, nf4_shapes: dict, config: dict,
+                      experts: set[str] | None = None) -> None:
     unsupported = [k for k in ("fan_in_fan_out",) if adapter.config.get(k)]
     if unsupported:
         raise CheckpointError(f"{adapter.path}: adapters with {unsupported} are not supported by merge")
     problems = []
-    for module in adapter.modules:
+    expert_shapes = _expert_shapes(catalog, experts or set())
+    for module in [m for m in adapter.modules if m in adapter.experts]:
+        found = expert_shapes.get(tuple(module.rsplit(".", 1)), {})
+        want = (adapter.lora_B[module].shape[0], adapter.lora_A[module].shape[1])
+        if sorted(found) != list(range(adapter.experts[module])) or any(s != want for s in found.values()):
+            problems.append(f"{module}: adapter is {adapter.experts[module]} experts of out={want[0]} x in={want[1]}, "
+                            f"the base checkpoint has {len(found)} experts of {sorted(set(found.values()))}")
+    for module in [m for m in adapter.modules if m not in adapter.experts]:
         key, a, b = f"{module}.weight", adapter.lora_A[module], adapter.lora_B[module]
         shape = nf4_shapes.get(key, catalog[key][1] if key in catalog else None)
         if shape is None:
@@ -198,11 +227,11 @@ def _validate_adapter(adapter: AdapterFile, catalog: dict, nf4_shapes: dict, con
                               + "; ".join(problems[:5]) + "); merge it into the base model it was trained on")
 
 
-def _skeleton_facts(base_dir: Path) -> tuple[set[str], tuple[str, str] | None]:
-    """From a meta-device skeleton: the linears load_model stores in NF4 (every nn.Linear but the LM head)
-    and the tied (head, embedding) weight keys, as load_model sees them."""
+def _skeleton_facts(base_dir: Path) -> tuple[set[str], tuple[str, str] | None, set[str]]:
+    """From a meta-device skeleton: the linears load_model stores in NF4 (every nn.Linear but the LM head),
+    the tied (head, embedding) weight keys, as load_model sees them, and the fused experts modules."""
     skeleton, _config, _prequant = build_skeleton(base_dir)
-    return set(find_targets(skeleton, "all-linear")), tied_head(skeleton)
+    return set(find_targets(skeleton, "all-linear")), tied_head(skeleton), set(fused_experts_modules(skeleton))
 
 
 def _plan(base_dir: Path, adapter_dir: Path, dtype: torch.dtype, base: BaseKind, max_bytes: int) -> _Plan:
@@ -221,16 +250,33 @@ def _plan(base_dir: Path, adapter_dir: Path, dtype: torch.dtype, base: BaseKind,
     if adapter.base_file is not None and base == "original":
         raise ConfigError(f"{adapter_dir} was initialised with LoftQ/PiSSA and trained on the NF4 base stored in "
                           f"{adapter.base_file.name}, not on W0; use base='quantized' (or leave it out)", "merge options")
-    _validate_adapter(adapter, catalog, nf4_shapes, config)
-    linears, tied = _skeleton_facts(base_dir)
+    linears, tied, experts = _skeleton_facts(base_dir)
+    if experts and nf4_shapes:
+        raise CheckpointError(f"{base_dir} is a 4-bit mixture-of-experts checkpoint; merge into the 16-bit one "
+                              "(bitsandbytes defines no 4-bit layout for fused experts)")
+    _validate_adapter(adapter, catalog, nf4_shapes, config, experts)
     check_tied_head(base_dir, entries, tied)  # as load_model: never publish a silently dropped head
     in_nf4 = linears if base == "quantized" else set()
     quant_keys = {k: v[0] for k, v in catalog.items() if nf4_shapes and _QUANT_KEY.search(k)}
+    halves = {tuple(source): key for key in catalog if (source := expert_source(key)) is not None
+              and source.part is not None}
     items = []
     for key, (file, shape, src) in catalog.items():
         if key in quant_keys:
             continue  # folded into the dequantized weight
         module, nf4 = key.removesuffix(".weight"), key in nf4_shapes
+        source = expert_source(key)
+        if source is not None and source.experts in experts:
+            sibling = None
+            if source.part is not None:  # gate and up of one expert are quantized as one matrix
+                other = halves.get((*source[:3], 1 - source.part))
+                if other is None:
+                    raise CheckpointError(f"{file}: {key} has no other half ({'up' if source.part == 0 else 'gate'}) "
+                                          "in the base checkpoint; it is incomplete")
+                sibling = other, catalog[other][0]
+            items.append(_Item(key, file, shape, dtype, f"{source.experts}.{source.projection}" in adapter.lora_A,
+                               base == "quantized", False, source, sibling))
+            continue
         items.append(_Item(key, file, nf4_shapes.get(key, shape), dtype if nf4 or src.is_floating_point else src,
                            key.endswith(".weight") and module in adapter.lora_A,
                            module in in_nf4 and len(shape) == 2 and src.is_floating_point, nf4))
@@ -307,6 +353,13 @@ def _merge_input_shard(file: Path, plan: _Plan, writer: _ShardWriter, quant: Qua
     """
     with ShardReader(file) as reader:
         for item in (it for it in plan.items if it.file == file):
+            if item.expert is not None:
+                w = _merged_expert(reader, item, plan.adapter, quant)
+                writer.write(item, _cast_checked(item.name, w, item.dtype, merged=item.merge))
+                del w
+                release_free_memory()
+                progress.update(item.nbytes)
+                continue
             try:
                 own = plan.adapter.stored_base(item.name.removesuffix(".weight")) if item.merge else None
                 if own is not None:  # LoftQ/PiSSA: the base it trained on, saved beside the adapter
@@ -340,6 +393,28 @@ def _merge_input_shard(file: Path, plan: _Plan, writer: _ShardWriter, quant: Qua
             del w
             release_free_memory()
             progress.update(item.nbytes)
+
+
+def _merged_expert(reader: ShardReader, item: _Item, adapter: AdapterFile, quant: QuantConfig) -> torch.Tensor:
+    """An expert checkpoint tensor merged as training saw it: per expert e, dequantize(NF4(W_e)) + s·B_e·A_e,
+    W_e being gate_up_proj[e] = cat(gate, up) (both halves read, quantized together, this half's rows kept)."""
+    source, module = item.expert, f"{item.expert.experts}.{item.expert.projection}"
+    own = reader.get(item.name)
+    matrices = own.unbind(0) if source.expert is None else [own]
+    if item.sibling is not None:
+        with ShardReader(item.sibling[1]) as other_reader:
+            other = other_reader.get(item.sibling[0])
+        matrices = [torch.cat([own, other] if source.part == 0 else [other, own])]
+    out = []
+    for index, w0 in enumerate(matrices):
+        e = index if source.expert is None else source.expert
+        w = (NF4Weight.from_tensor(w0, quant.blocksize, quant.double_quant, backend="torch", name=item.name)
+             .dequantize(torch.float32) if item.quantized else w0.to(torch.float32, copy=True))
+        if item.merge:
+            w.add_(adapter.expert_delta_weight(module, e))
+        half = w.shape[0] // 2
+        out.append(w if item.sibling is None else w[:half] if source.part == 0 else w[half:])
+    return torch.stack(out) if source.expert is None else out[0]
 
 
 def _write_metadata(tmp: Path, base_dir: Path, plan: _Plan, dtype_name: str) -> None:

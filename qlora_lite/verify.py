@@ -23,7 +23,8 @@ from .adapter import load_adapter, read_adapter
 from .dtypes import dtype_from_name
 from .config import QuantConfig
 from .errors import VerificationError
-from .inject import replace_module
+from .experts import PROJECTIONS
+from .inject import make_experts_layer, replace_module
 from .layers import LoRALinear4bit
 from .load import load_model, load_tokenizer
 from .settings import check_base, quant_for, read_settings
@@ -111,7 +112,12 @@ def _reference_model(base_dir: Path, adapter_dir: Path, quant: QuantConfig, base
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
-        for module in read_adapter(adapter_dir).modules:
+        adapter = read_adapter(adapter_dir)
+        for experts in {m.rpartition(".")[0] for m in adapter.experts}:
+            fused = model.get_submodule(experts)
+            replace_module(model, experts, make_experts_layer(
+                {p: getattr(fused, p).detach() for p in PROJECTIONS}, fused.act_fn, None, set()))
+        for module in [m for m in adapter.modules if m not in adapter.experts]:
             linear = model.get_submodule(module)
             bias = None if linear.bias is None else linear.bias.detach()
             replace_module(model, module, LoRALinear4bit(linear.weight.detach(), bias, adapter_name=None))

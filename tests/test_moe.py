@@ -459,3 +459,19 @@ def test_merge_writes_dequantized_experts_plus_their_delta(moe_dir, tmp_path):
     got = [merged[f"model.layers.1.{n}.weight"] for n in names]
     torch.testing.assert_close(torch.cat(got[:2]), want_gate_up, rtol=0, atol=1e-6)
     torch.testing.assert_close(got[2], want_down, rtol=0, atol=1e-6)
+
+
+def test_merge_onto_the_original_experts_verifies(moe_dir, tmp_path):
+    """A 16-bit LoRA run (quant=None) merges onto W0 itself; verify rebuilds W0 + adapter with 16-bit experts."""
+    from qlora_lite.adapter import save_adapter
+    from qlora_lite.load import load_model
+    from qlora_lite.merge import merge
+
+    kind, directory = moe_dir
+    model, _ = load_model(directory, None, LoraConfig(r=4, lora_dropout=0.0, target_parameters=["down_proj"]),
+                          device="cpu", compute_dtype=torch.float32, with_tokenizer=False)
+    _randomize_adapters(model)
+    save_adapter(model, tmp_path / "adapter")
+    report = merge(directory, tmp_path / "adapter", tmp_path / "merged", dtype="float32", base="original",
+                   verify=True, progress=False)
+    assert report.verification["max_abs_logit_diff"] < 1e-4
