@@ -17,7 +17,8 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
                           capture_output=True, text=True)
     results = json.loads((tmp_path / "gpu_results.json").read_text())
     statuses = {p["part"]: p["status"] for p in results["parts"]}
-    assert statuses == dict.fromkeys(["env", "tests", "bench-tiny", "boundary-tiny", "offload-tiny"], "pass"), (
+    assert statuses == dict.fromkeys(["env", "tests", "bench-tiny", "boundary-tiny", "offload-tiny", "moe-tiny"],
+                                     "pass"), (
         statuses, done.stdout[-3000:], done.stderr[-3000:])
     assert done.returncode == 0
     bench = next(p for p in results["parts"] if p["part"] == "bench-tiny")
@@ -32,4 +33,7 @@ def test_gpu_check_cpu_smoke_runs_every_part(tmp_path):
     assert offload["peak_resident_base_bytes"] == 2 * offload["host_bytes"] // offload["layers"]
     report = (tmp_path / "gpu_results.md").read_text()
     assert "| tiny | 32×1 |" in report and "offload_base" in report
+    moe = next(p for p in results["parts"] if p["part"] == "moe-tiny")
+    assert moe["seq"] == 32 and len(moe["losses"]) == 3 and moe["tokens_per_s"] > 0 and moe["planned_total_bytes"] > 0
+    assert "| moe-tiny | pass |" in report and "## Mixture of experts" in report
     assert "| bench-tiny | pass |" in report and "ours beside transformers + bitsandbytes + PEFT" in report
