@@ -91,7 +91,7 @@ def run(opts) -> dict:
 
     device = torch.device(opts.device)
     if device.type == "cpu":
-        from qlora_lite.demo import pick_threads
+        from qlora_lite.threads import pick_threads
 
         torch.set_num_threads(pick_threads(max_threads=2))  # tiny shapes crawl on oversubscribed cores
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32

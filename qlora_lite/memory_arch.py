@@ -5,7 +5,8 @@ config.json or a model directory; `model_shape` builds the model on the meta dev
 parameter counts for any architecture) and refuses, in one line, what the activation formula does
 not describe: encoders (BERT), state-space models (Mamba), configs with no attention heads, and
 mixture-of-experts layouts other than transformers' fused experts (3-D `gate_up_proj`/`down_proj`
-beside a router, as in Mixtral and Qwen3-MoE: experts.py), e.g. shared experts. `parse_budget` reads "24GB", "24GiB" or a GPU name.
+beside a router, as in Mixtral and Qwen3-MoE: experts.py), e.g. shared experts. `parse_budget` reads
+"24GB", "24GiB" or a GPU name.
 """
 
 from __future__ import annotations
