@@ -96,7 +96,8 @@ def run(opts) -> dict:
         torch.set_num_threads(pick_threads(max_threads=2))  # tiny shapes crawl on oversubscribed cores
     compute = torch.bfloat16 if device.type == "cuda" else torch.float32
     if device.type == "cuda" and opts.cap_gib:
-        torch.cuda.set_per_process_memory_fraction(opts.cap_gib * GiB / torch.cuda.get_device_properties(0).total_memory)
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(opts.cap_gib * GiB / total)
     cfg = moe_config(opts.shape)
     lora = LoraConfig(r=opts.r, lora_alpha=2 * opts.r, lora_dropout=0.0,
                       target_parameters=None if opts.targets == "all" else [])

@@ -381,9 +381,10 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT_AD
     layers = lora_layers(model)
     missing = [m for m in adapter.modules if m not in layers]
     if missing:
+        field = "target_parameters" if missing[0] in adapter.experts else "target_modules"
         raise CheckpointError(f"{adapter.path}: adapter targets modules this model has no LoRA layer for, e.g. "
                               f"{missing[:3]}; use the base model it was trained on (a model built with "
-                              f"load_model(lora=...) needs {'target_parameters' if missing[0] in adapter.experts else 'target_modules'} "
+                              f"load_model(lora=...) needs {field} "
                               f"covering {sorted({m.rsplit('.', 1)[-1] for m in missing})})")
     for module in adapter.modules:
         layer = layers[module]
@@ -409,7 +410,8 @@ def load_adapter(model: nn.Module, directory: str | Path, name: str = DEFAULT_AD
             layer.own_base = True
         dtype = next(iter(layer.lora_A.values())).dtype if len(layer.lora_A) else torch.float32
         dropout = 0.0 if module in adapter.experts else float(adapter.config.get("lora_dropout", 0.0))  # PEFT's rule
-        layer.add_adapter(name, adapter.rank_for(module), adapter.alpha_for(module), dropout, bool(adapter.config.get("use_rslora", False)),
+        layer.add_adapter(name, adapter.rank_for(module), adapter.alpha_for(module), dropout,
+                          bool(adapter.config.get("use_rslora", False)),
                           dtype=dtype, activate=False, use_dora=adapter.use_dora)
         params = [(layer.lora_A[name], a), (layer.lora_B[name], b)]
         if adapter.use_dora:

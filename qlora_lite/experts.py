@@ -7,7 +7,8 @@ by the block after its router. `LoRAExperts4bit` replaces that module:
 
     per expert e routed at least one token:   W_e = dequantize(NF4_e)   (one NF4Weight per expert
                                               and projection, the format and bytes of a linear's)
-        h = x_e·W_gu,eᵀ + s·x_e·A_gu,eᵀ·B_gu,eᵀ      act(gate)·up      y_e = (…)·W_d,eᵀ + s·(…)·A_d,eᵀ·B_d,eᵀ
+        h_e = x_e·W_gu,eᵀ + s·x_e·A_gu,eᵀ·B_gu,eᵀ       a_e = act(gate_e)·up_e       (gate, up: halves of h_e)
+        y_e = a_e·W_d,eᵀ + s·a_e·A_d,eᵀ·B_d,eᵀ
     out[token] = Σ_k  top_k_weight · y_e(token)     (the router, a plain frozen weight, is untouched)
 
 Tokens are sorted by expert once per call; an expert no token is routed to is never dequantized

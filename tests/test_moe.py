@@ -4,6 +4,7 @@ the planner's counts, on tiny Mixtral and Qwen3-MoE models built in code."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -142,16 +143,10 @@ def test_real_moe_shapes_are_planned():
     assert qwen.params_trainable == 48 * 16 * (2 * 4096 + 2 * 2048 + 2 * (512 + 2048)  # q, o, k, v
                                                + 128 * (2048 + 1536 + 768 + 2048))  # every expert's two pairs
     assert fit_to_budget("qwen3-30b-a3b", "24GiB", seq_len=2048, lora=lora).value == 1
-    attention_only = dataclasses_replace(lora, target_parameters=[])
-    assert fit_to_budget("qwen3-30b-a3b", "24GiB", seq_len=2048, lora=attention_only).value >= 1
+    attention_only = dataclasses.replace(lora, target_parameters=[])
+    assert fit_to_budget("qwen3-30b-a3b", "24GiB", seq_len=2048, lora=attention_only).value > 1  # frozen experts: room
     with pytest.raises(Exception, match="FSDP over 2 GPUs"):
         fit_to_budget("mixtral-8x7b", "24GiB", seq_len=2048, lora=lora)
-
-
-def dataclasses_replace(obj, **changes):
-    import dataclasses
-
-    return dataclasses.replace(obj, **changes)
 
 
 @pytest.mark.parametrize("config,words", [
@@ -299,8 +294,11 @@ def test_expert_gradients_equal_the_dense_reference():
                    p.lora_B["default"].detach().clone().requires_grad_(), p.scaling)
                for n, p in layer.projections().items()}
     # PEFT's layout, in fp64: A (E·r, in) has expert e's rows at [e·r, (e+1)·r), B (out, r·E) its columns e::E
-    w = {n: weights[n] + s * torch.stack([b[:, e::experts] @ a[e * a.shape[0] // experts:(e + 1) * a.shape[0] // experts]
-                                          for e in range(experts)]) for n, (a, b, s) in factors.items()}
+    def delta(a, b, s):
+        r = a.shape[0] // experts
+        return s * torch.stack([b[:, e::experts] @ a[e * r:(e + 1) * r] for e in range(experts)])
+
+    w = {n: weights[n] + delta(a, b, s) for n, (a, b, s) in factors.items()}
     rows = []
     for t in range(tokens):
         out = 0
@@ -312,8 +310,8 @@ def test_expert_gradients_equal_the_dense_reference():
     theirs = torch.stack(rows)
     torch.testing.assert_close(ours, theirs)
     grad = torch.randn(tokens, hidden, generator=gen, dtype=torch.float64)
-    mine = torch.autograd.grad(ours, [x, route, *[p for n in factors for p in (layer.projections()[n].lora_A["default"],
-                                                                                 layer.projections()[n].lora_B["default"])]], grad)
+    ours_factors = [p for proj in layer.projections().values() for p in (proj.lora_A["default"], proj.lora_B["default"])]
+    mine = torch.autograd.grad(ours, [x, route, *ours_factors], grad)
     ref = torch.autograd.grad(theirs, [x, route, *[p for a, b, _ in factors.values() for p in (a, b)]], grad)
     for m, r in zip(mine, ref):
         torch.testing.assert_close(m, r)
