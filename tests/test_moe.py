@@ -473,3 +473,40 @@ def test_merge_onto_the_original_experts_verifies(moe_dir, tmp_path):
     report = merge(directory, tmp_path / "adapter", tmp_path / "merged", dtype="float32", base="original",
                    verify=True, progress=False)
     assert report.verification["max_abs_logit_diff"] < 1e-4
+
+
+def test_training_a_tiny_moe_lowers_the_loss_and_moves_only_lora(memorize_data, tmp_path):
+    """train() end to end on a Qwen3-MoE directory: NF4 experts, LoRA on attention and experts."""
+    from conftest import MEMORIZE, write_tiny_tokenizer
+    from transformers import AutoTokenizer
+
+    from qlora_lite.adapter import read_adapter
+    from qlora_lite.config import TrainConfig
+    from qlora_lite.inject import lora_layers
+    from qlora_lite.load import load_model
+    from qlora_lite.train import train
+
+    directory = tmp_path / "model"
+    write_tiny_tokenizer(directory, [m["content"] for r in MEMORIZE for m in r["messages"]])
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    model = build("qwen3_moe", vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id)
+    model.save_pretrained(str(directory))
+    lora = LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0)
+    cfg = TrainConfig(model=str(directory), data=str(memorize_data), out_dir=str(tmp_path / "run"), seq_len=64,
+                      batch_size=4, max_steps=30, learning_rate=5e-3, warmup_steps=2, eval_fraction=0.1,
+                      eval_every=30, save_every=30, progress=False, device="cpu", lora=lora,
+                      quant=QuantConfig(backend="torch"))
+    torch.manual_seed(cfg.seed)
+    loaded = load_model(directory, cfg.quant, lora, device="cpu")
+    frozen = {name: {k: v.clone() for k, v in layer.weight.state_dict().items()}
+              for name, layer in lora_layers(loaded[0]).items()}
+    result = train(cfg, loaded=loaded)
+    assert sum(result.losses[-3:]) / 3 < 0.8 * sum(result.losses[:3]) / 3
+    adapter = read_adapter(result.adapter_dir)
+    layers = lora_layers(loaded[0])
+    assert any(n.endswith("experts.down_proj") for n in adapter.modules)
+    for name, layer in layers.items():
+        assert all(torch.equal(v, layer.weight.state_dict()[k]) for k, v in frozen[name].items()), name
+    moved = adapter.lora_B["model.layers.0.mlp.experts.down_proj"].view(64, 4, 8).abs().sum(dim=(0, 1))
+    assert (moved > 0).sum() >= 2  # the experts the data routed to trained
