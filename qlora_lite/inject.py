@@ -92,7 +92,7 @@ def find_expert_targets(model: nn.Module, lora: LoraConfig) -> list[str]:
         return names if lora.target_modules == "all-linear" else []
     unmatched = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in names)]
     if unmatched:
-        kinds = sorted({n.split(".", 3)[-1] if n.startswith("model.layers.") else n for n in names})
+        kinds = sorted({".".join(n.rsplit(".", 3)[-3:]) for n in names})  # e.g. mlp.experts.down_proj
         raise ConfigError(f"target_parameters {unmatched} match no expert projection; "
                           + (f"this model's are {kinds[:4]}" if names else "this model has no mixture-of-experts "
                              "layers"), "target_parameters")

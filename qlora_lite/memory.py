@@ -631,8 +631,10 @@ def memory_report(model: str, seq_len: int = 2048, batch_size: int = 1, rank: in
     `recipe="peft"` plans the peer's recipe and prints ours beside it. `offload_activations`,
     `mlp_chunk_tokens` plan the long-context options, `offload_base` the NF4 base in host memory;
     `link_gbps` is the host↔GPU speed (GB/s); `lora_dropout` (PEFT's default 0.05) changes what each
-    adapted linear saves."""
+    adapted linear saves (0 for a MoE model: expert adapters take no dropout)."""
     _check_report_args(rank, optimizer, world_size, fsdp, recipe)
+    if model_shape(load_model_config(model)[0]).experts:
+        lora_dropout = 0.0  # LoRA on experts takes no dropout (inject.check_experts), so a MoE run has none
     kwargs: dict[str, Any] = {"lora": LoraConfig(r=rank, lora_alpha=2 * rank, lora_dtype=lora_dtype,
                                                  lora_dropout=lora_dropout),
                               "optimizer": optimizer, "world_size": world_size, "fsdp": fsdp, "recipe": recipe,

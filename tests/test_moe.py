@@ -510,3 +510,11 @@ def test_training_a_tiny_moe_lowers_the_loss_and_moves_only_lora(memorize_data, 
         assert all(torch.equal(v, layer.weight.state_dict()[k]) for k, v in frozen[name].items()), name
     moved = adapter.lora_B["model.layers.0.mlp.experts.down_proj"].view(64, 4, 8).abs().sum(dim=(0, 1))
     assert (moved > 0).sum() >= 2  # the experts the data routed to trained
+
+
+def test_memory_command_plans_a_moe_run_without_dropout():
+    """`qlora-lite memory` plans dropout 0.05 by default; a MoE run with expert adapters cannot have any."""
+    from qlora_lite.memory import memory_report
+
+    text = memory_report("qwen3-30b-a3b", seq_len=2048, gpu="RTX4090")
+    assert "dropout 0.0" in text and "fits RTX4090" in text and "largest seq_len at batch_size 1: 3392" in text
