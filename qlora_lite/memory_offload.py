@@ -49,8 +49,8 @@ def base_offload(a: ModelShape, quant: QuantConfig, device: str) -> BaseOffload:
     """The NF4 base's split between the GPU and pinned host memory under offload_base."""
     per_layer = [0] * a.layers
     outside = 0
-    for name, (o, i) in a.linears.items():
-        nbytes = nf4_nbytes(o * i, quant.blocksize, quant.double_quant)
+    for name, (count, o, i) in a.matrices.items():  # linears, and expert projections once per expert
+        nbytes = count * nf4_nbytes(o * i, quant.blocksize, quant.double_quant)
         index = layer_index(name)
         if index is None:
             outside += nbytes

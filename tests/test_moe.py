@@ -518,3 +518,34 @@ def test_memory_command_plans_a_moe_run_without_dropout():
 
     text = memory_report("qwen3-30b-a3b", seq_len=2048, gpu="RTX4090")
     assert "dropout 0.0" in text and "fits RTX4090" in text and "largest seq_len at batch_size 1: 3392" in text
+
+
+def test_offload_base_moves_every_expert_and_gives_the_plain_run():
+    """offload_base (issue 18) keeps each layer's NF4 experts in host memory too; the planner counts them."""
+    from qlora_lite.offload import install_base_offload
+    from qlora_lite.train import enable_checkpointing
+
+    def model_and_step():
+        model = build("mixtral")
+        inject_lora(model, LoraConfig(r=4, lora_dropout=0.0, init_lora_weights="gaussian"), QuantConfig())
+        enable_checkpointing(model)
+        model.train()
+        return model
+
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+
+    def step(model):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain_grads = step(model_and_step())
+    model = model_and_step()
+    offloader = install_base_offload(model, "cpu")
+    layer_nf4 = sum(w.nbytes for layer in model.model.layers for w in layer.modules() if isinstance(w, NF4Weight))
+    assert offloader.host_bytes == layer_nf4
+    loss, grads = step(model)
+    assert loss == plain_loss and all(torch.equal(grads[n], plain_grads[n]) for n in plain_grads)
+    est = estimate_memory(model.config, seq_len=16, batch_size=2, lora=LoraConfig(r=4, lora_dropout=0.0),
+                          compute_dtype="float32", offload_base=True)
+    assert est.pinned_host_bytes == layer_nf4  # every expert of every layer, not only the linears
