@@ -108,7 +108,8 @@ def account(adapter_dir_or_file: str | Path | AdapterFile, base_dir: str | Path 
     weights = adapter.path / "adapter_model.safetensors"
     acc = Accounting(
         trainable_params=trainable,
-        adapted_base_params=sum(adapter.lora_B[m].shape[0] * adapter.lora_A[m].shape[1] for m in adapter.modules),
+        adapted_base_params=sum(adapter.experts.get(m, 1) * adapter.lora_B[m].shape[0] * adapter.lora_A[m].shape[1]
+                                for m in adapter.modules),  # an expert projection: every expert's matrix
         adapter_file_bytes=weights.stat().st_size if weights.is_file() else 0,
         adapter_tensor_bytes=sum(t.numel() * t.element_size() for t in tensors),
         lora_optimizer_bytes=_ADAM_BYTES * trainable)
@@ -370,7 +371,7 @@ def _compare(a1: AdapterFile, a2: AdapterFile, kinds: tuple[str, ...]) -> dict:
     """φ grids on the modules both adapters share (same shapes); lists what was skipped."""
     def same(m: str) -> bool:
         return a1.lora_A[m].shape[1] == a2.lora_A[m].shape[1] and a1.lora_B[m].shape[0] == a2.lora_B[m].shape[0]
-    shared = set(a1.modules) & set(a2.modules)
+    shared = (set(a1.modules) - set(a1.experts)) & (set(a2.modules) - set(a2.experts))  # linears (see analyze)
     common = [m for m in _model_order(shared) if same(m)]
     skipped = {"only_in_adapter": sorted(set(a1.modules) - shared), "only_in_compare": sorted(set(a2.modules) - shared),
                "shape_mismatch": sorted(shared - set(common))}
@@ -410,7 +411,10 @@ def analyze(adapter_dir: str | Path, base_dir: str | Path | None = None, compare
     if base_dir is not None:
         check_base(settings, base_dir, force)
     base = _BaseWeights(Path(base_dir)) if base_dir is not None else None
-    modules = [_module_stats(adapter, m, top_k, base, quant) for m in _model_order(adapter.modules)]
+    # the per-module analyses read one A/B pair as one ΔW; an expert projection holds one pair per expert
+    # (experts.py), so they cover the linears; `account` counts the experts too
+    linears = [m for m in adapter.modules if m not in adapter.experts]
+    modules = [_module_stats(adapter, m, top_k, base, quant) for m in _model_order(linears)]
     comparison = _compare(adapter, _as_adapter(compare_to), compare_kinds) if compare_to is not None else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -549,3 +549,18 @@ def test_offload_base_moves_every_expert_and_gives_the_plain_run():
     est = estimate_memory(model.config, seq_len=16, batch_size=2, lora=LoraConfig(r=4, lora_dropout=0.0),
                           compute_dtype="float32", offload_base=True)
     assert est.pinned_host_bytes == layer_nf4  # every expert of every layer, not only the linears
+
+
+def test_analyze_counts_every_expert_and_analyses_the_linears(tmp_path):
+    from qlora_lite.adapter import save_adapter
+    from qlora_lite.analysis import analyze
+
+    model = build("mixtral")
+    inject_lora(model, LoraConfig(r=4, lora_dropout=0.0), None)
+    _randomize_adapters(model)
+    save_adapter(model, tmp_path / "adapter")
+    report = analyze(tmp_path / "adapter", out_dir=tmp_path / "analysis", plots=False)
+    experts = 2 * 4 * (192 * 64 + 64 * 96)  # 2 layers × 4 experts × (gate_up + down)
+    linears = 2 * (64 * 64 * 2 + 32 * 64 * 2)  # q, o, k, v
+    assert report.accounting.adapted_base_params == experts + linears
+    assert {m.kind for m in report.modules} == {"q_proj", "k_proj", "v_proj", "o_proj"}
