@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 # The planner and the analyses are imported on first use: `import qlora_lite` (every CLI command, every
 # training process) does not pay for modules it may never call.
-_ON_FIRST_USE = {"analyze": "analysis", "estimate_memory": "memory", "fit_to_budget": "memory"}
+_ON_FIRST_USE = {"analyze": "analysis", "estimate_memory": "memory", "fit_to_budget": "memory_fit"}
 
 
 def __getattr__(name: str):

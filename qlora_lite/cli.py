@@ -97,7 +97,7 @@ def memory(model: str, seq_len: int = 2048, batch_size: int = 1, rank: int = 16,
         offload_base: the decoder layers' NF4 base in pinned host memory, two layers' on the GPU at a time
             (reports the host bytes and the host->GPU copies per step)
     """
-    from .memory import memory_report
+    from .memory_fit import memory_report
 
     print(memory_report(model, seq_len=seq_len, batch_size=batch_size, rank=rank, gpu=gpu, optimizer=optimizer,
                         world_size=world_size, fsdp=fsdp, json_output=json_output, plot=plot, recipe=recipe,

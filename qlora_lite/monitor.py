@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from .memory import _COMPONENTS, GiB, MemoryBudgetError, MemoryEstimate, estimate_memory, fit_to_budget
+from .memory import _COMPONENTS, GiB, MemoryBudgetError, MemoryEstimate, estimate_memory
+from .memory_fit import fit_to_budget
 from .rss import PeakRSS, peak_rss, reset_peak_rss
 
 __all__ = ["MemoryMonitor", "PeakRSS", "compare", "preflight"]

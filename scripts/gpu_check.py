@@ -265,7 +265,7 @@ def boundary(shape: str, cache: Path, device: str, cap_gib: float, warmup: int, 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_train
 
-    from qlora_lite.memory import memory_report
+    from qlora_lite.memory_fit import memory_report
 
     bench_train.build_checkpoint(shape, cache, draw_device=device)
     capacity = f"{cap_gib}GiB" if device == "cpu" else CONSUMER_CARD

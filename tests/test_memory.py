@@ -23,10 +23,10 @@ from qlora_lite.errors import ConfigError
 from qlora_lite.inject import count_parameters, inject_lora, lora_layers
 from qlora_lite import memory
 from qlora_lite.memory import (
-    ALLOCATOR_SLACK, GB, GPU_MEMORY, PAGED_MIN_NUMEL, GiB, MemoryBudgetError, MemoryEstimate,
-    _block_bytes_per_token, builtin_configs, estimate_memory, fit_to_budget, largest_seq_len, load_model_config,
-    memory_report, nf4_nbytes, parse_budget,
+    ALLOCATOR_SLACK, GB, GPU_MEMORY, PAGED_MIN_NUMEL, GiB, MemoryBudgetError, MemoryEstimate, _block_bytes_per_token,
+    builtin_configs, estimate_memory, load_model_config, nf4_nbytes, parse_budget,
 )
+from qlora_lite.memory_fit import fit_to_budget, largest_seq_len, memory_report
 from qlora_lite.memory_arch import model_shape as _arch
 from qlora_lite.loss import install_chunked_loss
 from qlora_lite.monitor import MemoryMonitor, compare, preflight

@@ -15,7 +15,8 @@ from qlora_lite.config import LoraConfig, QuantConfig
 from qlora_lite.errors import ConfigError
 from qlora_lite.experts import LoRAExperts4bit
 from qlora_lite.inject import count_parameters, inject_lora
-from qlora_lite.memory import _block_bytes_per_token, estimate_memory, fit_to_budget
+from qlora_lite.memory import _block_bytes_per_token, estimate_memory
+from qlora_lite.memory_fit import fit_to_budget
 from qlora_lite.memory_arch import model_shape
 from qlora_lite.memory_moe import moe_mlp_bytes_per_token
 from qlora_lite.nf4 import NF4Weight
@@ -514,7 +515,7 @@ def test_training_a_tiny_moe_lowers_the_loss_and_moves_only_lora(memorize_data, 
 
 def test_memory_command_plans_a_moe_run_without_dropout():
     """`qlora-lite memory` plans dropout 0.05 by default; a MoE run with expert adapters cannot have any."""
-    from qlora_lite.memory import memory_report
+    from qlora_lite.memory_fit import memory_report
 
     text = memory_report("qwen3-30b-a3b", seq_len=2048, gpu="RTX4090")
     assert "dropout 0.0" in text and "fits RTX4090" in text and "largest seq_len at batch_size 1: 3392" in text

@@ -11,7 +11,8 @@ from transformers import LlamaForCausalLM
 from qlora_lite.config import LoraConfig, QuantConfig, TrainConfig
 from qlora_lite.errors import ConfigError, TrainingError
 from qlora_lite.inject import inject_lora
-from qlora_lite.memory import MemoryBudgetError, estimate_memory, fit_to_budget, memory_report, parse_budget
+from qlora_lite.memory import MemoryBudgetError, estimate_memory, parse_budget
+from qlora_lite.memory_fit import fit_to_budget, memory_report
 from qlora_lite.nf4 import NF4Weight
 from qlora_lite.offload import BaseOffloader, install_base_offload
 from qlora_lite.train import enable_checkpointing
