@@ -102,6 +102,31 @@ def _first_bad_json_line(files: Sequence[str]) -> str | None:
     return None
 
 
+def _first_line_not_an_object(files: Sequence[str]) -> str | None:
+    """'file:line: ...' for the first non-blank line of a JSON Lines file that does not start a JSON object.
+
+    Checked before pyarrow reads the file: pyarrow 26's JSON reader crashes the process (a segfault, not an
+    exception) on a line such as `null]` — JSON Lines records are objects, so such a line is refused here.
+    A file holding one JSON document (a list of records) is left to the reader."""
+    for name in files:
+        with open(name, "rb") as handle:
+            raw = handle.read()
+        if raw.lstrip()[:1] == b"[":
+            continue
+        try:  # one JSON document (not JSON Lines): the reader decides what it holds
+            json.loads(raw)
+            continue
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass
+        for lineno, line in enumerate(raw.split(b"\n"), start=1):
+            start = line.lstrip()[:1]
+            if start and start != b"{":
+                located = _first_bad_json_line([name])
+                return located or (f"{name}:{lineno}: not a JSON object; each line must hold one record, "
+                                   '{"text": ...} or {"messages": [...]}')
+    return None
+
+
 def _utf8_error(path: Path) -> str:
     """The message for a source whose text is not UTF-8: file and line where we can find them."""
     try:
@@ -123,6 +148,9 @@ def _read_path(path: Path, cache_dir: str | None) -> datasets.Dataset:
             raise DataError(f"{path} holds the splits {sorted(loaded)}; pass one split's folder, e.g. {path}/train")
         return loaded
     builder, files = _data_files(path)
+    not_an_object = _first_line_not_an_object(files) if builder == "json" else None
+    if not_an_object:
+        raise DataError(not_an_object)
     try:
         return datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
     except Exception as exc:  # pyarrow / datasets raise many types; the user needs the file and the cause
