@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qlora_lite.config import LoraConfig, QuantConfig, TrainConfig  # noqa: E402
 from qlora_lite.data import embedded_dataset_path, prepare_data  # noqa: E402
+from qlora_lite.demo import pick_threads  # noqa: E402
 from qlora_lite.embedded import embedded_model_dir  # noqa: E402
 from qlora_lite.inject import lora_layers  # noqa: E402
 from qlora_lite.load import load_model, load_tokenizer  # noqa: E402
@@ -205,20 +206,23 @@ def run_row(label: str, args: argparse.Namespace, tokenizer, data, tmp: Path) ->
     for impl in args.impls:
         cfg = train_config(args, quantized, extras, tmp / f"{label}-{impl}")
         torch.manual_seed(cfg.seed)
-        start = time.perf_counter()
-        try:
+        start, phase = time.perf_counter(), "building the model"
+        try:  # a PEFT method that cannot run here (LoftQ needs CUDA) is that run's result, not the end of the bench
             model = build_ours(cfg) if impl == "ours" else build_peft(cfg, label, tmp)
-        except Exception as exc:  # noqa: BLE001 - e.g. PEFT's LoftQ needs CUDA: that is this run's result
-            row[impl] = {"error": " ".join(str(exc).split())[:600]}
+            init_s = time.perf_counter() - start
+            log(f"{label} {impl}: model ready in {init_s:.1f} s")
+            if impl == "ours":
+                ours = model
+            elif ours is not None:
+                row["init_max_abs_diff"] = align_init(ours, model, copy_a=cfg.lora.init_lora_weights == "kaiming")
+            phase = "training"
+            row[impl] = run_one(cfg, model, tokenizer, data, init_s)
+        except Exception as exc:  # noqa: BLE001
+            if impl == "ours":
+                raise
+            row[impl] = {"error": f"{phase}: " + " ".join(str(exc).split())[:600]}
             log(f"{label} {impl}: cannot run: {row[impl]['error']}")
             continue
-        init_s = time.perf_counter() - start
-        log(f"{label} {impl}: model ready in {init_s:.1f} s")
-        if impl == "ours":
-            ours = model
-        elif ours is not None:
-            row["init_max_abs_diff"] = align_init(ours, model, copy_a=cfg.lora.init_lora_weights == "kaiming")
-        row[impl] = run_one(cfg, model, tokenizer, data, init_s)
         log(f"{label} {impl}: {row[impl]['before']:.4f} -> {row[impl]['after']:.4f}, "
             f"{row[impl]['s_per_step']:.2f} s/step")
         del model  # (`ours` stays until PEFT's run has been aligned to it)
@@ -260,8 +264,8 @@ def print_table(report: dict) -> None:
             print(f"| {r['row']} | {impl} | {cell(run, 'before', '.4f')} | {cell(run, 'after', '.4f')} | {closed} | "
                   f"{cell(run, 's_per_step', '.2f')} | {cell(run, 'init_s', '.1f')} | {ratios} |")
     a = report["args"]
-    print(f"\n{report['device']}; steps={a['steps']} r={a['r']} lr={a['lr']} seq={a['seq']} batch={a['batch']} "
-          f"held-out examples={report['eval_examples']}; {report['versions']}")
+    print(f"\n{report['device']}, {a['threads']} torch thread(s); steps={a['steps']} r={a['r']} lr={a['lr']} "
+          f"seq={a['seq']} batch={a['batch']} held-out examples={report['eval_examples']}; {report['versions']}")
 
 
 def main() -> None:
@@ -277,12 +281,17 @@ def main() -> None:
     parser.add_argument("--eval-examples", type=int, default=64, help="the first N held-out examples (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads for every run (0: the idle cores at the start, qlora_lite.demo."
+                             "pick_threads; on a shared machine 1, since OpenMP barriers stall on busy cores)")
     parser.add_argument("--json", metavar="FILE", help="also write the full report (per-step losses too) here")
     args = parser.parse_args()
     args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     args.impls = [i.strip() for i in args.impl.split(",") if i.strip()]
     if unknown := [r for r in args.rows if r not in ROWS] + [i for i in args.impls if i not in IMPLS]:
         parser.error(f"unknown rows/impls {unknown}; choose from {list(ROWS)} and {list(IMPLS)}")
+    args.threads = args.threads or pick_threads()
+    torch.set_num_threads(args.threads)
     args.model_dir = embedded_model_dir()
     tokenizer = load_tokenizer(args.model_dir)
     # the batches of every run: tokenized, split and (for evaluation) cut once, here
