@@ -200,32 +200,41 @@ def run_one(cfg: TrainConfig, model: torch.nn.Module, tokenizer, data, init_s: f
 
 
 def run_row(label: str, args: argparse.Namespace, tokenizer, data, tmp: Path) -> dict:
+    """Build every implementation's model first (PEFT's A is aligned to ours before either trains), then
+    train each in turn."""
     quantized, extras = ROWS[label]
     row: dict = {"row": label}
-    ours = None
+    models, configs = {}, {}
     for impl in args.impls:
-        cfg = train_config(args, quantized, extras, tmp / f"{label}-{impl}")
+        configs[impl] = cfg = train_config(args, quantized, extras, tmp / f"{label}-{impl}")
         torch.manual_seed(cfg.seed)
-        start, phase = time.perf_counter(), "building the model"
+        start = time.perf_counter()
         try:  # a PEFT method that cannot run here (LoftQ needs CUDA) is that run's result, not the end of the bench
-            model = build_ours(cfg) if impl == "ours" else build_peft(cfg, label, tmp)
-            init_s = time.perf_counter() - start
-            log(f"{label} {impl}: model ready in {init_s:.1f} s")
-            if impl == "ours":
-                ours = model
-            elif ours is not None:
-                row["init_max_abs_diff"] = align_init(ours, model, copy_a=cfg.lora.init_lora_weights == "kaiming")
-            phase = "training"
-            row[impl] = run_one(cfg, model, tokenizer, data, init_s)
+            models[impl] = build_ours(cfg) if impl == "ours" else build_peft(cfg, label, tmp)
         except Exception as exc:  # noqa: BLE001
             if impl == "ours":
                 raise
-            row[impl] = {"error": f"{phase}: " + " ".join(str(exc).split())[:600]}
+            row[impl] = {"error": "building the model: " + " ".join(str(exc).split())[:600]}
+            log(f"{label} {impl}: cannot run: {row[impl]['error']}")
+            continue
+        row[impl] = {"init_s": time.perf_counter() - start}
+        log(f"{label} {impl}: model ready in {row[impl]['init_s']:.1f} s")
+    if len(models) == 2:
+        row["init_max_abs_diff"] = align_init(models["ours"], models["peft"],
+                                              copy_a=configs["ours"].lora.init_lora_weights == "kaiming")
+    for impl in list(models):
+        model = models.pop(impl)
+        try:
+            row[impl] = run_one(configs[impl], model, tokenizer, data, row[impl]["init_s"])
+        except Exception as exc:  # noqa: BLE001
+            if impl == "ours":
+                raise
+            row[impl] = {"error": "training: " + " ".join(str(exc).split())[:600]}
             log(f"{label} {impl}: cannot run: {row[impl]['error']}")
             continue
         log(f"{label} {impl}: {row[impl]['before']:.4f} -> {row[impl]['after']:.4f}, "
             f"{row[impl]['s_per_step']:.2f} s/step")
-        del model  # (`ours` stays until PEFT's run has been aligned to it)
+        del model
     if "after" in row.get("ours", {}) and "after" in row.get("peft", {}):
         row["after_ratio"] = row["ours"]["after"] / row["peft"]["after"]
         row["step_ratio"] = row["ours"]["s_per_step"] / row["peft"]["s_per_step"]
