@@ -108,7 +108,7 @@ def _peft_lora_config(cfg: TrainConfig, **extra):
                            **extra)
 
 
-def _hf_model(path, quantized: bool, dtype: torch.dtype = torch.float32):
+def _hf_model(path, quantized: bool, device: str, dtype: torch.dtype | str = torch.float32):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     extra = {}
@@ -116,7 +116,7 @@ def _hf_model(path, quantized: bool, dtype: torch.dtype = torch.float32):
         extra["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map="cpu", **extra)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, device_map=device, **extra)
     for module in model.modules():  # bitsandbytes repacks CPU weights for bf16 inference in eval mode; keep
         if hasattr(module, "support_avx512bf16_for_cpu"):  # one kernel path for training and evaluation
             module.support_avx512bf16_for_cpu = False
@@ -130,21 +130,21 @@ def build_peft(cfg: TrainConfig, label: str, tmp: Path) -> torch.nn.Module:
     quantized = cfg.quant is not None
     if label == "loftq-nf4":
         errors = []
-        try:  # PEFT's documented route: LoftQ on the 16-bit model, its dequantized base
-            peft.get_peft_model(_hf_model(cfg.model, False), _peft_lora_config(
-                cfg, init_lora_weights="loftq", loftq_config=peft.LoftQConfig(loftq_bits=4, loftq_iter=1)))
-        except Exception as exc:  # noqa: BLE001 - the failure is the result recorded
-            errors.append(f"init_lora_weights='loftq': {type(exc).__name__}: {exc}")
-        try:  # and the replacement on a bitsandbytes 4-bit model
-            model = peft.get_peft_model(_hf_model(cfg.model, True), _peft_lora_config(cfg))
+        try:  # PEFT's LoftQ for a bitsandbytes 4-bit model: the row, where it runs
+            model = peft.get_peft_model(_hf_model(cfg.model, True, cfg.device), _peft_lora_config(cfg))
             peft.replace_lora_weights_loftq(model, model_path=str(Path(cfg.model) / "model.safetensors"))
-        except Exception as exc:  # noqa: BLE001
+            return model.get_base_model()
+        except Exception as exc:  # noqa: BLE001 - the failure is the result recorded
             errors.append(f"replace_lora_weights_loftq: {type(exc).__name__}: {exc}")
-        if len(errors) == 2:
-            raise RuntimeError("; ".join(errors))
-        return model.get_base_model()
+        try:  # its other route (LoftQ on the 16-bit model, a dequantized base): only whether it runs here
+            peft.get_peft_model(_hf_model(cfg.model, False, cfg.device), _peft_lora_config(
+                cfg, init_lora_weights="loftq", loftq_config=peft.LoftQConfig(loftq_bits=4, loftq_iter=1)))
+            errors.append("init_lora_weights='loftq' runs (its base is dequantized 16-bit, not compared)")
+        except Exception as exc:  # noqa: BLE001
+            errors.append(f"init_lora_weights='loftq': {type(exc).__name__}: {exc}")
+        raise RuntimeError("; ".join(errors))
     if label == "pissa-nf4":  # QPiSSA: PiSSA on the checkpoint's own dtype, the residual quantized on reload
-        model = peft.get_peft_model(_hf_model(cfg.model, False, dtype="auto"),
+        model = peft.get_peft_model(_hf_model(cfg.model, False, cfg.device, dtype="auto"),
                                     _peft_lora_config(cfg, init_lora_weights="pissa"))
         model.peft_config["default"].init_lora_weights = True  # the saved factors are loaded as they are
         model.save_pretrained(str(tmp / "pissa_adapter"))
@@ -152,10 +152,11 @@ def build_peft(cfg: TrainConfig, label: str, tmp: Path) -> torch.nn.Module:
         for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if (Path(cfg.model) / name).is_file():
                 (tmp / "pissa_residual" / name).write_bytes((Path(cfg.model) / name).read_bytes())
-        residual = _hf_model(tmp / "pissa_residual", True)
+        residual = _hf_model(tmp / "pissa_residual", True, cfg.device)
         return peft.PeftModel.from_pretrained(residual, str(tmp / "pissa_adapter"), is_trainable=True).get_base_model()
     extra = {"use_dora": True} if cfg.lora.use_dora else {}
-    return peft.get_peft_model(_hf_model(cfg.model, quantized), _peft_lora_config(cfg, **extra)).get_base_model()
+    return peft.get_peft_model(_hf_model(cfg.model, quantized, cfg.device),
+                               _peft_lora_config(cfg, **extra)).get_base_model()
 
 
 def peft_factors(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
