@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qlora_lite.config import LoraConfig, QuantConfig, TrainConfig  # noqa: E402
 from qlora_lite.data import embedded_dataset_path, prepare_data  # noqa: E402
-from qlora_lite.demo import pick_threads  # noqa: E402
+from qlora_lite.threads import pick_threads  # noqa: E402
 from qlora_lite.embedded import embedded_model_dir  # noqa: E402
 from qlora_lite.inject import lora_layers  # noqa: E402
 from qlora_lite.load import load_model, load_tokenizer  # noqa: E402
@@ -292,7 +292,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads for every run (0: the idle cores at the start, qlora_lite.demo."
+                        help="torch CPU threads for every run (0: the idle cores at the start, qlora_lite.threads."
                              "pick_threads; on a shared machine 1, since OpenMP barriers stall on busy cores)")
     parser.add_argument("--json", metavar="FILE", help="also write the full report (per-step losses too) here")
     args = parser.parse_args()
