@@ -10,7 +10,8 @@ process, through one training loop, on one set of batches.
               kernels, their bf16 repacking for inference off so the layers compute alike in train
               and eval mode), get_peft_model(LoraConfig(r, 2r, "all-linear")):
                 lora    init_lora_weights=True (A then overwritten with ours, see below)
-                loftq   init_lora_weights="loftq" + LoftQConfig, and replace_lora_weights_loftq (tried)
+                loftq   replace_lora_weights_loftq on the 4-bit model (init_lora_weights="loftq" probed);
+                        both need CUDA in PEFT 0.21, so on a CPU the row records why it cannot run
                 pissa   PEFT's QPiSSA recipe: "pissa" on the 16-bit model, residual model saved and
                         re-loaded in 4 bit, the adapter loaded trainable on it
                 dora    use_dora=True on the 4-bit model
