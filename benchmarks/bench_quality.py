@@ -4,7 +4,8 @@ process, through one training loop, on one set of batches.
 
     data      tokenized and split once (qlora_lite.data.prepare_data); every run reads those objects
     loop      qlora_lite.train.TrainingRun for every run, ours and PEFT's: the same seeded batch order,
-              AdamW, warmup + cosine, clipping, chunked loss, checkpointing and evaluation; PEFT's model
+              AdamW, warmup + cosine, clipping, chunked loss, activation checkpointing and evaluation (no
+              checkpoints or adapter are saved); PEFT's model
               is handed in (`loaded`), its LoRA layers injected in place as PEFT does
     PEFT      transformers' BitsAndBytesConfig (NF4, double quant, fp32 compute; bitsandbytes' CPU
               kernels, their bf16 repacking for inference off so the layers compute alike in train
@@ -25,9 +26,9 @@ and the share of the NF4-vs-16-bit gap each closes ((nf4 - row) / (nf4 - 16bit),
 
 Usage:
 
-    python benchmarks/bench_quality.py --steps 8 --seq 128 --batch 4 --eval-examples 64   # CPU, all rows
+    python benchmarks/bench_quality.py --steps 8 --seq 128 --batch 4 --eval-examples 0    # CPU, all rows (~12 min)
     python benchmarks/bench_quality.py --rows lora-nf4 --impl ours --steps 1               # one run, to time
-    python benchmarks/bench_quality.py --steps 50 --device cuda --json
+    python benchmarks/bench_quality.py --steps 50 --device cuda --json quality.json
 """
 
 from __future__ import annotations
