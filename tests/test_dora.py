@@ -78,6 +78,24 @@ def test_dora_with_b_zero_computes_the_base_and_m_starts_at_the_row_norms(quanti
         torch.testing.assert_close(layer(x), 2 * torch.nn.functional.linear(x, dense) + bias, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("init", ["kaiming", "loftq"])
+def test_an_initialised_dora_model_computes_what_lora_computes(init):
+    """Whole model, before training: DoRA with m = ‖W‖ computes the same logits as plain LoRA on the same
+    NF4 base: W0 + s·B·A for B = 0 (kaiming), and LoftQ's Q + s·B·A with B ≠ 0 (m from the row norms of
+    that sum, not of W0 or Q alone)."""
+    original = tiny_model()
+    models = {}
+    for use_dora in (False, True):
+        model = copy.deepcopy(original)
+        torch.manual_seed(3)  # the same kaiming A in both
+        inject_lora(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
+                                      init_lora_weights=init, use_dora=use_dora), quant=QuantConfig(backend="torch"))
+        models[use_dora] = model
+    plain = logits(models[False])
+    assert (plain - logits(original)).abs().max() > 1e-3  # NF4 (and LoftQ) did change the model
+    torch.testing.assert_close(logits(models[True]), plain, atol=1e-5, rtol=0)
+
+
 def test_layer_output_and_gradients_equal_peft_dora_on_the_dequantized_base():
     """NF4 layer vs PEFT's DoRA Linear on nn.Linear(dequantize(W0)), in train mode with dropout (the same
     mask: both draw it once from the same seed): output and the gradients of x, A, B and m."""
