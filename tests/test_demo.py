@@ -102,5 +102,5 @@ def test_cli_train_on_cpu_uses_the_idle_cores_only(monkeypatch, tmp_path):
 
     monkeypatch.setattr(train_module, "train", fake_train)
     cli.main(["train", "--model", "embedded", "--data", "embedded", "--out_dir", str(tmp_path / "run"),
-              "--max_steps", "1", "--device", "cpu"])
+              "--max_steps", "1", "--warmup_steps", "0", "--device", "cpu"])
     assert seen == {"threads": 1, "trained": 1}
