@@ -170,7 +170,7 @@ def memory_report(model: str, seq_len: int = 2048, batch_size: int = 1, rank: in
     largest batch and seq_len that do. `json_output` returns JSON; `plot` writes a PNG there.
     `recipe="peft"` plans the peer's recipe and prints ours beside it. `offload_activations`,
     `mlp_chunk_tokens` plan the long-context options, `offload_base` the NF4 base in host memory;
-    `link_gbps` is the host↔GPU speed (GB/s); `lora_dropout` (PEFT's default 0.05) changes what each
+    `link_gbps` is the host↔GPU speed (GB/s); `lora_dropout` (our default 0.05; PEFT's is 0) changes what each
     adapted linear saves (0 for a MoE model: expert adapters take no dropout)."""
     _check_report_args(rank, optimizer, world_size, fsdp, recipe)
     if model_shape(load_model_config(model)[0]).experts:
