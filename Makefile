@@ -32,11 +32,12 @@ test: $(STAMP) $(CONVERTER) $(CONVERTER_2025)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=15 $(ARGS)
 
 # llama.cpp's GGUF converter (not in any wheel) from the llama-cpp-python sdist, for tests/test_gguf.py and `make gguf`
+# (without PyPI the fetch fails, says so, and tests/test_gguf.py skips: the rest of the suite still runs)
 $(CONVERTER): scripts/export_gguf.sh | $(STAMP)
-	PYTHON=$(BIN)/python bash scripts/export_gguf.sh --fetch
+	PYTHON=$(BIN)/python bash scripts/export_gguf.sh --fetch || echo "no GGUF converter fetched: tests/test_gguf.py skips"
 
 $(CONVERTER_2025): scripts/export_gguf.sh | $(STAMP)
-	PYTHON=$(BIN)/python bash scripts/export_gguf.sh --fetch 0.3.7
+	PYTHON=$(BIN)/python bash scripts/export_gguf.sh --fetch 0.3.7 || echo "no early-2025 converter fetched: its test skips"
 
 # make gguf MERGED=runs/x/merged OUT=model-q8_0.gguf TYPE=q8_0   (TYPE: f16 (default), bf16, f32, q8_0)
 gguf: $(STAMP) $(CONVERTER)
