@@ -245,11 +245,16 @@ def environment() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     for pkg in ("transformers", "accelerate", "peft", "bitsandbytes", "safetensors", "jsonargparse", "triton",
-                "liger-kernel", "datasets"):
+                "liger-kernel", "datasets", "pyarrow", "pandas"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = None
+    try:  # the data pipeline needs the machine's own pyarrow (>= 24: too big a wheel to carry) and pandas
+        import qlora_lite.data  # noqa: F401
+        out["data_pipeline"] = "imports"
+    except Exception as exc:  # noqa: BLE001 - recorded for the report, the parts that need it will fail too
+        out["data_pipeline"] = f"does not import: {type(exc).__name__}: {exc}"[:300]
     smi = shutil.which("nvidia-smi")
     if smi:
         done = subprocess.run([smi, "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
