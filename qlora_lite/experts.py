@@ -29,7 +29,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .layers import DEFAULT_ADAPTER, AdapterSpec, _dense
+from .layers import AdapterSpec, _dense
 from .nf4 import NF4Weight
 
 __all__ = ["PROJECTIONS", "LoRAExpertProjection4bit", "LoRAExperts4bit", "fused_experts_modules",

@@ -53,7 +53,7 @@ from .load import (build_skeleton, check_bnb_nf4, check_tied_head, checkpoint_fi
 from .nf4 import NF4Weight
 from .rss import PeakRSS
 from .settings import check_base, quant_for, read_settings
-from .shards import ShardReader, parse_size, read_header
+from .shards import ShardReader, parse_size
 from .verify import BaseKind, verify_merge
 
 __all__ = ["merge", "merge_weight", "merge_adapter", "unmerge_adapter", "parse_size", "MergeReport", "MergeError",

@@ -10,7 +10,6 @@ import re
 import pytest
 import torch
 
-from qlora_lite import demo
 from qlora_lite import threads
 from qlora_lite.threads import pick_threads
 
