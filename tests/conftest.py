@@ -47,6 +47,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny models run ~30x faster on one thread when the 2 cores are shared
+    (OpenMP oversubscription). Modules that want it for every test: pytestmark = usefixtures("one_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def embedded_dir():
     """The embedded SmolLM2-135M-Instruct as a standard HF directory (converted once per cache, about 30 s)."""

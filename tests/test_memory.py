@@ -34,13 +34,7 @@ from conftest import HANG_S, tiny_llama_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run ~30x faster on one thread when the 2 cores are shared (OpenMP oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def tiny_config(**overrides) -> LlamaConfig:

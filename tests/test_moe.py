@@ -25,12 +25,7 @@ SHARED = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_ke
               max_position_embeddings=128)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def tiny_mixtral_config(**overrides) -> MixtralConfig:

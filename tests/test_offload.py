@@ -16,12 +16,7 @@ from qlora_lite.train import enable_checkpointing
 from conftest import TINY
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def _model(dropout: float = 0.0, layers: int = 3, checkpointing: bool = True) -> LlamaForCausalLM:

@@ -22,12 +22,7 @@ from conftest import tiny_llama_config
 LAYERS = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def _model(lora: LoraConfig, checkpointing: bool = True) -> LlamaForCausalLM:
