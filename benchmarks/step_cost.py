@@ -305,7 +305,8 @@ def write_checkpoint(width: str, layers: int, directory: Path, seed: int = 0) ->
 def measure_side(side: str, path: Path, opts) -> dict:
     torch.manual_seed(opts.seed)
     load_opts = SimpleNamespace(r=opts.r, warmup=1, steps=1, rows=[(opts.seq, opts.batch)],
-                                loss_chunk_tokens=opts.loss_chunk_tokens)
+                                loss_chunk_tokens=opts.loss_chunk_tokens, mlp_chunk_tokens=0,
+                                offload_activations=False)
     loader = _load_ours if side == "ours" else _load_peer
     t0 = time.perf_counter()
     model, trainable, _, _, _ = loader(path, load_opts, torch.device("cpu"), torch.bfloat16)

@@ -135,7 +135,7 @@ def _optimizer_bytes(optimizer: str, tensors: list[int], param_bytes: int) -> tu
     bitsandbytes keeps 32-bit states for 16-bit parameters and puts a state tensor of >= 1e5 values in
     CUDA managed memory (`get_paged`); its 8-bit AdamW keeps tensors under 4096 values 32-bit and adds
     one fp32 absmax per 256 values for each of the two states. torch AdamW keeps exp_avg and exp_avg_sq
-    in the parameter's dtype (4 bytes per bf16 parameter).
+    in the parameter's dtype (`param_bytes`: the caller passes 4 where the states are 32-bit anyway).
     """
     if optimizer == "adamw":
         return 2 * param_bytes * sum(tensors), 0
@@ -393,7 +393,8 @@ def estimate_memory(config: Any, *, seq_len: int, batch_size: int, lora: LoraCon
                        if t in targets and layer_index(t) == 0)
     lora_resident = -(-n_lora // world_size) + gathered * n_lora_layer if sharded else n_lora
     grads = lora_resident * lora_b * (2 if world_size > 1 and not fsdp else 1)
-    opt, paged = _optimizer_bytes(optimizer, lora_tensors, lora_b)
+    # off FSDP the CPU optimizer keeps 32-bit states for 16-bit adapters too (train.build_optimizer)
+    opt, paged = _optimizer_bytes(optimizer, lora_tensors, 4 if optimizer == "adamw" and not fsdp else lora_b)
     if sharded:
         opt = -(-opt // world_size)
 

@@ -100,7 +100,8 @@ def _optimizer_in_use(cfg: TrainConfig, device: torch.device) -> str:
 
 
 def build_optimizer(params, cfg: TrainConfig, device: torch.device, log=print) -> torch.optim.Optimizer:
-    """bitsandbytes' paged AdamW on CUDA; torch AdamW where paging cannot run (CPU, FSDP)."""
+    """bitsandbytes' paged AdamW on CUDA; where paging cannot run (CPU, FSDP) torch AdamW, or off FSDP for
+    16-bit adapters bitsandbytes' unpaged AdamW32bit: the states stay 32-bit wherever the kernels run."""
     if _optimizer_in_use(cfg, device) != "adamw":
         import bitsandbytes as bnb
 
@@ -108,7 +109,16 @@ def build_optimizer(params, cfg: TrainConfig, device: torch.device, log=print) -
         return cls(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     if cfg.optimizer != "adamw" and cfg.fsdp:  # FSDP shards the states 1/N: most of what paging would buy
         log(f"note: {cfg.optimizer} does not take FSDP's sharded parameters; using torch.optim.AdamW")
-    elif cfg.optimizer != "adamw":
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    params = list(params)
+    if not cfg.fsdp and any(p.dtype != torch.float32 for p in params):
+        # torch AdamW would keep exp_avg/exp_avg_sq in the adapters' 16-bit dtype; bitsandbytes' 32-bit
+        # AdamW (its CPU kernel, no paging) keeps them in fp32, as the paged one does on CUDA
+        import bitsandbytes as bnb
+
+        log(f"note: 16-bit adapters on {device.type}: bitsandbytes' AdamW with 32-bit states")
+        return bnb.optim.AdamW32bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.optimizer != "adamw":
         log(f"note: {cfg.optimizer} needs CUDA; using torch.optim.AdamW on {device.type}")
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
 

@@ -335,20 +335,27 @@ def test_paged_optimizer_state_is_its_own_line():
     assert estimate_memory("llama-65b", seq_len=512, batch_size=1, lora=QLORA_PAPER).optimizer_paged / GB == pytest.approx(6.4, abs=0.05)
 
 
-def test_torch_adamw_keeps_its_states_in_the_parameter_dtype():
+def test_the_cpu_optimizer_keeps_32_bit_states_for_bf16_adapters_as_planned():
+    """train.build_optimizer on CPU: torch AdamW would keep bf16 moments for bf16 adapters; the run uses
+    bitsandbytes' 32-bit AdamW, and the planner counts the states it really allocates."""
+    from qlora_lite.config import TrainConfig
+    from qlora_lite.train import build_optimizer
+
     torch.manual_seed(0)
     cfg = tiny_config()
     lora = LoraConfig(r=4, lora_dtype="bfloat16")
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     inject_lora(model, lora, QuantConfig())
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params)
+    optimizer = build_optimizer(params, TrainConfig(model="m", data="d", out_dir="o", device="cpu"), torch.device("cpu"),
+                                log=lambda _msg: None)
     for p in params:
         p.grad = torch.ones_like(p)
     optimizer.step()
-    state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for k, t in s.items() if k != "step")
+    state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                      if torch.is_tensor(t) and t.numel() > 1)
     est = estimate_memory(cfg, seq_len=32, batch_size=1, lora=lora, device="cpu")
-    assert est.optimizer == "adamw" and est.optimizer_states == state_bytes == 4 * est.params_trainable
+    assert est.optimizer == "adamw" and est.optimizer_states == state_bytes == 8 * est.params_trainable
 
 
 def test_peer_residual_stream_is_fp32():

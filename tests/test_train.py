@@ -221,3 +221,25 @@ def test_a_non_finite_max_grad_norm_is_refused():
     for value in (float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="max_grad_norm=.* must be a finite number"):
             TrainConfig(max_grad_norm=value)
+
+
+def test_sixteen_bit_adapters_on_cpu_get_32_bit_optimizer_states_and_adamws_update():
+    """torch AdamW would keep the moments of a bf16 adapter in bf16; the CPU run keeps them fp32 (bitsandbytes'
+    32-bit AdamW, as the paged one on CUDA), and each step is fp32 AdamW on the bf16 weight, rounded once."""
+    from qlora_lite.train import build_optimizer
+
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(64, 32, generator=gen).to(torch.bfloat16))
+    reference = torch.nn.Parameter(weight.detach().float().clone())
+    cfg = TrainConfig(model="m", data="d", out_dir="o", learning_rate=1e-2, weight_decay=0.1, device="cpu")
+    optimizer = build_optimizer([weight], cfg, torch.device("cpu"), log=lambda _msg: None)
+    fp32_adamw = torch.optim.AdamW([reference], lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        grad = torch.randn(64, 32, generator=gen)
+        weight.grad, reference.grad = grad.to(torch.bfloat16), grad.to(torch.bfloat16).float()
+        optimizer.step()
+        fp32_adamw.step()
+        reference.data = reference.data.to(torch.bfloat16).float()  # the weight is stored bf16 after each step
+    states = [t for t in optimizer.state[weight].values() if torch.is_tensor(t) and t.numel() > 1]
+    assert len(states) == 2 and all(t.dtype == torch.float32 for t in states)
+    torch.testing.assert_close(weight.detach().float(), reference.detach(), rtol=2 ** -7, atol=1e-6)
