@@ -21,15 +21,13 @@ targets take no dropout, and neither do these.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-from .layers import AdapterSpec, _dense
+from .layers import AdapterRegistry, AdapterSpec, _dense
 from .nf4 import NF4Weight
 
 __all__ = ["PROJECTIONS", "LoRAExpertProjection4bit", "LoRAExperts4bit", "fused_experts_modules",
@@ -132,7 +130,7 @@ class _GroupedLoRAMatmul(torch.autograd.Function):
         return grad_x, grad_A, grad_B, None, None, None
 
 
-class LoRAExpertProjection4bit(nn.Module):
+class LoRAExpertProjection4bit(AdapterRegistry):
     """One fused projection of every expert: frozen bases (one NF4Weight per expert, or a frozen 3-D
     16-bit parameter for a LoRA control run) and named adapters in PEFT's `ParamWrapper` layout."""
 
@@ -144,12 +142,7 @@ class LoRAExpertProjection4bit(nn.Module):
         else:
             self.weight = nn.ModuleList(weight)
             self.num_experts, (self.out_features, self.in_features) = len(weight), tuple(weight[0].shape)
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
-        self.adapters: dict[str, AdapterSpec] = {}
-        self.active_adapter: str | None = None
-        self.own_base = False  # the interface of LoRALinear4bit: no LoftQ/PiSSA base on experts
-        self._disabled = False
+        self._init_adapters()  # no LoftQ/PiSSA base on experts: own_base stays False
 
     @property
     def quantized(self) -> bool:
@@ -192,33 +185,9 @@ class LoRAExpertProjection4bit(nn.Module):
         if activate:
             self.set_adapter(name)
 
-    def set_adapter(self, name: str) -> None:
-        if name not in self.adapters:
-            raise KeyError(f"no adapter named {name!r}; loaded: {sorted(self.adapters)}")
-        self.active_adapter = name
-
-    def delete_adapter(self, name: str) -> None:
-        if name not in self.adapters:
-            raise KeyError(f"no adapter named {name!r}; loaded: {sorted(self.adapters)}")
-        del self.lora_A[name], self.lora_B[name], self.adapters[name]
-        if self.active_adapter == name:
-            self.active_adapter = next(iter(self.adapters), None)
-
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        previous, self._disabled = self._disabled, True
-        try:
-            yield
-        finally:
-            self._disabled = previous
-
-    @property
-    def scaling(self) -> float:
-        return self.adapters[self.active_adapter].scaling
-
     def forward(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """x: rows grouped by expert, `counts[e]` rows for expert e."""
-        name = None if self._disabled else self.active_adapter
+        name = self.current_adapter
         if name is None:
             return _GroupedLoRAMatmul.apply(x, None, None, counts, self.bases(), 0.0)
         return _GroupedLoRAMatmul.apply(x, self.lora_A[name], self.lora_B[name], counts, self.bases(),

@@ -24,7 +24,7 @@ from torch import nn
 
 from .nf4 import NF4Weight
 
-__all__ = ["lora_scaling", "LoRALinear4bit", "AdapterSpec", "DEFAULT_ADAPTER", "dora_merge"]
+__all__ = ["lora_scaling", "AdapterRegistry", "LoRALinear4bit", "AdapterSpec", "DEFAULT_ADAPTER", "dora_merge"]
 
 DEFAULT_ADAPTER = "default"
 
@@ -123,7 +123,59 @@ def _scaled_mm(m1: torch.Tensor, m2: torch.Tensor, scale: float) -> torch.Tensor
     return torch.addmm(m1.new_empty(()), m1, m2, beta=0, alpha=scale)
 
 
-class LoRALinear4bit(nn.Module):
+class AdapterRegistry(nn.Module):
+    """Named adapters on one frozen base, exactly one active (or none, or all disabled for a block).
+
+    The registry both LoRA layer kinds share (`LoRALinear4bit`, and `experts.LoRAExpertProjection4bit`):
+    a subclass fills `lora_A`, `lora_B` and `adapters` in its `add_adapter` and deletes any extra
+    per-adapter entries in `_drop_adapter_extras`. `_init_adapters` runs after the base is registered
+    (parameter order: base first, as PEFT's layers).
+    """
+
+    def _init_adapters(self) -> None:
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.adapters: dict[str, AdapterSpec] = {}
+        self.active_adapter: str | None = None
+        self.own_base = False  # True: the base is a LoftQ/PiSSA one, not NF4(W0); saved beside the adapter
+        self._disabled = False
+
+    def set_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise KeyError(f"no adapter named {name!r}; loaded: {sorted(self.adapters)}")
+        self.active_adapter = name
+
+    def delete_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            raise KeyError(f"no adapter named {name!r}; loaded: {sorted(self.adapters)}")
+        del self.lora_A[name], self.lora_B[name], self.adapters[name]
+        self._drop_adapter_extras(name)
+        if self.active_adapter == name:
+            self.active_adapter = next(iter(self.adapters), None)
+
+    def _drop_adapter_extras(self, name: str) -> None:
+        """Delete what else the subclass keeps per adapter (dropout, DoRA magnitude)."""
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the layer computes the base alone."""
+        previous, self._disabled = self._disabled, True
+        try:
+            yield
+        finally:
+            self._disabled = previous
+
+    @property
+    def current_adapter(self) -> str | None:
+        """The adapter forward applies: the active one, or None while disabled."""
+        return None if self._disabled else self.active_adapter
+
+    @property
+    def scaling(self) -> float:
+        return self.adapters[self.active_adapter].scaling
+
+
+class LoRALinear4bit(AdapterRegistry):
     """A linear layer with a frozen base `weight` and named LoRA adapters.
 
     `weight` is an `NF4Weight` (a module whose bytes and scales are registered frozen tensors;
@@ -141,14 +193,9 @@ class LoRALinear4bit(nn.Module):
         self.weight = base if isinstance(base, NF4Weight) else nn.Parameter(base.detach(), requires_grad=False)
         self.out_features, self.in_features = base.shape
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
+        self._init_adapters()
         self.lora_dropout = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters only (PEFT's name)
-        self.adapters: dict[str, AdapterSpec] = {}
-        self.active_adapter: str | None = None
-        self.own_base = False  # True: the base is a LoftQ/PiSSA one, not NF4(W0); saved beside the adapter
-        self._disabled = False
         if adapter_name is not None:  # None: a frozen quantized linear that carries no adapter
             self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_dtype,
                              use_dora=use_dora)
@@ -194,19 +241,10 @@ class LoRALinear4bit(nn.Module):
         if activate:
             self.set_adapter(name)
 
-    def set_adapter(self, name: str) -> None:
-        if name not in self.adapters:
-            raise KeyError(f"no adapter named {name!r}; loaded: {sorted(self.adapters)}")
-        self.active_adapter = name
-
-    def delete_adapter(self, name: str) -> None:
-        if name not in self.adapters:
-            raise KeyError(f"no adapter named {name!r}; loaded: {sorted(self.adapters)}")
-        del self.lora_A[name], self.lora_B[name], self.lora_dropout[name], self.adapters[name]
+    def _drop_adapter_extras(self, name: str) -> None:
+        del self.lora_dropout[name]
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
-        if self.active_adapter == name:
-            self.active_adapter = next(iter(self.adapters), None)
 
     def reset_magnitude(self, name: str) -> None:
         """m = ‖W0 + s·B·A‖ per output row (fp32), as PEFT's DoRA initialises it: the layer then computes
@@ -219,22 +257,9 @@ class LoRALinear4bit(nn.Module):
         with torch.no_grad():
             return torch.linalg.vector_norm(self.base_weight(torch.float32) + self.delta_weight(name), dim=1)
 
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        """Within the block the layer computes the base alone: x·W0ᵀ + b."""
-        previous, self._disabled = self._disabled, True
-        try:
-            yield
-        finally:
-            self._disabled = previous
-
-    @property
-    def scaling(self) -> float:
-        return self.adapters[self.active_adapter].scaling
-
     # ---- compute -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        name = None if self._disabled else self.active_adapter
+        name = self.current_adapter
         if name is None:
             return _LoRABaseMatmul.apply(x, x, None, None, self.bias, self.weight, 0.0)
         x_lora = self.lora_dropout[name](x)
