@@ -47,14 +47,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread for the test: tiny models run ~30x faster on one thread when the 2 cores are shared
-    (OpenMP oversubscription). Modules that want it for every test: pytestmark = usefixtures("one_thread")."""
+def _single_torch_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny models run ~30x faster on one thread when the 2 cores are shared
+    (OpenMP oversubscription). Modules that want it for every test: pytestmark = usefixtures("one_thread")."""
+    yield from _single_torch_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """`one_thread` for a whole module, its module-scoped fixtures included."""
+    yield from _single_torch_thread()
 
 
 @pytest.fixture(scope="session")
@@ -87,6 +97,31 @@ def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 
     return LlamaConfig(**{**TINY, "vocab_size": 256, **overrides})
+
+
+def tiny_lora_llama(config, lora, quant=None, checkpointing: bool = True, seed: int = 0):
+    """A tiny Llama from `config` with LoRA injected (NF4 base by default), in train mode, seeded."""
+    from transformers import LlamaForCausalLM
+
+    from qlora_lite.config import QuantConfig
+    from qlora_lite.inject import inject_lora
+    from qlora_lite.train import enable_checkpointing
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    inject_lora(model, lora, QuantConfig() if quant is None else quant)
+    if checkpointing:
+        enable_checkpointing(model)
+    return model.train()
+
+
+def loss_and_grads(model, ids) -> tuple[float, dict[str, torch.Tensor]]:
+    """One forward/backward on ids (as labels too): the loss and every trainable gradient, then zeroed."""
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
 
 
 def write_tiny_model(directory, tokenizer_dir=None, seed: int = 0, vocab_size: int | None = None,

@@ -8,7 +8,6 @@ makes DoRA the identity: comparisons there would hold trivially).
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from qlora_lite import cli
 from qlora_lite import merge as merge_mod
 from qlora_lite.adapter import load_adapter, read_adapter, save_adapter
-from qlora_lite.config import LoraConfig, QuantConfig, TrainConfig, load_yaml_config
+from qlora_lite.config import LoraConfig, QuantConfig, TrainConfig
 from qlora_lite.errors import (CheckpointError, ConfigError, DataError, MergeError, QLoraLiteError,
                                VerificationError)
 from qlora_lite.fsutil import DiskFullError, OutputExistsError, RunLock, atomic_directory
@@ -29,12 +29,7 @@ import conftest
 TINY = conftest.TINY | dict(vocab_size=256, tie_word_embeddings=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # conftest
 
 
 def _save_tiny(directory: Path, **overrides) -> Path:

@@ -62,7 +62,7 @@ def test_architectures_load_by_construction(arch, tmp_path):
 
 
 def test_sharded_checkpoint_and_tied_embeddings(tmp_path):
-    model = _tiny("llama", tmp_path, tie=True, max_shard_size="100KB")
+    _tiny("llama", tmp_path, tie=True, max_shard_size="100KB")
     assert len(list(tmp_path.glob("*.safetensors"))) > 2
     loaded, _ = load_model(tmp_path, QuantConfig(backend="torch"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
                            device="cpu", compute_dtype="float32", with_tokenizer=False)

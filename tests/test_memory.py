@@ -98,16 +98,21 @@ def _saved_bytes_of_layer(model, layer, ids) -> int:
     return sum(saved.values())
 
 
-@pytest.mark.parametrize("dtype,dropout,targets", [
-    (torch.bfloat16, 0.05, "all-linear"), (torch.float32, 0.0, "all-linear"),
-    (torch.bfloat16, 0.0, ["q_proj", "v_proj"]), (torch.float32, 0.05, ["q_proj", "v_proj"])])
-def test_block_formula_equals_what_autograd_saves(dtype, dropout, targets):
+def _lora_model(dtype: torch.dtype, dropout: float, targets):
+    """The block-formula tests' model: a 2-layer Llama with NF4 bases and LoRA r=8, in train mode."""
     torch.manual_seed(0)
     cfg = tiny_config(hidden_size=128, intermediate_size=352, vocab_size=512)
     model = LlamaForCausalLM(cfg).to(dtype)
     lora = LoraConfig(r=8, lora_dropout=dropout, target_modules=targets)
     names = inject_lora(model, lora, QuantConfig())
-    model.train()
+    return cfg, model.train(), lora, names
+
+
+@pytest.mark.parametrize("dtype,dropout,targets", [
+    (torch.bfloat16, 0.05, "all-linear"), (torch.float32, 0.0, "all-linear"),
+    (torch.bfloat16, 0.0, ["q_proj", "v_proj"]), (torch.float32, 0.05, ["q_proj", "v_proj"])])
+def test_block_formula_equals_what_autograd_saves(dtype, dropout, targets):
+    cfg, model, lora, names = _lora_model(dtype, dropout, targets)
     batch, seq = 2, 32
     measured = _saved_bytes_of_layer(model, model.model.layers[1], torch.randint(0, 512, (batch, seq)))
     layer0 = [(n.rsplit(".", 1)[-1], model.get_submodule(n).in_features) for n in names if ".layers.0." in n]
@@ -398,12 +403,7 @@ def test_tiled_mlp_terms_equal_what_autograd_saves(dtype, dropout, targets):
     token), which test_block_formula_equals_what_autograd_saves adds to its prediction explicitly."""
     from qlora_lite.offload import install_tiled_mlp
 
-    torch.manual_seed(0)
-    cfg = tiny_config(hidden_size=128, intermediate_size=352, vocab_size=512)
-    model = LlamaForCausalLM(cfg).to(dtype)
-    lora = LoraConfig(r=8, lora_dropout=dropout, target_modules=targets)
-    names = inject_lora(model, lora, QuantConfig())
-    model.train()
+    cfg, model, lora, names = _lora_model(dtype, dropout, targets)
     batch, seq, chunk = 2, 32, 8
     mlp_forward = model.model.layers[1].mlp.forward  # the untiled one
     install_tiled_mlp(model, chunk)

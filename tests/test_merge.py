@@ -44,7 +44,7 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 def tiny_model(seed: int = 0, **overrides):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
     return LlamaForCausalLM(tiny_llama_config(**({"tie_word_embeddings": False} | overrides))).eval()
@@ -64,13 +64,7 @@ def adapter_model(base_dir: Path, adapter_dir: Path, seed: int = 1, std: float =
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On the shared 2-core machine one thread is several times faster under contention (measured 4x)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")  # conftest
 
 
 @pytest.fixture(scope="module")

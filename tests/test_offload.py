@@ -9,32 +9,17 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from qlora_lite.config import LoraConfig, QuantConfig, TrainConfig
 from qlora_lite.errors import ConfigError, TrainingError
-from qlora_lite.inject import inject_lora
 from qlora_lite.offload import ActivationOffloader, install_activation_offload, install_tiled_mlp
-from qlora_lite.train import enable_checkpointing
 
-from conftest import TINY
+from conftest import TINY, loss_and_grads as _step, tiny_lora_llama
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def _model(dropout: float = 0.0, layers: int = 3, checkpointing: bool = True) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**{**TINY, "num_hidden_layers": layers, "vocab_size": 128}))
-    inject_lora(model, LoraConfig(r=4, lora_dropout=dropout, init_lora_weights="gaussian"), QuantConfig())
-    if checkpointing:
-        enable_checkpointing(model)
-    model.train()
-    return model
-
-
-def _step(model, ids) -> tuple[float, dict[str, torch.Tensor]]:
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return loss.item(), grads
+    return tiny_lora_llama(LlamaConfig(**{**TINY, "num_hidden_layers": layers, "vocab_size": 128}),
+                           LoraConfig(r=4, lora_dropout=dropout, init_lora_weights="gaussian"), checkpointing=checkpointing)
 
 
 def test_offloaded_block_inputs_give_the_plain_run_exactly():

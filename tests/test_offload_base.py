@@ -10,14 +10,12 @@ from transformers import LlamaForCausalLM
 
 from qlora_lite.config import LoraConfig, QuantConfig, TrainConfig
 from qlora_lite.errors import ConfigError, TrainingError
-from qlora_lite.inject import inject_lora
 from qlora_lite.memory import MemoryBudgetError, estimate_memory, parse_budget
 from qlora_lite.memory_fit import fit_to_budget, memory_report
 from qlora_lite.nf4 import NF4Weight
 from qlora_lite.offload import BaseOffloader, install_base_offload
-from qlora_lite.train import enable_checkpointing
 
-from conftest import tiny_llama_config
+from conftest import loss_and_grads as _step, tiny_lora_llama, tiny_llama_config
 
 LAYERS = 3
 
@@ -26,21 +24,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.one_thread
 
 
 def _model(lora: LoraConfig, checkpointing: bool = True) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=LAYERS))
-    inject_lora(model, lora, QuantConfig(backend="torch"))
-    if checkpointing:
-        enable_checkpointing(model)
-    model.train()
-    return model
-
-
-def _step(model, ids) -> tuple[float, dict[str, torch.Tensor]]:
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return loss.item(), grads
+    return tiny_lora_llama(tiny_llama_config(num_hidden_layers=LAYERS), lora, QuantConfig(backend="torch"),
+                           checkpointing)
 
 
 def _layer_nf4_bytes(model) -> list[int]:
