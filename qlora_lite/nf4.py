@@ -152,9 +152,26 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tenso
 
 
 @functools.cache
+@functools.cache
+def _table_on(name: Literal["nf4", "dynamic", "byte_pairs"], device: torch.device) -> torch.Tensor:
+    """The format's constant tables, built once per device and never written to.
+
+    Every dequantize needs one; a fresh host-to-GPU copy per call would be a synchronising copy
+    (PyTorch waits for the stream to drain before a copy from pageable memory), so the GPU would
+    idle at each of the 21 dequantizes per decoder layer and step.
+    `byte_pairs` is (256, 2): the two NF4 values a packed byte holds, high nibble first.
+    """
+    if name == "nf4":
+        table = NF4_CODE
+    elif name == "dynamic":
+        table = dynamic_map()
+    else:
+        table = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)
+    return table.to(device)
+
+
 def _byte_lookup_table(device: torch.device) -> torch.Tensor:
-    """(256, 2) fp32: the two NF4 values a packed byte holds, high nibble first."""
-    return torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1).to(device)
+    return _table_on("byte_pairs", torch.device(device))
 
 
 _DEQUANTIZE_CHUNK = 1 << 16  # values per pass on CPU: indices, gathered codes and scaling stay in cache
@@ -222,7 +239,7 @@ def _quantize_blockwise_8bit(values: torch.Tensor, blocksize: int) -> tuple[torc
 
 def _dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
     scale = absmax.repeat_interleave(blocksize)[: codes.numel()]
-    return dynamic_map().to(codes.device)[codes.long()] * scale
+    return _table_on("dynamic", codes.device)[codes.long()] * scale
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,14 +428,14 @@ class NF4Weight(nn.Module):
     def _quant_state(self, dtype: torch.dtype):
         from bitsandbytes.functional import QuantState
 
-        code = NF4_CODE.to(self.device)
+        code = _table_on("nf4", self.device)
         if self.double_quant and (self.cache_absmax or (self.cache_absmax is None and self.device.type == "cpu")):
             # the cached decoded scales: bitsandbytes then skips its own absmax decode
             return QuantState(absmax=self.block_absmax(), shape=self.shape, code=code, blocksize=self.blocksize,
                               quant_type="nf4", dtype=dtype)
         state2 = None
         if self.double_quant:
-            state2 = QuantState(absmax=self.nested_absmax, code=dynamic_map().to(self.device),
+            state2 = QuantState(absmax=self.nested_absmax, code=_table_on("dynamic", self.device),
                                 blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
         return QuantState(absmax=self.absmax, shape=self.shape, code=code, blocksize=self.blocksize,
                           quant_type="nf4", dtype=dtype, offset=self.offset, state2=state2)
