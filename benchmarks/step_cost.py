@@ -302,6 +302,19 @@ def write_checkpoint(width: str, layers: int, directory: Path, seed: int = 0) ->
     tmp.rename(directory)
 
 
+def as_on_cuda(model: torch.nn.Module, cache_absmax: bool) -> None:
+    """Make ours dequantize as it does on CUDA, not as on this CPU: the decoded block scales are not
+    cached there (`NF4Weight.cache_absmax`, default on CPU only), so every dequantize also decodes them
+    (bitsandbytes' 8-bit dequantize + the offset add); and the pure-torch dequantize runs in one pass,
+    not in cache-sized chunks."""
+    from qlora_lite import nf4
+
+    nf4._DEQUANTIZE_CHUNK = 1 << 62
+    for module in model.modules():
+        if isinstance(module, nf4.NF4Weight):
+            module.cache_absmax = cache_absmax
+
+
 def measure_side(side: str, path: Path, opts) -> dict:
     torch.manual_seed(opts.seed)
     load_opts = SimpleNamespace(r=opts.r, warmup=1, steps=1, rows=[(opts.seq, opts.batch)],
@@ -313,6 +326,7 @@ def measure_side(side: str, path: Path, opts) -> dict:
     if side == "ours":  # as LoraConfig(lora_dtype=...) would create them
         for p in trainable:
             p.data = p.data.to(DTYPES[opts.ours_lora_dtype])
+        as_on_cuda(model, opts.ours_cache_absmax)
     autocast = torch.bfloat16 if side == "peer" else None  # the peer's GPU recipe: HF Trainer bf16=True
     vocab = SHAPES[opts.width]["vocab_size"]
     ids = torch.randint(0, vocab, (opts.batch, opts.seq), generator=torch.Generator().manual_seed(opts.seed))
@@ -400,6 +414,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--loss-chunk-tokens", type=int, default=1024, help="ours: as train's default")
+    parser.add_argument("--ours-cache-absmax", action="store_true",
+                        help="ours: keep the decoded block scales (CPU's default; CUDA decodes them per dequantize)")
     parser.add_argument("--ours-lora-dtype", choices=sorted(DTYPES), default="bfloat16",
                         help="ours: LoRA A/B dtype (bfloat16: no per-call casts; float32: today's CPU default)")
     parser.add_argument("--floor-us", type=float, default=2.0, help="least device time of one kernel launch")
@@ -415,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict:
     cache = (opts.cache or Path.home() / ".cache" / "qlora-lite" / "bench" / f"{opts.width}-{opts.layers}l").expanduser()
     write_checkpoint(opts.width, opts.layers, cache, opts.seed)
     summary = {"config": {k: getattr(opts, k) for k in ("width", "layers", "full_layers", "seq", "batch", "r",
-                                                        "loss_chunk_tokens", "ours_lora_dtype", "floor_us", "seed")},
+                                                        "loss_chunk_tokens", "ours_lora_dtype", "ours_cache_absmax", "floor_us", "seed")},
                "versions": versions(("torch", "transformers", "peft", "bitsandbytes", "qlora-lite")),
                "command": " ".join(["python"] + sys.argv)}
     for side in (["ours", "peer"] if opts.side == "both" else [opts.side]):
