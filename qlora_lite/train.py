@@ -407,30 +407,42 @@ class TrainingRun:
         self.trackers.log(clean, clean["step"])
 
     def train_step(self, batches: Iterator, step: int) -> tuple[float, int, float]:
-        """One optimizer step over grad_accum micro-batches: (mean loss, tokens, gradient norm)."""
+        """One optimizer step over grad_accum micro-batches: (mean loss, tokens, gradient norm).
+
+        The host reads from the device once per step (the losses and the norm together, before the
+        optimizer touches the weights): every read waits for the GPU to finish all queued work, and a
+        wait per micro-batch would leave the GPU idle while the host launches the next one.
+        """
         cfg, device = self.cfg, self.device
-        step_loss, step_tokens = 0.0, 0
+        losses, step_tokens = [], 0
         for micro in range(cfg.grad_accum):
-            batch = {k: v.to(device) for k, v in collate(next(batches), self.tokenizer.pad_token_id).items()}
+            batch = collate(next(batches), self.tokenizer.pad_token_id)
+            step_tokens += count_tokens(batch)  # on the host copy: no wait
+            # from pinned memory the copy is queued like a kernel; from pageable memory it would wait
+            batch = {k: v.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else v.to(device)
+                     for k, v in batch.items()}
             with _gradient_sync(self.model, self.accelerator, cfg.fsdp, micro == cfg.grad_accum - 1):
                 loss = self.model(**batch).loss
-                if not torch.isfinite(loss):
-                    last = latest_checkpoint(self.out_dir)
-                    raise TrainingError(
-                        f"loss became {loss.item()} at step {step + 1}; training stopped and nothing was "
-                        f"overwritten (last good checkpoint: {last or 'none'}). Try a lower learning_rate, bf16 "
-                        f"instead of fp16, or a smaller max_grad_norm")
                 self.accelerator.backward(loss / cfg.grad_accum)
-            step_loss += loss.item() / cfg.grad_accum
-            step_tokens += count_tokens(batch)
-        grad_norm = float("nan")  # (not computed without clipping)
+            losses.append(loss.detach().float())
+        norm = None
         if cfg.max_grad_norm > 0:  # torch's clip handles FSDP's sharded grads (a DTensor norm)
             clip = torch.nn.utils.clip_grad_norm_ if cfg.fsdp else self.accelerator.clip_grad_norm_
-            grad_norm = float(full_tensor(clip(self.trainable, cfg.max_grad_norm)))
+            norm = full_tensor(clip(self.trainable, cfg.max_grad_norm)).float().reshape(1)
+        read = torch.cat([torch.stack(losses)] + ([norm.to(losses[0].device)] if norm is not None else [])).tolist()
+        micro_losses = read[:cfg.grad_accum]
+        if not all(math.isfinite(v) for v in micro_losses):
+            last = latest_checkpoint(self.out_dir)
+            bad = next(v for v in micro_losses if not math.isfinite(v))
+            raise TrainingError(
+                f"loss became {bad} at step {step + 1}; training stopped and nothing was "
+                f"overwritten (last good checkpoint: {last or 'none'}). Try a lower learning_rate, bf16 "
+                f"instead of fp16, or a smaller max_grad_norm")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return step_loss, step_tokens, grad_norm
+        grad_norm = read[-1] if norm is not None else float("nan")  # (not computed without clipping)
+        return sum(micro_losses) / cfg.grad_accum, step_tokens, grad_norm
 
     def train_loop(self) -> tuple[int, bool]:
         """Steps from the start (or resumed) step to max_steps; returns (last step, interrupted)."""

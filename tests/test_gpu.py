@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -96,3 +97,27 @@ def test_demo_runs_on_the_device(tmp_path):
 
     run_demo(out=str(tmp_path / "demo"), steps=10, progress=False)
     assert (tmp_path / "demo" / "merged" / "config.json").is_file()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA's sync debug mode")
+def test_a_training_step_waits_for_the_gpu_once(tiny_model_dir, memorize_data, tmp_path, monkeypatch):
+    """The step reads the losses and the gradient norm once; any other wait for the GPU (a copy from
+    pageable memory, .item(), a data-dependent shape) leaves the GPU idle while the host catches up.
+    torch AdamW: bitsandbytes' paged step synchronises on its own, by design of the paging."""
+    from qlora_lite.train import TrainingRun
+
+    waits, real_step = [], TrainingRun.train_step
+
+    def counted(self, batches, step):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                return real_step(self, batches, step)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+                waits.append(sum("synchroniz" in str(w.message) for w in caught))
+
+    monkeypatch.setattr(TrainingRun, "train_step", counted)
+    train(_cfg(tiny_model_dir, memorize_data, tmp_path / "run", max_steps=4, optimizer="adamw", grad_accum=2))
+    assert len(waits) == 4 and all(n == 1 for n in waits[1:]), waits  # the first step may set things up
