@@ -429,7 +429,7 @@ class TrainingRun:
         if cfg.max_grad_norm > 0:  # torch's clip handles FSDP's sharded grads (a DTensor norm)
             clip = torch.nn.utils.clip_grad_norm_ if cfg.fsdp else self.accelerator.clip_grad_norm_
             norm = full_tensor(clip(self.trainable, cfg.max_grad_norm)).float().reshape(1)
-        read = torch.cat([torch.stack(losses)] + ([norm.to(losses[0].device)] if norm is not None else [])).tolist()
+        read = (torch.stack(losses) if norm is None else torch.cat([torch.stack(losses), norm.to(device)])).tolist()
         micro_losses = read[:cfg.grad_accum]
         if not all(math.isfinite(v) for v in micro_losses):
             last = latest_checkpoint(self.out_dir)
