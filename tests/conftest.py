@@ -31,10 +31,14 @@ HANG_S = 3600
 def pytest_collection_modifyitems(config, items):
     for item in items:
         # under `pytest -n 2 --dist loadgroup`: the demo runs once, in the worker that runs every test
-        # that reads it; launchers (torchrun's default port) never run side by side. (pytest 9.2 keeps node
-        # ids where pytest-xdist 3.8 cannot rename them, and the groups silently stop working: pytest 9.1.1.)
+        # that reads it; so do the real-model runs (module fixtures: split over two workers, the NF4 run was
+        # trained twice, once in each); launchers (torchrun's default port) never run side by side. (pytest
+        # 9.2 keeps node ids where pytest-xdist 3.8 cannot rename them, and the groups silently stop working:
+        # pytest 9.1.1.)
         if "demo_run" in item.fixturenames:
             item.add_marker(pytest.mark.xdist_group("demo"))
+        elif item.path.name == "test_real_model.py":
+            item.add_marker(pytest.mark.xdist_group("real_model"))
         elif item.path.name == "test_distributed.py":
             item.add_marker(pytest.mark.xdist_group("launchers"))
     if torch.cuda.is_available():
