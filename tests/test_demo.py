@@ -1,4 +1,4 @@
-"""`qlora-lite demo` end to end on the embedded model, in a subprocess, as a user runs it (the `demo_run`
+"""The demo end to end on the embedded model, in a subprocess, at 6 steps (the `demo_run`
 fixture in conftest.py: one run for the whole session)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 
 from qlora_lite import threads
 from qlora_lite.threads import pick_threads
+from conftest import DEMO_TEST
 
 
 def test_demo_writes_adapter_merged_checkpoint_plots_and_summary(demo_run):
@@ -29,7 +30,11 @@ def test_demo_summary_shows_learning(demo_run):
     summary = (out / "summary.md").read_text()
     before, after = map(float, re.search(r"held-out loss: \*\*([\d.]+) → ([\d.]+)\*\*", summary).groups())
     assert after < before
-    assert "Captain Quill" in summary.split("## Export")[0].split("after:")[-1] or "Ahoy" in summary
+    answers = summary.split("## Answers")[1].split("## Export")[0]
+    befores = re.findall(r"- before: (.*)", answers)
+    afters = re.findall(r"- after: +(.*)", answers)
+    assert len(befores) == len(afters) == 2
+    assert all("Ahoy" in a for a in afters) and not any("Ahoy" in b for b in befores)  # Captain Quill's style
 
 
 def test_demo_merged_checkpoint_loads_in_transformers(demo_run):
@@ -48,11 +53,23 @@ def test_demo_merged_checkpoint_loads_in_transformers(demo_run):
 def test_demo_summary_times_every_phase(demo_run):
     out, _ = demo_run
     table = (out / "summary.md").read_text().split("## Time")[1]
-    for phase in ("load", "answers before", "training steps (20)", "held-out evaluation", "answers after",
+    for phase in ("load", "answers before", f"training steps ({DEMO_TEST['steps']})", "held-out evaluation",
+                  "answers after",
                   "| merge |", "verify", "report", "| total |"):
         assert phase in table
     seconds = [float(row.split("|")[2]) for row in table.splitlines() if row.startswith("| ") and "phase" not in row]
     assert all(s >= 0 for s in seconds) and abs(sum(seconds[:-1]) - seconds[-1]) <= 0.1 * len(seconds)
+
+
+def test_cli_demo_hands_its_options_to_run_demo(monkeypatch, tmp_path):
+    """`qlora-lite demo`'s part; the demo itself runs once for the session (`demo_run`, through run_demo)."""
+    from qlora_lite import cli, demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda *args: seen.append(args))
+    cli.main(["demo", "--out", str(tmp_path / "run"), "--steps", "3", "--seq_len", "64", "--batch_size", "2",
+              "--learning_rate", "0.002", "--rank", "4"])
+    assert seen == [(str(tmp_path / "run"), 3, 64, 2, 0.002, 4)]
 
 
 @pytest.mark.parametrize("load, expected", [(0.0, 2), (0.4, 2), (0.6, 1), (1.0, 1), (7.5, 1)])
