@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parent.parent
 GROUPS = {"device-tests": ["env", "tests"], "bench": ["bench-tiny"], "boundary": ["boundary-tiny"],
           "offload-moe": ["offload-tiny", "moe-tiny"]}
