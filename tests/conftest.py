@@ -23,6 +23,8 @@ if _WORKERS > 1 and not os.environ.get("OMP_NUM_THREADS"):
 else:
     torch.set_num_threads(pick_threads(max_threads=2))  # 1 on a busy machine: see pick_threads
 ROOT = Path(__file__).resolve().parents[1]
+# modules whose module-scoped fixtures train the real model: all their tests in one xdist worker
+ONE_WORKER_MODULES = ("test_real_model.py", "test_adapter_precision.py")
 # A guard against a hung process (a deadlocked launcher), never a speed limit: a busy machine is slower, not wrong.
 HANG_S = 3600
 
@@ -31,14 +33,14 @@ HANG_S = 3600
 def pytest_collection_modifyitems(config, items):
     for item in items:
         # under `pytest -n 2 --dist loadgroup`: the demo runs once, in the worker that runs every test
-        # that reads it; so do the real-model runs (module fixtures: split over two workers, the NF4 run was
-        # trained twice, once in each); launchers (torchrun's default port) never run side by side. (pytest
-        # 9.2 keeps node ids where pytest-xdist 3.8 cannot rename them, and the groups silently stop working:
-        # pytest 9.1.1.)
+        # that reads it; so do the modules whose tests share training runs of the real model in module
+        # fixtures (split over two workers, each worker trained them: the NF4 run of test_real_model twice);
+        # launchers (torchrun's default port) never run side by side. (pytest 9.2 keeps node ids where
+        # pytest-xdist 3.8 cannot rename them, and the groups silently stop working: pytest 9.1.1.)
         if "demo_run" in item.fixturenames:
             item.add_marker(pytest.mark.xdist_group("demo"))
-        elif item.path.name == "test_real_model.py":
-            item.add_marker(pytest.mark.xdist_group("real_model"))
+        elif item.path.name in ONE_WORKER_MODULES:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
         elif item.path.name == "test_distributed.py":
             item.add_marker(pytest.mark.xdist_group("launchers"))
     if torch.cuda.is_available():
