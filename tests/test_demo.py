@@ -54,8 +54,7 @@ def test_demo_summary_times_every_phase(demo_run):
     out, _ = demo_run
     table = (out / "summary.md").read_text().split("## Time")[1]
     for phase in ("load", "answers before", f"training steps ({DEMO_TEST['steps']})", "held-out evaluation",
-                  "answers after",
-                  "| merge |", "verify", "report", "| total |"):
+                  "answers after", "| merge |", "verify", "report", "| total |"):
         assert phase in table
     seconds = [float(row.split("|")[2]) for row in table.splitlines() if row.startswith("| ") and "phase" not in row]
     assert all(s >= 0 for s in seconds) and abs(sum(seconds[:-1]) - seconds[-1]) <= 0.1 * len(seconds)
