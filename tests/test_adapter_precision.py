@@ -33,8 +33,8 @@ def _run(embedded_dir, out_dir, loaded):
 
 
 @pytest.fixture(scope="module")
-def runs(embedded_dir, tmp_path_factory):
-    """One load; the bf16 run starts from the fp32 run's initial adapters rounded to bf16, so only their
+def initial_models(embedded_dir):
+    """One load; the bf16 twin starts from the same initial A and B rounded to bf16, so only their
     precision differs (as `lora_dtype: bfloat16` would create them, up to the rounding of the draw)."""
     torch.manual_seed(0)
     model, tokenizer = load_model(embedded_dir, QuantConfig(), LORA, device="cpu")
@@ -42,21 +42,38 @@ def runs(embedded_dir, tmp_path_factory):
     for layer in lora_layers(twin).values():
         for param in (*layer.lora_A.values(), *layer.lora_B.values()):
             param.data = param.data.to(torch.bfloat16)
-    bf16 = _run(embedded_dir, tmp_path_factory.mktemp("bf16"), (twin, tokenizer))
+    return {"float32": (model, tokenizer), "bfloat16": (twin, tokenizer)}
+
+
+# One fixture per run, so that no single test's setup pays for both (the module runs in one xdist worker).
+@pytest.fixture(scope="module")
+def fp32_run(embedded_dir, initial_models, tmp_path_factory):
+    return _run(embedded_dir, tmp_path_factory.mktemp("fp32"), initial_models["float32"])
+
+
+@pytest.fixture(scope="module")
+def bf16_run(embedded_dir, initial_models, tmp_path_factory):
+    twin = initial_models["bfloat16"][0]
+    run = _run(embedded_dir, tmp_path_factory.mktemp("bf16"), initial_models["bfloat16"])
     assert all(p.dtype == torch.bfloat16 for p in twin.parameters() if p.requires_grad)
-    return {"float32": _run(embedded_dir, tmp_path_factory.mktemp("fp32"), (model, tokenizer)), "bfloat16": bf16}
+    return run
 
 
-def test_bf16_adapters_follow_the_fp32_training_losses(runs):
-    fp32, bf16 = runs["float32"].losses, runs["bfloat16"].losses
+def test_fp32_adapters_learn(fp32_run):
+    assert len(fp32_run.losses) == STEPS and fp32_run.losses[-1] < 0.7 * fp32_run.losses[0]
+    assert fp32_run.eval_losses[-1][1] < 0.7 * fp32_run.eval_losses[0][1]
+
+
+def test_bf16_adapters_follow_the_fp32_training_losses(fp32_run, bf16_run):
+    fp32, bf16 = fp32_run.losses, bf16_run.losses
     print("step losses fp32 / bf16:", [f"{a:.4f}/{b:.4f}" for a, b in zip(fp32, bf16)])
     assert len(fp32) == len(bf16) == STEPS
     assert bf16 == pytest.approx(fp32, rel=STEP_LOSS_RTOL)
     assert bf16[-1] < 0.7 * bf16[0]  # and they learn
 
 
-def test_bf16_adapters_reach_the_fp32_held_out_loss(runs):
-    fp32, bf16 = (runs[k].eval_losses for k in ("float32", "bfloat16"))
+def test_bf16_adapters_reach_the_fp32_held_out_loss(fp32_run, bf16_run):
+    fp32, bf16 = fp32_run.eval_losses, bf16_run.eval_losses
     print(f"held-out loss fp32 {fp32[0][1]:.4f} -> {fp32[-1][1]:.4f}, bf16 -> {bf16[-1][1]:.4f}")
     assert fp32[0][1] == bf16[0][1]  # the same base and data: only the adapters' precision differs
     assert bf16[-1][1] == pytest.approx(fp32[-1][1], rel=HELD_OUT_RTOL)
