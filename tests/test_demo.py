@@ -1,4 +1,4 @@
-"""The demo end to end on the embedded model, in a subprocess, at 6 steps (the `demo_run`
+"""The demo end to end on the embedded model, in a subprocess, at 4 steps (the `demo_run`
 fixture in conftest.py: one run for the whole session)."""
 
 from __future__ import annotations
