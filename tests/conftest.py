@@ -83,11 +83,13 @@ def embedded_dir():
 
 # The demo the tests run: the user's flow (answers before/after, held-out loss before and after training,
 # merged and verified checkpoint, plots, summary) at 4 steps instead of 20, answers of 12 tokens instead of 20
-# and 2 held-out evaluations of the first 8 held-out examples instead of 3 of 16: 77 s on a quiet machine at
-# 1 thread, 40% of `make demo`'s CPU time (docs/benchmarks.md). Measured at 4 steps: held-out loss
-# 4.85 -> 1.76, both answers after start "Ahoy!" (none before).
+# and 2 held-out evaluations of the first 8 held-out examples instead of 3 of 16, the merge verified on the
+# first 2 of verify.DEFAULT_PROMPTS (379 tokens; test_merge's embedded-model test verifies a merge on all 5):
+# 70 s on a quiet machine at 1 thread, a third of `make demo`'s CPU time (docs/benchmarks.md). Measured at 4
+# steps: held-out loss 4.85 -> 1.76, both answers after start "Ahoy!" (none before).
 DEMO_TEST = dict(steps=4, max_new_tokens=12, eval_every=4)
 DEMO_TEST_EVAL_EXAMPLES = 8
+DEMO_TEST_VERIFY_PROMPTS = 2
 
 
 @pytest.fixture(scope="session")
@@ -98,8 +100,10 @@ def demo_run(tmp_path_factory, embedded_dir):
     No wall-clock limit: on a busy machine the demo is slower, not wrong (issue 24).
     """
     out = tmp_path_factory.mktemp("demo") / "run"
-    code = ("import sys; from qlora_lite import train; from qlora_lite.demo import run_demo; "
-            f"train.MAX_EVAL_EXAMPLES = {DEMO_TEST_EVAL_EXAMPLES}; run_demo(sys.argv[1], **{DEMO_TEST!r})")
+    code = ("import sys; from qlora_lite import train, verify; from qlora_lite.demo import run_demo; "
+            f"train.MAX_EVAL_EXAMPLES = {DEMO_TEST_EVAL_EXAMPLES}; "
+            f"verify.DEFAULT_PROMPTS = verify.DEFAULT_PROMPTS[:{DEMO_TEST_VERIFY_PROMPTS}]; "
+            f"run_demo(sys.argv[1], **{DEMO_TEST!r})")
     proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
