@@ -91,12 +91,14 @@ def test_report_json_table_and_plot(tmp_path):
 def test_monitor_and_compare():
     monitor = MemoryMonitor("cpu")
     before = monitor.current()["rss_bytes"]
-    spike = torch.ones(32 * 2**20)  # 128 MiB touched, then freed: only the kernel's peak still shows it
+    # 256 MiB touched, then freed: only the kernel's peak still shows it. (The margins leave room for what the
+    # process frees meanwhile: with 128 MiB the peak once rose 117 MiB above `before` in the full suite.)
+    spike = torch.ones(64 * 2**20)
     del spike
     record = monitor.mark("start")
-    assert record["peak_rss_bytes"] >= before + 120 * 2**20 > record["rss_bytes"] + 60 * 2**20
+    assert record["peak_rss_bytes"] >= before + 200 * 2**20 > record["rss_bytes"] + 100 * 2**20
     after = monitor.mark("after")  # the peak was reset by the previous mark
-    assert after["peak_rss_bytes"] < record["peak_rss_bytes"] - 60 * 2**20
+    assert after["peak_rss_bytes"] < record["peak_rss_bytes"] - 100 * 2**20
     assert list(monitor.summary()) == ["start", "after"]
     est = estimate_memory(tiny_config(), seq_len=64, batch_size=1, device="cpu", compute_dtype="float32")
     text = compare(est, {"rss_growth_bytes": est.transient_bytes * 2, "cuda_peak_allocated_bytes": est.allocated_bytes})
