@@ -152,7 +152,6 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tenso
 
 
 @functools.cache
-@functools.cache
 def _table_on(name: Literal["nf4", "dynamic", "byte_pairs"], device: torch.device) -> torch.Tensor:
     """The format's constant tables, built once per device and never written to.
 
@@ -170,10 +169,6 @@ def _table_on(name: Literal["nf4", "dynamic", "byte_pairs"], device: torch.devic
     return table.to(device)
 
 
-def _byte_lookup_table(device: torch.device) -> torch.Tensor:
-    return _table_on("byte_pairs", torch.device(device))
-
-
 _DEQUANTIZE_CHUNK = 1 << 16  # values per pass on CPU: indices, gathered codes and scaling stay in cache
 
 
@@ -188,7 +183,7 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size
     (benchmarks/bench_nf4.py; docs/benchmarks.md).
     """
     n = math.prod(shape)
-    table = _byte_lookup_table(packed.device)
+    table = _table_on("byte_pairs", packed.device)
     pairs = table.view(torch.int64).reshape(-1)  # the same bytes: entry b = (high value, low value) of byte b
     codes = packed.reshape(-1)
     out = torch.empty(n, dtype=dtype, device=packed.device)

@@ -431,11 +431,11 @@ class TrainingRun:
             norm = full_tensor(clip(self.trainable, cfg.max_grad_norm)).float().reshape(1)
         read = (torch.stack(losses) if norm is None else torch.cat([torch.stack(losses), norm.to(device)])).tolist()
         micro_losses = read[:cfg.grad_accum]
-        if not all(math.isfinite(v) for v in micro_losses):
+        bad = [v for v in micro_losses if not math.isfinite(v)]
+        if bad:
             last = latest_checkpoint(self.out_dir)
-            bad = next(v for v in micro_losses if not math.isfinite(v))
             raise TrainingError(
-                f"loss became {bad} at step {step + 1}; training stopped and nothing was "
+                f"loss became {bad[0]} at step {step + 1}; training stopped and nothing was "
                 f"overwritten (last good checkpoint: {last or 'none'}). Try a lower learning_rate, bf16 "
                 f"instead of fp16, or a smaller max_grad_norm")
         self.optimizer.step()
