@@ -142,6 +142,7 @@ def _sync(device: torch.device) -> None:
 
 def _load_ours(path: Path, opts, device: torch.device, compute: torch.dtype):
     from qlora_lite.config import LoraConfig, QuantConfig, TrainConfig
+    from qlora_lite.kernels import apply_speedups
     from qlora_lite.load import load_model
     from qlora_lite.loss import install_chunked_loss
     from qlora_lite.offload import install_activation_offload, install_tiled_mlp
@@ -151,6 +152,8 @@ def _load_ours(path: Path, opts, device: torch.device, compute: torch.dtype):
                                                           target_modules="all-linear"),
                           device=device, compute_dtype=compute, with_tokenizer=False)
     enable_checkpointing(model)
+    # train's defaults: no Liger, no compile, PyTorch's fused RMSNorm on CUDA (fused_rms_norm: auto)
+    apply_speedups(model, False, False, device, log=lambda msg: print(msg, file=sys.stderr))
     if opts.loss_chunk_tokens:
         install_chunked_loss(model, opts.loss_chunk_tokens)
     if opts.mlp_chunk_tokens:  # long context (issue 18), as TrainingRun.setup_optimizer installs them

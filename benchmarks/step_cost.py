@@ -315,6 +315,37 @@ def as_on_cuda(model: torch.nn.Module, cache_absmax: bool) -> None:
             module.cache_absmax = cache_absmax
 
 
+@contextlib.contextmanager
+def fused_rms_norm_as_on_cuda(model: torch.nn.Module, enabled: bool):
+    """Ours' norms as train runs them on CUDA (`fused_rms_norm: auto`): `F.rms_norm`, which is PyTorch's
+    `_fused_rms_norm` kernel forward and `_fused_rms_norm_backward` backward there. CPU has no kernel for
+    the two and decomposes them into ~8 and ~12 ops, so this lends it one for the measurement (the same
+    math, recorded as the one op CUDA launches)."""
+    from qlora_lite.kernels import apply_fused_rms_norm, remove_fused_kernels
+
+    if not enabled:
+        yield
+        return
+
+    def forward(x, normalized_shape, weight, eps):
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return (xf * rstd).to(x.dtype), rstd
+
+    def backward(grad, x, normalized_shape, rstd, weight, output_mask):
+        normed, g = x.float() * rstd, grad.float()
+        return (rstd * (g - normed * (g * normed).mean(-1, keepdim=True))).to(x.dtype), None
+
+    with torch.library._scoped_library("aten", "IMPL") as lib:
+        lib.impl("_fused_rms_norm", forward, "CPU")
+        lib.impl("_fused_rms_norm_backward", backward, "CPU")
+        apply_fused_rms_norm(model, True, "cpu")
+        try:
+            yield
+        finally:
+            remove_fused_kernels(model)
+
+
 def measure_side(side: str, path: Path, opts) -> dict:
     torch.manual_seed(opts.seed)
     load_opts = SimpleNamespace(r=opts.r, warmup=1, steps=1, rows=[(opts.seq, opts.batch)],
@@ -331,9 +362,10 @@ def measure_side(side: str, path: Path, opts) -> dict:
     vocab = SHAPES[opts.width]["vocab_size"]
     ids = torch.randint(0, vocab, (opts.batch, opts.seq), generator=torch.Generator().manual_seed(opts.seed))
     t1 = time.perf_counter()
-    tallies = record_step(model, ids, autocast, opts.floor_us * 1e-6)
-    t2 = time.perf_counter()
-    saved = saved_activation_bytes(model, ids, autocast)
+    with fused_rms_norm_as_on_cuda(model, side == "ours" and opts.ours_fused_rms_norm):
+        tallies = record_step(model, ids, autocast, opts.floor_us * 1e-6)
+        t2 = time.perf_counter()
+        saved = saved_activation_bytes(model, ids, autocast)
     layers = sorted(k for k in tallies if isinstance(k, int))
     per_layer = Tally()
     for i in layers:
@@ -418,6 +450,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="ours: keep the decoded block scales (CPU's default; CUDA decodes them per dequantize)")
     parser.add_argument("--ours-lora-dtype", choices=sorted(DTYPES), default="bfloat16",
                         help="ours: LoRA A/B dtype (bfloat16: no per-call casts; float32: today's CPU default)")
+    parser.add_argument("--no-ours-fused-rms-norm", dest="ours_fused_rms_norm", action="store_false",
+                        help="ours: the model's own RMSNorm ops (train's fused_rms_norm: false)")
     parser.add_argument("--floor-us", type=float, default=2.0, help="least device time of one kernel launch")
     parser.add_argument("--side", choices=["ours", "peer", "both"], default="both")
     parser.add_argument("--top", type=int, default=12, help="most frequent ops per layer to list (0: none)")

@@ -1,4 +1,4 @@
-"""Fused CUDA kernels for the ops around the matmuls: RMSNorm, RoPE and SwiGLU from Liger Kernel.
+"""Fused CUDA kernels for the ops around the matmuls: PyTorch's own RMSNorm; RMSNorm, RoPE and SwiGLU from Liger.
 
 In eager PyTorch a Llama decoder layer's RMSNorm is ~8 kernels (an fp32 upcast, square, mean, add,
 rsqrt, two multiplies, a downcast), RoPE ~10 per tensor and SwiGLU 2–3, each reading and writing a
@@ -13,6 +13,13 @@ The patches are per instance (the model's classes and other models are untouched
 back to the original code for a tensor that is not on CUDA; `remove_fused_kernels` undoes them.
 The LM head's loss stays qlora-lite's chunked loss (loss.py). Liger is an optional dependency
 (`pip install 'qlora-lite[gpu]'`); CPU keeps plain torch.
+
+Without Liger (the default: its Triton launches cost the host more than they save at 2048 tokens),
+the norms still run fused: `torch.nn.functional.rms_norm` is one PyTorch kernel each way on CUDA
+(`_fused_rms_norm`, fp32 inside) instead of ~8 forward and ~12 backward, and the weight multiply stays
+outside it so the rounding is the model's own (`weight * normalised.to(input dtype)`):
+
+    every *RMSNorm module     forward = weight * F.rms_norm(x, eps)      (fused_rms_norm: auto = on CUDA)
 """
 
 from __future__ import annotations
@@ -23,16 +30,19 @@ import types
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["FUSED_FAMILIES", "liger_available", "fused_kernels_plan", "apply_fused_kernels", "remove_fused_kernels",
-           "decoder_layers", "compile_decoder_layers", "apply_speedups"]
+__all__ = ["FUSED_FAMILIES", "liger_available", "fused_kernels_plan", "apply_fused_kernels", "fused_rms_norm_plan",
+           "apply_fused_rms_norm", "remove_fused_kernels", "decoder_layers", "compile_decoder_layers",
+           "apply_speedups"]
 
 # transformers model families whose norm, MLP and RoPE have Llama's exact semantics.
 FUSED_FAMILIES = ("llama", "mistral", "qwen2")
 FusedKernels = bool | Literal["auto"]
+FusedRMSNorm = bool | Literal["auto"]
 _ROPE_ACTIVE = contextvars.ContextVar("qlora_lite_liger_rope", default=False)
 _PATCHED = "_qlora_lite_fused"
 
@@ -106,8 +116,53 @@ def apply_fused_kernels(model: nn.Module, setting: FusedKernels = "auto",
     return counts
 
 
+def fused_rms_norm_plan(model: nn.Module, setting: FusedRMSNorm, device: torch.device) -> str | None:
+    """None if PyTorch's fused RMSNorm applies to `model`'s norms, else why not.
+
+    `auto` uses it on CUDA only: on CPU PyTorch decomposes `rms_norm` into the same ops as the model's
+    own code, so it would change nothing but the order of a sum. `True` applies it on any device (a
+    model of another family is still refused: its norm may not be Llama's).
+    """
+    if setting is False:
+        return "fused_rms_norm is off"
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    if family not in FUSED_FAMILIES:
+        why = f"model type {family!r} is not one of {FUSED_FAMILIES}"
+        if setting is True:
+            raise ConfigError(f"fused_rms_norm=true but {why}; set fused_rms_norm: auto or false", "fused_rms_norm")
+        return why
+    if setting == "auto" and device.type != "cuda":
+        return f"the device is {device.type}: PyTorch runs rms_norm there as the model's own ops"
+    return None
+
+
+def apply_fused_rms_norm(model: nn.Module, setting: FusedRMSNorm = "auto",
+                         device: torch.device | str | None = None) -> int:
+    """Route every Llama-style RMSNorm of `model` (not already patched, e.g. by Liger) through
+    `torch.nn.functional.rms_norm`; returns how many were patched (0 where `fused_rms_norm_plan` says no).
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    if fused_rms_norm_plan(model, setting, torch.device(device)) is not None:
+        return 0
+    patched = 0
+    for module in model.modules():
+        if _kind(module) != "rms_norm" or getattr(module, _PATCHED, False):
+            continue
+        module.forward = types.MethodType(_rms_norm_forward, module)
+        setattr(module, _PATCHED, True)
+        patched += 1
+    return patched
+
+
+def _rms_norm_forward(self: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    # rms_norm computes in fp32 and rounds once to the input dtype, as the model's `.to(input_dtype)`
+    # does; multiplying by the weight afterwards keeps the model's second rounding (and its dtype promotion).
+    return self.weight * F.rms_norm(hidden, (hidden.shape[-1],), None, self.variance_epsilon)
+
+
 def remove_fused_kernels(model: nn.Module) -> int:
-    """Undo `apply_fused_kernels` on `model`; returns how many modules were restored."""
+    """Undo `apply_fused_kernels` and `apply_fused_rms_norm` on `model`; returns how many modules were restored."""
     restored = 0
     for module in model.modules():
         if getattr(module, _PATCHED, False):
@@ -169,13 +224,17 @@ def compile_decoder_layers(model: nn.Module, backend: str = "inductor") -> int:
 
 
 def apply_speedups(model: nn.Module, fused_kernels: FusedKernels, compile: bool, device: torch.device,
-                   log=print) -> None:
-    """train's one call: Liger's kernels where they apply (`fused_kernels`), then regional compilation."""
+                   log=print, fused_rms_norm: FusedRMSNorm = "auto") -> None:
+    """train's one call: Liger's kernels where they apply (`fused_kernels`), PyTorch's fused RMSNorm for
+    the norms Liger did not take (`fused_rms_norm`), then regional compilation."""
     why_not = fused_kernels_plan(model, fused_kernels, device)
     if why_not is None:
         counts = apply_fused_kernels(model, fused_kernels, device)
         log("fused kernels (Liger): " + ", ".join(f"{n} {kind}" for kind, n in counts.items()))
     elif fused_kernels == "auto" and device.type == "cuda":
         log(f"note: no fused kernels: {why_not}")
+    norms = apply_fused_rms_norm(model, fused_rms_norm, device)
+    if norms:
+        log(f"fused RMSNorm (PyTorch): {norms} norms")
     if compile:
         log(f"torch.compile: {compile_decoder_layers(model)} decoder layers (compiled at the first step)")

@@ -122,6 +122,96 @@ def test_patched_modules_keep_plain_torch_for_cpu_tensors_and_come_off(monkeypat
     assert not any("forward" in vars(m) for m in model.modules())
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_rms_norm_keeps_the_models_own_rounding(model_type, dtype):
+    """weight · rms_norm(x) rounds as the model's `weight * normalised.to(input dtype)` does: on CPU, where
+    rms_norm runs as plain ops, loss and every gradient are equal to the bit (the weight inside the fused
+    op would round once instead of twice: it differs in bf16)."""
+    model = _tiny(model_type, dtype)
+    torch.manual_seed(3)
+    with torch.no_grad():  # trained-looking norm weights (fresh ones are all 1, and 1·x rounds to nothing)
+        for module in model.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.weight.normal_(1.0, 0.3)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(2))
+    loss_ref, grads_ref = _loss_and_grads(model, ids)
+    assert kernels.apply_fused_rms_norm(model, True, "cpu") == 2 * TINY["num_hidden_layers"] + 1
+    loss, grads = _loss_and_grads(model, ids)
+    assert torch.equal(loss, loss_ref) and grads.keys() == grads_ref.keys()
+    assert all(torch.equal(grads[n], grads_ref[n]) for n in grads)
+    assert kernels.remove_fused_kernels(model) == 2 * TINY["num_hidden_layers"] + 1
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_fused_rms_norm_runs_as_one_op_each_way_where_torch_has_the_kernel():
+    """What CUDA runs: `_fused_rms_norm` forward, `_fused_rms_norm_backward` backward, and the weight multiply
+    (the model's own norm is ~20 ops). CPU has no kernel for them, so the test lends it one for the call."""
+    model = _tiny("llama", torch.bfloat16)
+    norm = model.model.norm
+    x = torch.randn(2, 5, TINY["hidden_size"], dtype=torch.bfloat16, requires_grad=True)
+    expected = norm(x)
+    with torch.library._scoped_library("aten", "IMPL") as lib:
+        lib.impl("_fused_rms_norm", _reference_fused_rms_norm, "CPU")
+        lib.impl("_fused_rms_norm_backward", _reference_fused_rms_norm_backward, "CPU")
+        kernels.apply_fused_rms_norm(model, True, "cpu")
+        log = OpLog()
+        with log:
+            y = norm(x)
+            y.backward(torch.ones_like(y))
+    kernels.remove_fused_kernels(model)
+    launched = [op for op in log.ops if op not in ("detach", "ones_like", "expand")]
+    assert launched == ["_fused_rms_norm", "mul", "mul", "_fused_rms_norm_backward"], log.ops
+    assert torch.equal(y, expected)
+
+
+def _reference_fused_rms_norm(x, normalized_shape, weight, eps):
+    dims = tuple(range(-len(normalized_shape), 0))
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(dims, keepdim=True) + eps)
+    return (xf * rstd).to(x.dtype), rstd
+
+
+def _reference_fused_rms_norm_backward(grad, x, normalized_shape, rstd, weight, output_mask):
+    dims = tuple(range(-len(normalized_shape), 0))
+    normed = x.float() * rstd
+    g = grad.float()
+    return (rstd * (g - normed * (g * normed).mean(dims, keepdim=True))).to(x.dtype), None
+
+
+def test_fused_rms_norm_plan_and_settings():
+    model = _tiny()
+    assert "cpu" in kernels.fused_rms_norm_plan(model, "auto", torch.device("cpu"))
+    assert kernels.fused_rms_norm_plan(model, "auto", torch.device("cuda")) is None
+    assert kernels.fused_rms_norm_plan(model, True, torch.device("cpu")) is None
+    assert kernels.fused_rms_norm_plan(model, False, torch.device("cuda")) == "fused_rms_norm is off"
+    kernels.apply_speedups(model, False, False, torch.device("cpu"), log=lambda msg: None)  # train's defaults
+    assert not any("forward" in vars(m) for m in model.modules())
+    model.config.model_type = "gemma"  # (1 + weight) norms: not Llama's
+    assert "gemma" in kernels.fused_rms_norm_plan(model, "auto", torch.device("cuda"))
+    with pytest.raises(ConfigError, match="fused_rms_norm=true but model type 'gemma'"):
+        kernels.apply_fused_rms_norm(model, True, "cpu")
+    with pytest.raises(ConfigError, match="fused_rms_norm"):
+        TrainConfig(fused_rms_norm="yes")
+
+
+def test_norms_that_liger_took_are_left_to_it(monkeypatch):
+    fake = types.ModuleType("liger_kernel.transformers.functional")
+    fake.liger_rms_norm = fake.liger_swiglu = fake.liger_rope = None
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", fake)
+    monkeypatch.setattr(kernels, "fused_kernels_plan", lambda model, setting, device: None if setting else "off")
+    from transformers.models.llama import modeling_llama
+
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
+    model = _tiny()
+    logs: list[str] = []
+    kernels.apply_speedups(model, True, False, torch.device("cpu"), logs.append, fused_rms_norm=True)
+    assert logs == ["fused kernels (Liger): 5 rms_norm, 2 swiglu, 2 rope"]  # no norm left for PyTorch's
+    kernels.remove_fused_kernels(model)
+    kernels.apply_speedups(model, False, False, torch.device("cpu"), logs.append, fused_rms_norm=True)
+    assert logs[-1] == "fused RMSNorm (PyTorch): 5 norms"
+
+
 def test_regional_compile_matches_eager_forward_and_gradients():
     """torch.compile of each decoder layer (the tracing and autograd: backend aot_eager keeps CPU fast)
     with checkpointing on, as train runs it."""
@@ -179,3 +269,23 @@ def test_regional_compile_with_inductor_matches_eager_on_cuda():
     for name in grads_ref:
         scale = grads_ref[name].float().abs().max().item() + 1e-6
         torch.testing.assert_close(grads[name].float() / scale, grads_ref[name].float() / scale, atol=3e-2, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_fused_rms_norm_matches_the_models_norm_on_cuda(model_type):
+    """PyTorch's CUDA kernel: the loss and every gradient as the model's own norm (within a bf16 reduction
+    order), and one kernel each way for the normalisation."""
+    model = _tiny(model_type, torch.bfloat16, "cuda")
+    ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0)).cuda()
+    loss_ref, grads_ref = _loss_and_grads(model, ids)
+    assert kernels.apply_fused_rms_norm(model, "auto", "cuda") == 2 * TINY["num_hidden_layers"] + 1
+    log = OpLog()
+    with log:
+        loss, grads = _loss_and_grads(model, ids)
+    assert "rsqrt" not in log.ops and log.ops.count("_fused_rms_norm") == 2 * TINY["num_hidden_layers"] + 1
+    torch.testing.assert_close(loss, loss_ref, atol=1e-2, rtol=1e-2)
+    for name in grads_ref:
+        scale = grads_ref[name].float().abs().max().item() + 1e-6
+        torch.testing.assert_close(grads[name].float() / scale, grads_ref[name].float() / scale, atol=2e-2, rtol=0)
+    kernels.remove_fused_kernels(model)
