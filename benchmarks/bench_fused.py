@@ -4,7 +4,7 @@
     LoRA r=16 on the seven projections (bf16 A/B), --quant nf4 (torch backend, as the GPU tests) or none
     (16-bit bases: isolates the ops around the matmuls), non-reentrant checkpointing + the chunked loss
         ▼
-    per variant (eager | rmsnorm: PyTorch's fused RMSNorm, train's CUDA default | liger | compile | their
+    per variant (eager | lean: PyTorch's fused RMSNorm + the lean RoPE, train's CUDA default | liger | compile | their
     combinations joined by +), in one process, same tokens:
       median step time (forward → backward) over --steps after --warmup, CUDA kernels per step
       (torch.profiler, one extra step), peak allocated memory; ratios against eager
@@ -29,7 +29,7 @@ from bench_train import SHAPES  # noqa: E402
 
 from qlora_lite.config import LoraConfig, QuantConfig  # noqa: E402
 from qlora_lite.inject import inject_lora  # noqa: E402
-from qlora_lite.kernels import apply_fused_kernels, apply_fused_rms_norm, compile_decoder_layers  # noqa: E402
+from qlora_lite.kernels import apply_fused_kernels, apply_lean_ops, compile_decoder_layers  # noqa: E402
 from qlora_lite.loss import install_chunked_loss  # noqa: E402
 from qlora_lite.train import enable_checkpointing  # noqa: E402
 
@@ -54,8 +54,8 @@ def measure(variant: str, opts, ids) -> dict:
     model = build(opts)
     if "liger" in variant:
         apply_fused_kernels(model, True, "cuda")
-    if "rmsnorm" in variant:  # PyTorch's fused RMSNorm (train's default on CUDA) for the norms Liger did not take
-        apply_fused_rms_norm(model, True, "cuda")
+    if "lean" in variant:  # train's default on CUDA, for what Liger did not take (the norms only under compile)
+        apply_lean_ops(model, True, "cuda", rope="compile" not in variant)
     if "compile" in variant:
         compile_decoder_layers(model)
 
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--quant", choices=["nf4", "none"], default="none")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--variants", default="eager,rmsnorm,liger,compile,rmsnorm+compile,liger+compile")
+    parser.add_argument("--variants", default="eager,lean,liger,compile,lean+compile,liger+compile")
     opts = parser.parse_args()
     ids = torch.randint(0, SHAPES[opts.width]["vocab_size"], (opts.batch, opts.seq),
                         generator=torch.Generator().manual_seed(0)).cuda()

@@ -152,7 +152,7 @@ def _load_ours(path: Path, opts, device: torch.device, compute: torch.dtype):
                                                           target_modules="all-linear"),
                           device=device, compute_dtype=compute, with_tokenizer=False)
     enable_checkpointing(model)
-    # train's defaults: no Liger, no compile, PyTorch's fused RMSNorm on CUDA (fused_rms_norm: auto)
+    # train's defaults: no Liger, no compile, the lean ops on CUDA (lean_ops: auto)
     apply_speedups(model, False, False, device, log=lambda msg: print(msg, file=sys.stderr))
     if opts.loss_chunk_tokens:
         install_chunked_loss(model, opts.loss_chunk_tokens)

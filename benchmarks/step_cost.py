@@ -316,12 +316,12 @@ def as_on_cuda(model: torch.nn.Module, cache_absmax: bool) -> None:
 
 
 @contextlib.contextmanager
-def fused_rms_norm_as_on_cuda(model: torch.nn.Module, enabled: bool):
-    """Ours' norms as train runs them on CUDA (`fused_rms_norm: auto`): `F.rms_norm`, which is PyTorch's
-    `_fused_rms_norm` kernel forward and `_fused_rms_norm_backward` backward there. CPU has no kernel for
-    the two and decomposes them into ~8 and ~12 ops, so this lends it one for the measurement (the same
-    math, recorded as the one op CUDA launches)."""
-    from qlora_lite.kernels import apply_fused_rms_norm, remove_fused_kernels
+def lean_ops_as_on_cuda(model: torch.nn.Module, enabled: bool):
+    """Ours as train runs it on CUDA (`lean_ops: auto`): the lean RoPE, and the norms through `F.rms_norm`,
+    which is PyTorch's `_fused_rms_norm` kernel forward and `_fused_rms_norm_backward` backward there.
+    CPU has no kernel for those two and decomposes them into ~8 and ~12 ops, so this lends it one for the
+    measurement (the same math, recorded as the one op CUDA launches)."""
+    from qlora_lite.kernels import apply_lean_ops, remove_fused_kernels
 
     if not enabled:
         yield
@@ -339,7 +339,7 @@ def fused_rms_norm_as_on_cuda(model: torch.nn.Module, enabled: bool):
     with torch.library._scoped_library("aten", "IMPL") as lib:
         lib.impl("_fused_rms_norm", forward, "CPU")
         lib.impl("_fused_rms_norm_backward", backward, "CPU")
-        apply_fused_rms_norm(model, True, "cpu")
+        apply_lean_ops(model, True, "cpu")
         try:
             yield
         finally:
@@ -362,7 +362,7 @@ def measure_side(side: str, path: Path, opts) -> dict:
     vocab = SHAPES[opts.width]["vocab_size"]
     ids = torch.randint(0, vocab, (opts.batch, opts.seq), generator=torch.Generator().manual_seed(opts.seed))
     t1 = time.perf_counter()
-    with fused_rms_norm_as_on_cuda(model, side == "ours" and opts.ours_fused_rms_norm):
+    with lean_ops_as_on_cuda(model, side == "ours" and opts.ours_lean_ops):
         tallies = record_step(model, ids, autocast, opts.floor_us * 1e-6)
         t2 = time.perf_counter()
         saved = saved_activation_bytes(model, ids, autocast)
@@ -450,8 +450,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="ours: keep the decoded block scales (CPU's default; CUDA decodes them per dequantize)")
     parser.add_argument("--ours-lora-dtype", choices=sorted(DTYPES), default="bfloat16",
                         help="ours: LoRA A/B dtype (bfloat16: no per-call casts; float32: today's CPU default)")
-    parser.add_argument("--no-ours-fused-rms-norm", dest="ours_fused_rms_norm", action="store_false",
-                        help="ours: the model's own RMSNorm ops (train's fused_rms_norm: false)")
+    parser.add_argument("--no-ours-lean-ops", dest="ours_lean_ops", action="store_false",
+                        help="ours: the model's own RMSNorm and RoPE ops (train's lean_ops: false)")
     parser.add_argument("--floor-us", type=float, default=2.0, help="least device time of one kernel launch")
     parser.add_argument("--side", choices=["ours", "peer", "both"], default="both")
     parser.add_argument("--top", type=int, default=12, help="most frequent ops per layer to list (0: none)")

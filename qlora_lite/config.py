@@ -221,9 +221,9 @@ class TrainConfig:
         fused_kernels: Liger Kernel's RMSNorm/RoPE/SwiGLU on CUDA (true: required; auto: where liger-kernel is
             installed and the model is Llama/Mistral/Qwen2; false: plain torch). Off by default: on an H200 they
             paid 1.29x at 8192 tokens per micro-batch and cost 0.82-0.85x at 2048 (docs/benchmarks.md)
-        fused_rms_norm: the same models' RMSNorms through PyTorch's fused kernel (torch.nn.functional.rms_norm:
-            one kernel each way on CUDA instead of ~20; the model's own rounding kept). auto: on CUDA where
-            Liger's norm is not used; true: on any device; false: the model's own code
+        lean_ops: fewer launches with PyTorch alone and the model's own rounding, for the same models: RMSNorm
+            through PyTorch's fused kernel (one each way on CUDA instead of ~20), RoPE in 4 ops each way
+            instead of 5 and 7. auto: on CUDA, for what Liger does not take; true: on any device; false: off
         compile: torch.compile each decoder layer (regional compilation; compiles at the first step)
         loss_chunk_tokens: cross-entropy through the LM head this many tokens at a time (0: full logits)
         offload_activations: keep each checkpointed block's input in pinned host memory, copied out on a
@@ -275,7 +275,7 @@ class TrainConfig:
     optimizer: Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw"] = "paged_adamw_32bit"
     gradient_checkpointing: bool = True
     fused_kernels: bool | Literal["auto"] = False
-    fused_rms_norm: bool | Literal["auto"] = "auto"
+    lean_ops: bool | Literal["auto"] = "auto"
     compile: bool = False
     loss_chunk_tokens: int = 1024
     offload_activations: bool = False
@@ -336,7 +336,7 @@ class TrainConfig:
                             "quant or offload_base: false")
         if self.global_batch_size is not None and (not _is_int(self.global_batch_size) or self.global_batch_size <= 0):
             problems.append(f"global_batch_size={self.global_batch_size!r} must be a positive integer or null")
-        for name in ("fused_kernels", "fused_rms_norm"):
+        for name in ("fused_kernels", "lean_ops"):
             if getattr(self, name) not in (True, False, "auto"):
                 problems.append(f"{name}={getattr(self, name)!r} must be true, false or auto")
         for name in ("fsdp", "resume", "overwrite_output_dir", "progress", "gradient_checkpointing", "packing",

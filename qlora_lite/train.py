@@ -357,7 +357,7 @@ class TrainingRun:
             self.base_offloader = install_base_offload(model, self.device)
             self.log(f"offload_base: {self.base_offloader.host_bytes / GiB:.2f} GiB of NF4 base in host memory, "
                      f"{len(self.base_offloader.layers)} layers fetched one at a time")
-        apply_speedups(model, cfg.fused_kernels, cfg.compile, self.device, self.log, cfg.fused_rms_norm)
+        apply_speedups(model, cfg.fused_kernels, cfg.compile, self.device, self.log, cfg.lean_ops)
         if cfg.mlp_chunk_tokens:  # long context (offload.py): chunks of the (fused) MLP; block inputs on the host
             install_tiled_mlp(model, cfg.mlp_chunk_tokens)
         if cfg.offload_activations:

@@ -124,10 +124,11 @@ def test_patched_modules_keep_plain_torch_for_cpu_tensors_and_come_off(monkeypat
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fused_rms_norm_keeps_the_models_own_rounding(model_type, dtype):
-    """weight · rms_norm(x) rounds as the model's `weight * normalised.to(input dtype)` does: on CPU, where
-    rms_norm runs as plain ops, loss and every gradient are equal to the bit (the weight inside the fused
-    op would round once instead of twice: it differs in bf16)."""
+def test_lean_ops_keep_the_models_own_rounding(model_type, dtype):
+    """The lean norm (weight · rms_norm(x)) and RoPE (x·cos + roll(x)·sin±) round as the model's own code:
+    on CPU, where rms_norm runs as plain ops, the loss and every gradient are equal to the bit. (The weight
+    inside the fused op would round once instead of twice, and an addcmul for RoPE would skip a rounding:
+    both differ in bf16.)"""
     model = _tiny(model_type, dtype)
     torch.manual_seed(3)
     with torch.no_grad():  # trained-looking norm weights (fresh ones are all 1, and 1·x rounds to nothing)
@@ -136,15 +137,51 @@ def test_fused_rms_norm_keeps_the_models_own_rounding(model_type, dtype):
                 module.weight.normal_(1.0, 0.3)
     ids = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(2))
     loss_ref, grads_ref = _loss_and_grads(model, ids)
-    assert kernels.apply_fused_rms_norm(model, True, "cpu") == 2 * TINY["num_hidden_layers"] + 1
-    loss, grads = _loss_and_grads(model, ids)
+    counts = kernels.apply_lean_ops(model, True, "cpu")
+    assert counts == {"rms_norm": 2 * TINY["num_hidden_layers"] + 1, "rope": TINY["num_hidden_layers"]}
+    log = OpLog()
+    with log:
+        loss, grads = _loss_and_grads(model, ids)
+    assert log.ops.count("roll") >= 4 * TINY["num_hidden_layers"] and "neg" not in log.ops[log.ops.index("roll"):]
     assert torch.equal(loss, loss_ref) and grads.keys() == grads_ref.keys()
     assert all(torch.equal(grads[n], grads_ref[n]) for n in grads)
-    assert kernels.remove_fused_kernels(model) == 2 * TINY["num_hidden_layers"] + 1
+    assert kernels.remove_fused_kernels(model) == sum(counts.values())
     assert not any("forward" in vars(m) for m in model.modules())
+    loss_again, _ = _loss_and_grads(model, ids)  # the family's RoPE dispatcher stays, inert outside patched modules
+    assert torch.equal(loss_again, loss_ref)
 
 
-def test_fused_rms_norm_runs_as_one_op_each_way_where_torch_has_the_kernel():
+def test_the_lean_rope_is_transformers_rope_in_four_ops_each_way():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 6, 16, generator=g).bfloat16().requires_grad_(True)
+    k = torch.randn(2, 2, 6, 16, generator=g).bfloat16().requires_grad_(True)
+    angles = torch.randn(2, 6, 8, generator=g)
+    cos, sin = (torch.cat((f(angles), f(angles)), -1).bfloat16() for f in (torch.cos, torch.sin))
+    q_ref, k_ref = (t.detach().clone().requires_grad_(True) for t in (q, k))
+    reference = (apply_rotary_pos_emb.__wrapped__ if hasattr(apply_rotary_pos_emb, "__wrapped__")
+                 else apply_rotary_pos_emb)
+    outs_ref = reference(q_ref, k_ref, cos, sin)
+    grads = [torch.randn(o.shape, generator=g).bfloat16() for o in outs_ref]
+    kernels.lean_rope(q.detach(), k.detach(), cos, sin)  # builds sin's signed tables, once
+    log = OpLog()
+    with log:
+        outs = kernels.lean_rope(q, k, cos, sin)
+        forward_ops = [op for op in log.ops if op != "unsqueeze"]
+        torch.autograd.backward(outs, grads)
+    torch.autograd.backward(outs_ref, grads)
+    assert forward_ops == ["mul", "roll", "mul", "add_"] * 2, forward_ops
+    assert [op for op in log.ops if op not in ("unsqueeze", "detach")][8:] == ["roll", "mul", "mul", "add_"] * 2, log.ops
+    assert all(torch.equal(a, b) for a, b in zip(outs, outs_ref))
+    assert torch.equal(q.grad, q_ref.grad) and torch.equal(k.grad, k_ref.grad)
+    # the signed tables follow sin: written in place, they are rebuilt
+    with torch.no_grad():
+        sin.mul_(0.5)
+    assert all(torch.equal(a, b) for a, b in zip(kernels.lean_rope(q, k, cos, sin), reference(q, k, cos, sin)))
+
+
+def test_lean_norms_run_as_one_op_each_way_where_torch_has_the_kernel():
     """What CUDA runs: `_fused_rms_norm` forward, `_fused_rms_norm_backward` backward, and the weight multiply
     (the model's own norm is ~20 ops). CPU has no kernel for them, so the test lends it one for the call."""
     model = _tiny("llama", torch.bfloat16)
@@ -154,7 +191,7 @@ def test_fused_rms_norm_runs_as_one_op_each_way_where_torch_has_the_kernel():
     with torch.library._scoped_library("aten", "IMPL") as lib:
         lib.impl("_fused_rms_norm", _reference_fused_rms_norm, "CPU")
         lib.impl("_fused_rms_norm_backward", _reference_fused_rms_norm_backward, "CPU")
-        kernels.apply_fused_rms_norm(model, True, "cpu")
+        kernels.apply_lean_ops(model, True, "cpu", rope=False)
         log = OpLog()
         with log:
             y = norm(x)
@@ -179,23 +216,27 @@ def _reference_fused_rms_norm_backward(grad, x, normalized_shape, rstd, weight, 
     return (rstd * (g - normed * (g * normed).mean(dims, keepdim=True))).to(x.dtype), None
 
 
-def test_fused_rms_norm_plan_and_settings():
+def test_lean_ops_plan_and_settings():
     model = _tiny()
-    assert "cpu" in kernels.fused_rms_norm_plan(model, "auto", torch.device("cpu"))
-    assert kernels.fused_rms_norm_plan(model, "auto", torch.device("cuda")) is None
-    assert kernels.fused_rms_norm_plan(model, True, torch.device("cpu")) is None
-    assert kernels.fused_rms_norm_plan(model, False, torch.device("cuda")) == "fused_rms_norm is off"
+    assert "cpu" in kernels.lean_ops_plan(model, "auto", torch.device("cpu"))
+    assert kernels.lean_ops_plan(model, "auto", torch.device("cuda")) is None
+    assert kernels.lean_ops_plan(model, True, torch.device("cpu")) is None
+    assert kernels.lean_ops_plan(model, False, torch.device("cuda")) == "lean_ops is off"
     kernels.apply_speedups(model, False, False, torch.device("cpu"), log=lambda msg: None)  # train's defaults
     assert not any("forward" in vars(m) for m in model.modules())
+    logs: list[str] = []
+    kernels.apply_speedups(model, False, True, torch.device("cpu"), logs.append, lean_ops=True)
+    assert logs[0] == "lean ops (PyTorch): 5 rms_norm, 0 rope"  # under compile the compiler fuses RoPE itself
+    kernels.remove_fused_kernels(model)
     model.config.model_type = "gemma"  # (1 + weight) norms: not Llama's
-    assert "gemma" in kernels.fused_rms_norm_plan(model, "auto", torch.device("cuda"))
-    with pytest.raises(ConfigError, match="fused_rms_norm=true but model type 'gemma'"):
-        kernels.apply_fused_rms_norm(model, True, "cpu")
-    with pytest.raises(ConfigError, match="fused_rms_norm"):
-        TrainConfig(fused_rms_norm="yes")
+    assert "gemma" in kernels.lean_ops_plan(model, "auto", torch.device("cuda"))
+    with pytest.raises(ConfigError, match="lean_ops=true but model type 'gemma'"):
+        kernels.apply_lean_ops(model, True, "cpu")
+    with pytest.raises(ConfigError, match="lean_ops"):
+        TrainConfig(lean_ops="yes")
 
 
-def test_norms_that_liger_took_are_left_to_it(monkeypatch):
+def test_what_liger_took_is_left_to_it(monkeypatch):
     fake = types.ModuleType("liger_kernel.transformers.functional")
     fake.liger_rms_norm = fake.liger_swiglu = fake.liger_rope = None
     monkeypatch.setitem(sys.modules, "liger_kernel.transformers.functional", fake)
@@ -205,11 +246,11 @@ def test_norms_that_liger_took_are_left_to_it(monkeypatch):
     monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
     model = _tiny()
     logs: list[str] = []
-    kernels.apply_speedups(model, True, False, torch.device("cpu"), logs.append, fused_rms_norm=True)
-    assert logs == ["fused kernels (Liger): 5 rms_norm, 2 swiglu, 2 rope"]  # no norm left for PyTorch's
+    kernels.apply_speedups(model, True, False, torch.device("cpu"), logs.append, lean_ops=True)
+    assert logs == ["fused kernels (Liger): 5 rms_norm, 2 swiglu, 2 rope"]  # nothing left for the lean ops
     kernels.remove_fused_kernels(model)
-    kernels.apply_speedups(model, False, False, torch.device("cpu"), logs.append, fused_rms_norm=True)
-    assert logs[-1] == "fused RMSNorm (PyTorch): 5 norms"
+    kernels.apply_speedups(model, False, False, torch.device("cpu"), logs.append, lean_ops=True)
+    assert logs[-1] == "lean ops (PyTorch): 5 rms_norm, 2 rope"
 
 
 def test_regional_compile_matches_eager_forward_and_gradients():
@@ -273,17 +314,19 @@ def test_regional_compile_with_inductor_matches_eager_on_cuda():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
-def test_fused_rms_norm_matches_the_models_norm_on_cuda(model_type):
-    """PyTorch's CUDA kernel: the loss and every gradient as the model's own norm (within a bf16 reduction
-    order), and one kernel each way for the normalisation."""
+def test_lean_ops_match_the_models_own_on_cuda(model_type):
+    """PyTorch's CUDA RMSNorm kernel and the lean RoPE: the loss and every gradient as the model's own code
+    (within the kernel's reduction order), one `_fused_rms_norm` per norm and no `neg` of RoPE's."""
     model = _tiny(model_type, torch.bfloat16, "cuda")
     ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0)).cuda()
     loss_ref, grads_ref = _loss_and_grads(model, ids)
-    assert kernels.apply_fused_rms_norm(model, "auto", "cuda") == 2 * TINY["num_hidden_layers"] + 1
+    counts = kernels.apply_lean_ops(model, "auto", "cuda")
+    assert counts == {"rms_norm": 2 * TINY["num_hidden_layers"] + 1, "rope": TINY["num_hidden_layers"]}
     log = OpLog()
     with log:
         loss, grads = _loss_and_grads(model, ids)
-    assert "rsqrt" not in log.ops and log.ops.count("_fused_rms_norm") == 2 * TINY["num_hidden_layers"] + 1
+    assert "rsqrt" not in log.ops and log.ops.count("_fused_rms_norm") == counts["rms_norm"]
+    assert "neg" not in log.ops[log.ops.index("roll"):]
     torch.testing.assert_close(loss, loss_ref, atol=1e-2, rtol=1e-2)
     for name in grads_ref:
         scale = grads_ref[name].float().abs().max().item() + 1e-6
