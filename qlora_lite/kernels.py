@@ -248,7 +248,7 @@ def _install_rope_dispatch(family: str) -> None:
 
     transformers' attention calls the module-level function, so an instance patch cannot reach it;
     the dispatcher keeps the original for every call outside a patched module, for CPU tensors under
-    Liger, and for a RoPE that does not rotate the whole head (the lean one assumes it does).
+    Liger, and where the lean RoPE would not be the model's to the bit (see `_lean_rope_applies`).
     """
     modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
     if getattr(modeling.apply_rotary_pos_emb, _PATCHED, False):
@@ -261,13 +261,19 @@ def _install_rope_dispatch(family: str) -> None:
             from liger_kernel.transformers.functional import liger_rope
 
             return liger_rope(q, k, cos, sin, None, *args, **kwargs)
-        if rope == "lean" and cos.shape[-1] == q.shape[-1] == k.shape[-1] and q.shape[-1] % 2 == 0:
+        if rope == "lean" and _lean_rope_applies(q, k, cos):
             return lean_rope(q, k, cos, sin, *args, **kwargs)
         return original(q, k, cos, sin, *args, **kwargs)
 
     setattr(apply_rotary_pos_emb, _PATCHED, True)
     apply_rotary_pos_emb.__wrapped__ = original
     modeling.apply_rotary_pos_emb = apply_rotary_pos_emb
+
+
+def _lean_rope_applies(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor) -> bool:
+    # the whole head rotated (no partial rotary), and one dtype: with fp32 tables and bf16 q the model's
+    # backward rounds each path's gradient to bf16 before summing, the lean one after
+    return cos.shape[-1] == q.shape[-1] == k.shape[-1] and q.shape[-1] % 2 == 0 and q.dtype == k.dtype == cos.dtype
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
