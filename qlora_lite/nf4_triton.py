@@ -1,0 +1,101 @@
+"""NF4 dequantize on CUDA in one Triton kernel launch, byte-identical to bitsandbytes' CUDA kernels.
+
+    packed  uint8 (n/2)     ──► byte b holds values 2b (high nibble) and 2b+1 (low nibble)
+    absmax  uint8 (blocks)  ──► dynamic[code] · nested[block // 256]  (fp32, rounded)      ┐ double
+    nested  fp32 (blocks/256)                                         + offset (fp32, rounded) ┘ quant
+            or absmax fp32 (blocks) as it is, without double quantization
+        ▼
+    value = NF4[nibble] · scale  (fp32, rounded), then one rounding to bf16/fp16/fp32   ──► out (n)
+
+bitsandbytes does the same with double quantization in three launches: its 8-bit blockwise
+dequantize of the absmax codes (`code[q] * absmax` in fp32), `absmax += offset` (a torch add) and
+its 4-bit dequantize (`lut[nibble] * absmax` in fp32, converted to the output type with
+round-to-nearest-even). Every product and sum here is rounded to fp32 in that same order; the
+kernel is compiled with `enable_fp_fusion=False`, since an FMA contraction of `a * b + offset` would
+skip one rounding and change last bits.
+
+`NF4Weight.dequantize` imports this module lazily (on CUDA only). The kernel is registered as the
+custom op `qlora_lite::nf4_dequantize`: opaque to `torch.compile` (its launch options stay ours), and
+seen as one op by dispatch-level counters (benchmarks/step_cost.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .nf4 import NESTED_BLOCKSIZE, _table_on
+
+__all__ = ["dequantize_nf4_triton"]
+
+_BYTES_PER_PROGRAM = 1024  # 2048 values: 8 packed bytes in and 16 values out per thread at 4 warps
+
+
+@triton.jit
+def _dequantize_kernel(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dynamic_ptr, nf4_ptr, out_ptr, n,
+                       BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                       BYTES: tl.constexpr):
+    byte = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)  # int64: weights past 2**31 values
+    in_range = byte < (n + 1) // 2
+    codes = tl.load(packed_ptr + byte, mask=in_range, other=0)
+    block = byte * 2 // BLOCKSIZE  # a block holds an even count of values: both nibbles share it
+    if DOUBLE_QUANT:
+        absmax_code = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
+        scale = tl.load(dynamic_ptr + absmax_code) * tl.load(nested_ptr + block // NESTED, mask=in_range, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
+    high = tl.load(nf4_ptr + (codes >> 4).to(tl.int32)) * scale
+    low = tl.load(nf4_ptr + (codes & 15).to(tl.int32)) * scale
+    # (BYTES, 2) -> 2·BYTES in memory order: one contiguous store (tl.join and tl.reshape are builtins; the
+    # jitted tl.interleave would not run under the interpreter unless it was on before triton was imported)
+    values = tl.reshape(tl.join(high, low), (2 * BYTES,))
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        # Round to nearest even in integers, as CUDA's __float2bfloat16_rn: the interpreter's own fp32->bf16
+        # cast truncates, so this keeps the tested bytes the GPU's (values are finite: the loader checks)
+        bits = values.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        values = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        values = values.to(out_ptr.dtype.element_ty)  # fp16: round to nearest even on the GPU and in numpy
+    index = 2 * (tl.program_id(0).to(tl.int64) * BYTES) + tl.arange(0, 2 * BYTES)
+    tl.store(out_ptr + index, values, mask=index < n)
+
+
+def _launch(kernel, packed: torch.Tensor, absmax: torch.Tensor, nested: torch.Tensor | None,
+            offset: torch.Tensor | None, n: int, blocksize: int, dtype: torch.dtype) -> torch.Tensor:
+    """Run `kernel` (the jitted one, or the same function under Triton's CPU interpreter in tests)."""
+    out = torch.empty(n, dtype=dtype, device=packed.device)
+    double_quant = nested is not None
+    grid = (triton.cdiv((n + 1) // 2, _BYTES_PER_PROGRAM),)
+    kernel[grid](packed, absmax, nested if double_quant else absmax, offset if double_quant else absmax,
+                 _table_on("dynamic", packed.device), _table_on("nf4", packed.device), out, n,
+                 BLOCKSIZE=blocksize, NESTED=NESTED_BLOCKSIZE, DOUBLE_QUANT=double_quant, BYTES=_BYTES_PER_PROGRAM,
+                 num_warps=4, enable_fp_fusion=False)
+    return out
+
+
+@torch.library.custom_op("qlora_lite::nf4_dequantize", mutates_args=(), device_types="cuda")
+def _nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, nested: torch.Tensor | None,
+                    offset: torch.Tensor | None, n: int, blocksize: int, dtype: torch.dtype) -> torch.Tensor:
+    with torch.cuda.device(packed.device):  # Triton launches on the current device, not the tensors'
+        return _launch(_dequantize_kernel, packed, absmax, nested, offset, n, blocksize, dtype)
+
+
+@_nf4_dequantize.register_fake
+def _(packed, absmax, nested, offset, n, blocksize, dtype):
+    return packed.new_empty(n, dtype=dtype)
+
+
+def dequantize_nf4_triton(packed: torch.Tensor, absmax: torch.Tensor, nested: torch.Tensor | None,
+                          offset: torch.Tensor | None, shape: torch.Size, blocksize: int,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """The weight of `shape` in `dtype` from NF4 codes and block scales on one CUDA device, in one launch.
+
+    `absmax`: uint8 codes with `nested` (fp32, one per 256 blocks) and `offset` (fp32, one value), or the
+    fp32 block scales themselves with `nested` and `offset` None.
+    """
+    n = shape.numel()
+    nested, offset = (None, None) if nested is None else (nested.contiguous(), offset.reshape(1))
+    return _nf4_dequantize(packed.reshape(-1), absmax.contiguous(), nested, offset, n, blocksize, dtype).view(shape)
