@@ -436,18 +436,22 @@ class NF4Weight(nn.Module):
         """The full weight in `dtype` (default: the dtype it was quantized from)."""
         dtype = dtype or self.dtype
         if self.backend == "triton" and self.device.type == "cuda":
-            from .nf4_triton import dequantize_nf4_triton  # imports triton: only where it runs
-
-            if self._absmax_cached():  # the decoded fp32 scales: the kernel reads them as they are
-                return dequantize_nf4_triton(self.packed, self.block_absmax(), None, None, self.shape,
-                                             self.blocksize, dtype)
-            return dequantize_nf4_triton(self.packed, self.absmax, self.nested_absmax, self.offset, self.shape,
-                                         self.blocksize, dtype)
+            return self._dequantize_triton(dtype)
         if _runs_bitsandbytes(self.backend) and self._bitsandbytes_dequant_is_exact():
             import bitsandbytes.functional as bnbf
 
             return bnbf.dequantize_4bit(self.packed, self._quant_state(dtype), quant_type="nf4")
         return dequantize_nf4(self.packed, self.block_absmax(), self.shape, self.blocksize, dtype)
+
+    def _dequantize_triton(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        from .nf4_triton import dequantize_nf4_triton  # imports triton: only where it runs
+
+        dtype = dtype or self.dtype
+        if self._absmax_cached():  # the decoded fp32 scales: the kernel reads them as they are
+            return dequantize_nf4_triton(self.packed, self.block_absmax(), None, None, self.shape, self.blocksize,
+                                         dtype)
+        return dequantize_nf4_triton(self.packed, self.absmax, self.nested_absmax, self.offset, self.shape,
+                                     self.blocksize, dtype)
 
     def _absmax_cached(self) -> bool:
         """Whether `block_absmax` keeps the decoded double-quant scales (see there)."""
