@@ -29,28 +29,32 @@ from .nf4 import NESTED_BLOCKSIZE, _table_on
 
 __all__ = ["dequantize_nf4_triton"]
 
-_BYTES_PER_PROGRAM = 1024  # 2048 values: 8 packed bytes in and 16 values out per thread at 4 warps
+_VALUES_PER_PROGRAM = 2048  # 1024 packed bytes: 8 in and 16 values out per thread at 4 warps
 
 
 @triton.jit
 def _dequantize_kernel(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dynamic_ptr, nf4_ptr, out_ptr, n,
-                       BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                       BYTES: tl.constexpr):
-    byte = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)  # int64: weights past 2**31 values
-    in_range = byte < (n + 1) // 2
-    codes = tl.load(packed_ptr + byte, mask=in_range, other=0)
-    block = byte * 2 // BLOCKSIZE  # a block holds an even count of values: both nibbles share it
+                       BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, NESTED: tl.constexpr,
+                       DOUBLE_QUANT: tl.constexpr):
+    # One program: ROWS whole quantization blocks as a (ROWS, BLOCKSIZE/2) tile of packed bytes, so each
+    # block's scale is loaded and decoded once, not once per value. int64: weights past 2**31 values.
+    # Only builtins inside (no tl.cdiv, tl.interleave): a jitted helper would not run under the CPU
+    # interpreter unless the interpreter was on before triton was imported.
+    block = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    byte = block[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
+    codes = tl.load(packed_ptr + byte, mask=byte < (n + 1) // 2, other=0)
+    block_in_range = block < (n + BLOCKSIZE - 1) // BLOCKSIZE  # the last block may be ragged
     if DOUBLE_QUANT:
-        absmax_code = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
-        scale = tl.load(dynamic_ptr + absmax_code) * tl.load(nested_ptr + block // NESTED, mask=in_range, other=0.0)
+        absmax_code = tl.load(absmax_ptr + block, mask=block_in_range, other=0).to(tl.int32)
+        scale = tl.load(dynamic_ptr + absmax_code) * tl.load(nested_ptr + block // NESTED, mask=block_in_range,
+                                                             other=0.0)
         scale = scale + tl.load(offset_ptr)
     else:
-        scale = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
-    high = tl.load(nf4_ptr + (codes >> 4).to(tl.int32)) * scale
-    low = tl.load(nf4_ptr + (codes & 15).to(tl.int32)) * scale
-    # (BYTES, 2) -> 2·BYTES in memory order: one contiguous store (tl.join and tl.reshape are builtins; the
-    # jitted tl.interleave would not run under the interpreter unless it was on before triton was imported)
-    values = tl.reshape(tl.join(high, low), (2 * BYTES,))
+        scale = tl.load(absmax_ptr + block, mask=block_in_range, other=0.0)
+    high = tl.load(nf4_ptr + (codes >> 4).to(tl.int32)) * scale[:, None]
+    low = tl.load(nf4_ptr + (codes & 15).to(tl.int32)) * scale[:, None]
+    # (ROWS, BLOCKSIZE/2, 2) -> (ROWS, BLOCKSIZE) in memory order, high nibble first: one contiguous store
+    values = tl.reshape(tl.join(high, low), (ROWS, BLOCKSIZE))
     if out_ptr.dtype.element_ty == tl.bfloat16:
         # Round to nearest even in integers, as CUDA's __float2bfloat16_rn: the interpreter's own fp32->bf16
         # cast truncates, so this keeps the tested bytes the GPU's (values are finite: the loader checks)
@@ -59,7 +63,7 @@ def _dequantize_kernel(packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dynamic_p
         values = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         values = values.to(out_ptr.dtype.element_ty)  # fp16: round to nearest even on the GPU and in numpy
-    index = 2 * (tl.program_id(0).to(tl.int64) * BYTES) + tl.arange(0, 2 * BYTES)
+    index = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     tl.store(out_ptr + index, values, mask=index < n)
 
 
@@ -68,10 +72,11 @@ def _launch(kernel, packed: torch.Tensor, absmax: torch.Tensor, nested: torch.Te
     """Run `kernel` (the jitted one, or the same function under Triton's CPU interpreter in tests)."""
     out = torch.empty(n, dtype=dtype, device=packed.device)
     double_quant = nested is not None
-    grid = (triton.cdiv((n + 1) // 2, _BYTES_PER_PROGRAM),)
+    rows = max(1, _VALUES_PER_PROGRAM // blocksize)  # blocksize 4096: one block (4096 values) per program
+    grid = (triton.cdiv(triton.cdiv(n, blocksize), rows),)
     kernel[grid](packed, absmax, nested if double_quant else absmax, offset if double_quant else absmax,
                  _table_on("dynamic", packed.device), _table_on("nf4", packed.device), out, n,
-                 BLOCKSIZE=blocksize, NESTED=NESTED_BLOCKSIZE, DOUBLE_QUANT=double_quant, BYTES=_BYTES_PER_PROGRAM,
+                 BLOCKSIZE=blocksize, ROWS=rows, NESTED=NESTED_BLOCKSIZE, DOUBLE_QUANT=double_quant,
                  num_warps=4, enable_fp_fusion=False)
     return out
 

@@ -66,7 +66,9 @@ def _assert_same_bytes(interpreted, q: NF4Weight, dtype: torch.dtype, absmax=Non
     ((64, 96), 64, True),     # blocks straddle rows
     ((7, 33), 32, True),      # odd count: a ragged last block and a half-used last byte
     ((64, 1024), 32, True),   # 2048 blocks: eight nested scales
-    ((3, 4096), 4096, True),
+    ((3, 4096), 4096, True),  # one block per program
+    ((3, 5000), 4096, True),  # ... the last one ragged
+    ((9, 1000), 512, True),   # four blocks per program, the last program part-filled
     ((5, 9), 64, False),      # one ragged block, fp32 absmax
     ((33, 128), 128, False),
 ])
