@@ -14,8 +14,9 @@ Three backends share the format: bitsandbytes' kernels (CUDA; CPU where bitsandb
 pure-torch reference that reproduces bitsandbytes' CPU path bit for bit (same reciprocal-multiply
 scaling, same midpoint comparison rule for 4-bit codes, same nearest-left rule for the 8-bit
 absmax codes), and "triton": bitsandbytes' kernels except the CUDA dequantize, which is one Triton
-launch (qlora_lite.nf4_triton) where bitsandbytes needs three with double quantization, same bytes. Quantization is always an explicit `NF4Weight.from_tensor`; moving an `NF4Weight`
-never changes its dtype or its bytes.
+launch (qlora_lite.nf4_triton) where bitsandbytes needs three with double quantization, same bytes.
+Quantization is always an explicit `NF4Weight.from_tensor`; moving an `NF4Weight` never changes its
+dtype or its bytes.
 """
 
 from __future__ import annotations
@@ -413,9 +414,9 @@ class NF4Weight(nn.Module):
         little: on CPU by default (`cache_absmax=None`), where the decode is a gather plus a
         repeat_interleave per call; not on GPU, where the triton backend decodes them inside its one
         kernel (bitsandbytes: two small kernels) and the fp32 copy would cost 0.5 bit/param of GPU
-        memory (12% of the 4.127-bit format). `cache_absmax`
-        True/False forces it. The cache is keyed by the storages and versions it came from, so a
-        move, a load or an in-place write recomputes it.
+        memory (12% of the 4.127-bit format). `cache_absmax` True/False forces it. The cache is
+        keyed by the storages and versions it came from, so a move, a load or an in-place write
+        recomputes it.
         """
         if not self.double_quant:
             return self.absmax
@@ -455,7 +456,8 @@ class NF4Weight(nn.Module):
 
     def _absmax_cached(self) -> bool:
         """Whether `block_absmax` keeps the decoded double-quant scales (see there)."""
-        return self.double_quant and (self.cache_absmax or (self.cache_absmax is None and self.device.type == "cpu"))
+        by_default = self.cache_absmax is None and self.device.type == "cpu"
+        return self.double_quant and bool(self.cache_absmax or by_default)
 
     def _bitsandbytes_dequant_is_exact(self) -> bool:
         # Measured with bitsandbytes 0.50.2: its CPU NF4 dequantize kernel returns wrong values when

@@ -96,6 +96,27 @@ def test_interpreted_kernel_takes_the_decoded_absmax(interpreted):
     _assert_same_bytes(interpreted, q, torch.bfloat16, q.block_absmax(), None, None)
 
 
+def test_the_weight_hands_the_op_its_codes_or_its_cached_scales(interpreted):
+    """`NF4Weight`'s CUDA path, through the op `qlora_lite::nf4_dequantize`, lent the interpreted kernel
+    as its CPU kernel for the test: argument order, the cached-scales branch and the output shape."""
+    w = torch.randn(48, 200, generator=torch.Generator().manual_seed(8))
+    q = NF4Weight.from_tensor(w, backend="triton")
+    scales_passed = []
+
+    def kernel(packed, absmax, *args):
+        scales_passed.append(absmax.dtype)
+        return nf4_triton._launch(interpreted, packed, absmax, *args)
+
+    with torch.library._scoped_library("qlora_lite", "IMPL") as lib:
+        lib.impl("nf4_dequantize", kernel, "CPU")
+        for cache_absmax in (False, True):
+            q.cache_absmax = cache_absmax
+            for dtype in DTYPES:
+                expected = dequantize_nf4(q.packed, q.block_absmax(), q.shape, q.blocksize, dtype)
+                assert torch.equal(q._dequantize_triton(dtype).view(torch.uint8), expected.view(torch.uint8))
+    assert scales_passed == [torch.uint8] * 3 + [torch.float32] * 3  # codes decoded inside, or the cached scales
+
+
 def test_auto_picks_triton_where_it_imports_and_the_setting_can_refuse_it(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_backend("auto", cpu) == "triton"
