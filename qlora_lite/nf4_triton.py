@@ -1,11 +1,13 @@
 """NF4 dequantize on CUDA in one Triton kernel launch, byte-identical to bitsandbytes' CUDA kernels.
 
-    packed  uint8 (n/2)     ──► byte b holds values 2b (high nibble) and 2b+1 (low nibble)
-    absmax  uint8 (blocks)  ──► dynamic[code] · nested[block // 256]  (fp32, rounded)      ┐ double
-    nested  fp32 (blocks/256)                                         + offset (fp32, rounded) ┘ quant
-            or absmax fp32 (blocks) as it is, without double quantization
+    packed  uint8 (ceil(n/2))   byte b: value 2b in the high nibble, value 2b+1 in the low one
+    absmax  uint8 (blocks)     ─┐
+    nested  fp32 (blocks/256)   ├─► scale[k] = dynamic[absmax[k]] · nested[k // 256] + offset
+    offset  fp32 (1)           ─┘   (each product and sum rounded to fp32; without double
+                                     quantization absmax is fp32 and is the scale itself)
         ▼
-    value = NF4[nibble] · scale  (fp32, rounded), then one rounding to bf16/fp16/fp32   ──► out (n)
+    out[i] = NF4[nibble i] · scale[i // blocksize]  (fp32, rounded), then one rounding to the
+             output dtype (bf16, fp16: to nearest even; fp32: as is)
 
 bitsandbytes does the same with double quantization in three launches: its 8-bit blockwise
 dequantize of the absmax codes (`code[q] * absmax` in fp32), `absmax += offset` (a torch add) and
