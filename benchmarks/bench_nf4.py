@@ -1,15 +1,17 @@
-"""NF4 kernel throughput: quantize and dequantize with both backends of `qlora_lite.nf4.NF4Weight`.
+"""NF4 kernel throughput: quantize and dequantize with the backends of `qlora_lite.nf4.NF4Weight`.
 
     W (randn · 0.02, fp32 on CPU / bf16 on CUDA)
       ├─► NF4Weight.from_tensor(W, backend="torch") | bitsandbytes' quantize_4bit   quantize (blocksize 64, double quant)
       ├─► .dequantize(W.dtype)                                          dequantize back to W's dtype
-      │     (torch backend also with cache_absmax=False: the double-quant absmax decoded on every call)
+      │     (torch backend also with cache_absmax=False: the double-quant absmax decoded on every call;
+      │      on CUDA with triton also the triton backend's one-launch dequantize of bitsandbytes' bytes)
       └─► W.clone()                                                     the device's copy bandwidth, same run
 
 GB/s = bytes of the 16-bit (CUDA) or fp32 (CPU) tensor / seconds: the tensor read by a quantize,
 the tensor written by a dequantize or a clone (a clone also reads as many bytes; a dequantize reads
-~0.52 bytes per value). Each figure is the median of --repeats timed calls after one warm-up call.
-The two backends' packed bytes and dequantized values are compared as a check.
+~0.52 bytes per value). "of copy" = a dequantize's GB/s / the clone's GB/s (issue 17's lever: the
+triton dequantize at >= 80% of it). Each figure is the median of --repeats timed calls after one
+warm-up call. The backends' packed bytes and dequantized values are compared as a check.
 
 Usage:
 
@@ -64,7 +66,7 @@ def _bitsandbytes_quantize(weight: torch.Tensor):
 
 
 def bench_shape(shape: tuple[int, int], device: torch.device, dtype: torch.dtype, repeats: int, seed: int) -> dict:
-    from qlora_lite.nf4 import NF4Weight
+    from qlora_lite.nf4 import NF4Weight, triton_available
 
     generator = torch.Generator(device=device).manual_seed(seed)
     weight = (torch.randn(shape, generator=generator, device=device, dtype=torch.float32) * 0.02).to(dtype)
@@ -88,7 +90,16 @@ def bench_shape(shape: tuple[int, int], device: torch.device, dtype: torch.dtype
     c_s, _ = timed(lambda: weight.clone(), device, repeats)
     row.update(clone_s=c_s, clone_gb_s=nbytes / c_s / 1e9)
     (qt, dt), (qb, db) = quantized["torch"], quantized["bitsandbytes"]
-    row["check"] = {
+    checks = {}
+    if device.type == "cuda" and triton_available():  # bitsandbytes' bytes, our one-launch kernel
+        ours = qb.with_backend("triton")
+        d_s, out = timed(lambda: ours.dequantize(dtype), device, repeats)
+        row["backends"]["triton"] = {"dequantize_s": d_s, "dequantize_gb_s": nbytes / d_s / 1e9,
+                                     "bits_per_param": ours.bits_per_param}
+        checks["triton_bytes_equal_bitsandbytes"] = bool(torch.equal(out.view(torch.uint8), db.view(torch.uint8)))
+    for r in row["backends"].values():
+        r["dequantize_of_copy"] = r["dequantize_gb_s"] / row["clone_gb_s"]
+    row["check"] = {**checks,
         "packed_bytes_equal": bool(torch.equal(qt.packed, qb.packed)),
         "absmax_codes_equal": bool(torch.equal(qt.absmax, qb.absmax)),
         "dequantized_max_abs_diff": float((dt.float() - db.float()).abs().max()),
@@ -122,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = [round(x, 2) for x in os.getloadavg()]
     rows = [bench_shape(shape, device, dtype, repeats, opts.seed) for shape in shapes]
     summary = {"device": device_name(device), "device_type": device.type, "threads": torch.get_num_threads(),
-               "repeats": repeats, "versions": versions(("torch", "bitsandbytes", "qlora-lite")), "load_average_before": load_before,
+               "repeats": repeats, "versions": versions(("torch", "bitsandbytes", "triton", "qlora-lite")), "load_average_before": load_before,
                "load_average_after": [round(x, 2) for x in os.getloadavg()], "results": rows}
     if opts.json:
         print(json.dumps(summary, indent=2))
@@ -130,18 +141,22 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{summary['device']}, {summary['threads']} threads, median of {repeats}, load average "
           f"{load_before} -> {summary['load_average_after']}")
     print(f"{'shape':<12}{'dtype':<10}{'backend':<14}{'quant ms':>10}{'GB/s':>8}{'dequant ms':>12}{'GB/s':>8}"
-          f"{'clone GB/s':>12}")
+          f"{'of copy':>9}{'clone GB/s':>12}")
     for row in rows:
         shape = "x".join(map(str, row["shape"]))
         for backend, r in row["backends"].items():
-            print(f"{shape:<12}{row['dtype']:<10}{backend:<14}{1e3 * r['quantize_s']:>10.1f}{r['quantize_gb_s']:>8.2f}"
-                  f"{1e3 * r['dequantize_s']:>12.1f}{r['dequantize_gb_s']:>8.2f}{row['clone_gb_s']:>12.2f}")
+            quantize = (f"{1e3 * r['quantize_s']:>10.1f}{r['quantize_gb_s']:>8.2f}" if "quantize_s" in r
+                        else f"{'(bnb)':>10}{'':>8}")  # triton dequantizes bitsandbytes' bytes
+            print(f"{shape:<12}{row['dtype']:<10}{backend:<14}{quantize}{1e3 * r['dequantize_s']:>12.1f}"
+                  f"{r['dequantize_gb_s']:>8.2f}{100 * r['dequantize_of_copy']:>8.0f}%{row['clone_gb_s']:>12.2f}")
         print(f"{'':<12}torch dequantize decoding the absmax on every call (no cache): "
               f"{1e3 * row['backends']['torch']['dequantize_absmax_decoded_each_call_s']:.1f} ms")
         c = row["check"]
         print(f"{'':<12}check: packed bytes equal {c['packed_bytes_equal']}, absmax codes equal "
               f"{c['absmax_codes_equal']}, dequantized max |diff| {c['dequantized_max_abs_diff']:.3g}, "
-              f"mean |error| vs input {c['mean_abs_error_vs_input']:.3g}")
+              f"mean |error| vs input {c['mean_abs_error_vs_input']:.3g}"
+              + (f", triton bytes = bitsandbytes' {c['triton_bytes_equal_bitsandbytes']}"
+                 if "triton_bytes_equal_bitsandbytes" in c else ""))
     return summary
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -95,7 +96,7 @@ def op_kind(func, args, kwargs) -> str:
         return "matmul"
     if packet in ATTENTION:
         return "attention"
-    if func.namespace == "bitsandbytes":
+    if func.namespace in ("bitsandbytes", "qlora_lite"):  # a dequantize kernel each (qlora_lite: nf4_triton)
         return "dequantize"
     if packet is aten._to_copy:
         return "cast" if kwargs.get("dtype", args[0].dtype) != args[0].dtype else "copy"
@@ -306,13 +307,30 @@ def as_on_cuda(model: torch.nn.Module, cache_absmax: bool) -> None:
     """Make ours dequantize as it does on CUDA, not as on this CPU: the decoded block scales are not
     cached there (`NF4Weight.cache_absmax`, default on CPU only), so every dequantize also decodes them
     (bitsandbytes' 8-bit dequantize + the offset add); and the pure-torch dequantize runs in one pass,
-    not in cache-sized chunks."""
+    not in cache-sized chunks. Weights of the triton backend (auto wherever triton imports) dequantize
+    on CUDA in one launch, scales decoded inside: the op `qlora_lite::nf4_dequantize`, lent a CPU kernel
+    here (the torch reference) and recorded as one op, its inputs and output as the bytes it moves."""
     from qlora_lite import nf4
 
     nf4._DEQUANTIZE_CHUNK = 1 << 62
     for module in model.modules():
         if isinstance(module, nf4.NF4Weight):
             module.cache_absmax = cache_absmax
+            if module.backend == "triton":
+                _lend_nf4_dequantize_a_cpu_kernel()
+                module.dequantize = module._dequantize_triton
+
+
+@functools.cache
+def _lend_nf4_dequantize_a_cpu_kernel() -> None:
+    from qlora_lite import nf4, nf4_triton  # noqa: F401 (defines the op)
+
+    def dequantize(packed, absmax, nested, offset, n, blocksize, dtype):
+        if nested is not None:
+            absmax = nf4._dequantize_blockwise_8bit(absmax, nested, nf4.NESTED_BLOCKSIZE) + offset
+        return nf4.dequantize_nf4(packed, absmax, torch.Size([n]), blocksize, dtype)
+
+    torch.library.register_kernel("qlora_lite::nf4_dequantize", "cpu", dequantize)
 
 
 @contextlib.contextmanager

@@ -92,7 +92,7 @@ class QuantConfig:
     blocksize: int = 64
     double_quant: bool = True
     compute_dtype: str = "auto"
-    backend: Literal["auto", "bitsandbytes", "torch"] = "auto"
+    backend: Literal["auto", "bitsandbytes", "triton", "torch"] = "auto"
     quant_type: Literal["nf4"] = "nf4"
 
     def __post_init__(self) -> None:
@@ -102,8 +102,8 @@ class QuantConfig:
         if not isinstance(self.double_quant, bool):
             problems.append(f"double_quant={self.double_quant!r} must be true or false")
         _check_dtype(problems, "compute_dtype", self.compute_dtype)
-        if self.backend not in ("auto", "bitsandbytes", "torch"):
-            problems.append(f"backend={self.backend!r} must be 'auto', 'bitsandbytes' or 'torch'")
+        if self.backend not in ("auto", "bitsandbytes", "triton", "torch"):
+            problems.append(f"backend={self.backend!r} must be 'auto', 'bitsandbytes', 'triton' or 'torch'")
         if self.quant_type != "nf4":
             problems.append(f"quant_type={self.quant_type!r}: only 'nf4' is implemented")
         if problems:

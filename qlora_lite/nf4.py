@@ -10,11 +10,13 @@
 
 Stored per parameter: 4 + 8/64 + 32/(64·256) ≈ 4.127 bits.
 
-Two backends share the format: bitsandbytes' kernels (CUDA; CPU where bitsandbytes runs) and a
+Three backends share the format: bitsandbytes' kernels (CUDA; CPU where bitsandbytes runs), a
 pure-torch reference that reproduces bitsandbytes' CPU path bit for bit (same reciprocal-multiply
 scaling, same midpoint comparison rule for 4-bit codes, same nearest-left rule for the 8-bit
-absmax codes). Quantization is always an explicit `NF4Weight.from_tensor`; moving an `NF4Weight`
-never changes its dtype or its bytes.
+absmax codes), and "triton": bitsandbytes' kernels except the CUDA dequantize, which is one Triton
+launch (qlora_lite.nf4_triton) where bitsandbytes needs three with double quantization, same bytes.
+Quantization is always an explicit `NF4Weight.from_tensor`; moving an `NF4Weight` never changes its
+dtype or its bytes.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "NF4Weight",
     "dynamic_map",
     "bitsandbytes_available",
+    "triton_available",
     "resolve_backend",
     "quantize_nf4",
     "dequantize_nf4",
@@ -55,7 +58,8 @@ NF4_CODE = torch.tensor(
 _NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the double-quantized absmax
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
-Backend = Literal["auto", "bitsandbytes", "torch"]
+Backend = Literal["auto", "bitsandbytes", "triton", "torch"]
+Resolved = Literal["bitsandbytes", "triton", "torch"]
 
 
 @functools.cache
@@ -86,8 +90,23 @@ def bitsandbytes_available() -> bool:
     return True
 
 
-def resolve_backend(backend: Backend, device: torch.device) -> Literal["bitsandbytes", "torch"]:
-    """'auto' picks bitsandbytes wherever it imports (its CUDA kernels, its CPU kernels), else torch."""
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_backend(backend: Backend, device: torch.device) -> Resolved:
+    """'auto' picks triton wherever triton imports, else bitsandbytes wherever it imports, else torch.
+
+    "triton" is bitsandbytes' path (or the pure-torch one where bitsandbytes is missing) with the CUDA
+    dequantize done by our one-launch kernel; on CPU it computes exactly as "bitsandbytes". It is a
+    property of the weight, not of the device it is made on: a weight made on CPU and moved to a GPU
+    (offloaded bases) takes the one-launch path there. "bitsandbytes" keeps bitsandbytes' own kernels.
+    """
     if backend == "torch":
         return "torch"
     if backend == "bitsandbytes":
@@ -95,7 +114,19 @@ def resolve_backend(backend: Backend, device: torch.device) -> Literal["bitsandb
             raise RuntimeError("backend='bitsandbytes' but bitsandbytes cannot be imported; "
                                "pip install bitsandbytes, or use backend='torch'")
         return "bitsandbytes"
-    return "bitsandbytes" if device.type in ("cuda", "cpu") and bitsandbytes_available() else "torch"
+    if backend == "triton":
+        if not triton_available():
+            raise RuntimeError("backend='triton' but triton cannot be imported; pip install triton, "
+                               "or use backend='auto'")
+        return "triton"
+    if device.type not in ("cuda", "cpu"):
+        return "torch"
+    return "triton" if triton_available() else "bitsandbytes" if bitsandbytes_available() else "torch"
+
+
+def _runs_bitsandbytes(backend: Resolved) -> bool:
+    """Whether a weight of this backend uses bitsandbytes' kernels (the triton one's, where it imports)."""
+    return backend == "bitsandbytes" or (backend == "triton" and bitsandbytes_available())
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,7 +313,7 @@ class NF4Weight(nn.Module):
 
     def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...] | torch.Size,
                  dtype: torch.dtype, blocksize: int = 64, nested_absmax: torch.Tensor | None = None,
-                 offset: torch.Tensor | None = None, backend: Literal["bitsandbytes", "torch"] = "torch",
+                 offset: torch.Tensor | None = None, backend: Resolved = "torch",
                  cache_absmax: bool | None = None):
         super().__init__()
         self.shape, self.dtype, self.blocksize, self.backend = torch.Size(shape), dtype, blocksize, backend
@@ -308,7 +339,7 @@ class NF4Weight(nn.Module):
         chosen = resolve_backend(backend, weight.device)
         # On CPU our kernel writes bitsandbytes' exact bytes 2.6x faster than its own (tested), so the
         # bitsandbytes backend quantizes with it there and keeps bitsandbytes' kernels for dequantizing.
-        if chosen == "bitsandbytes" and weight.device.type != "cpu":
+        if _runs_bitsandbytes(chosen) and weight.device.type != "cpu":
             import bitsandbytes.functional as bnbf
 
             packed, state = bnbf.quantize_4bit(weight.contiguous(), blocksize=blocksize,
@@ -327,7 +358,7 @@ class NF4Weight(nn.Module):
 
     @classmethod
     def empty(cls, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, blocksize: int = 64,
-              double_quant: bool = True, backend: Literal["bitsandbytes", "torch"] = "torch",
+              double_quant: bool = True, backend: Resolved = "torch",
               device: str | torch.device = "meta") -> NF4Weight:
         """Uninitialised storage of the shapes `from_tensor` gives (a skeleton that a load fills in)."""
         n = math.prod(shape)
@@ -381,15 +412,15 @@ class NF4Weight(nn.Module):
         The decoded scales never change while the base is frozen, yet every dequantize (forward,
         and backward for grad_x) would decode them again. They are cached where that pays and costs
         little: on CPU by default (`cache_absmax=None`), where the decode is a gather plus a
-        repeat_interleave per call; not on GPU, where the decode is one small kernel and the fp32
-        copy would cost 0.5 bit/param of GPU memory (12% of the 4.127-bit format). `cache_absmax`
-        True/False forces it. The cache is keyed by the storages and versions it came from, so a
-        move, a load or an in-place write recomputes it.
+        repeat_interleave per call; not on GPU, where the triton backend decodes them inside its one
+        kernel (bitsandbytes: two small kernels) and the fp32 copy would cost 0.5 bit/param of GPU
+        memory (12% of the 4.127-bit format). `cache_absmax` True/False forces it. The cache is
+        keyed by the storages and versions it came from, so a move, a load or an in-place write
+        recomputes it.
         """
         if not self.double_quant:
             return self.absmax
-        cache = self.device.type == "cpu" if self.cache_absmax is None else self.cache_absmax
-        if not cache:
+        if not self._absmax_cached():
             self._absmax_cache = None
             return self._decode_absmax()
         sources = (self.absmax_raw, self.nested_absmax_raw, self.offset_raw)
@@ -405,11 +436,28 @@ class NF4Weight(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The full weight in `dtype` (default: the dtype it was quantized from)."""
         dtype = dtype or self.dtype
-        if self.backend == "bitsandbytes" and self._bitsandbytes_dequant_is_exact():
+        if self.backend == "triton" and self.device.type == "cuda":
+            return self._dequantize_triton(dtype)
+        if _runs_bitsandbytes(self.backend) and self._bitsandbytes_dequant_is_exact():
             import bitsandbytes.functional as bnbf
 
             return bnbf.dequantize_4bit(self.packed, self._quant_state(dtype), quant_type="nf4")
         return dequantize_nf4(self.packed, self.block_absmax(), self.shape, self.blocksize, dtype)
+
+    def _dequantize_triton(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        from .nf4_triton import dequantize_nf4_triton  # imports triton: only where it runs
+
+        dtype = dtype or self.dtype
+        if self._absmax_cached():  # the decoded fp32 scales: the kernel reads them as they are
+            return dequantize_nf4_triton(self.packed, self.block_absmax(), None, None, self.shape, self.blocksize,
+                                         dtype)
+        return dequantize_nf4_triton(self.packed, self.absmax, self.nested_absmax, self.offset, self.shape,
+                                     self.blocksize, dtype)
+
+    def _absmax_cached(self) -> bool:
+        """Whether `block_absmax` keeps the decoded double-quant scales (see there)."""
+        by_default = self.cache_absmax is None and self.device.type == "cpu"
+        return self.double_quant and bool(self.cache_absmax or by_default)
 
     def _bitsandbytes_dequant_is_exact(self) -> bool:
         # Measured with bitsandbytes 0.50.2: its CPU NF4 dequantize kernel returns wrong values when
@@ -424,7 +472,7 @@ class NF4Weight(nn.Module):
         from bitsandbytes.functional import QuantState
 
         code = _table_on("nf4", self.device)
-        if self.double_quant and (self.cache_absmax or (self.cache_absmax is None and self.device.type == "cpu")):
+        if self._absmax_cached():
             # the cached decoded scales: bitsandbytes then skips its own absmax decode
             return QuantState(absmax=self.block_absmax(), shape=self.shape, code=code, blocksize=self.blocksize,
                               quant_type="nf4", dtype=dtype)

@@ -15,6 +15,8 @@
                     training at it must run on the card capped at 24 GiB
                     (torch.cuda.set_per_process_memory_fraction); the planner refuses one step up,
                     which is also run, to show how much margin the planner keeps
+      nf4-dequantize  (issue 17) benchmarks/bench_nf4.py: bitsandbytes' NF4 dequantize and the triton
+                    backend's one-launch one, GB/s and as a fraction of a clone's, bytes compared
       long-context-llama3-8b   (issue 18; outside the default 480 s: run it with
                     `--only long-context-llama3-8b --total-s 600`) the boundary with offload_activations
                     and the tiled MLP (LONG_CONTEXT_MLP_CHUNK): the planner's longest seq_len on 24 GiB
@@ -95,6 +97,11 @@ def _moe(shape: str, device: str, seq: int) -> list[str]:
             str(seq), "--warmup", "1", "--steps", "2", "--cap-gib", "24", "--json"]
 
 
+def _nf4_bench(device: str, shapes: str) -> list[str]:
+    return [_python(), str(ROOT / "benchmarks" / "bench_nf4.py"), "--device", device, "--shapes", *shapes.split(),
+            "--json"]
+
+
 def plan(mode: str, scratch: Path) -> list[Part]:
     """The parts of one check; budgets sum to under 9 minutes on an H100 (measured: see docs/gpu.md)."""
     env_part = Part("env", 30, [_python(), str(Path(__file__).resolve()), "--env"], parse="json")
@@ -109,6 +116,7 @@ def plan(mode: str, scratch: Path) -> list[Part]:
             Part("boundary-tiny", 600, _boundary("tiny", tiny, "cpu", 1.5, 0, 1), parse="boundary", cleanup=[tiny]),
             Part("offload-tiny", 300, _offload("tiny", "cpu", 32, 0, 1), parse="offload"),
             Part("moe-tiny", 600, _moe("tiny", "cpu", 32), parse="moe"),
+            Part("nf4-dequantize", 120, _nf4_bench("cpu", "256x512"), parse="json"),
         ]
     ckpt = {shape: scratch / shape for shape in ("7b", "llama3-8b", "13b")}
     return [
@@ -123,6 +131,8 @@ def plan(mode: str, scratch: Path) -> list[Part]:
              cleanup=[ckpt["llama3-8b"]]),
         Part("bench-13b", 100, _bench("13b", "2048x1", ckpt["13b"], "cuda", 2, 3), parse="bench",
              cleanup=[ckpt["13b"]]),
+        # issue 17's lever: each NF4 dequantize (bitsandbytes', the triton backend's) as a fraction of a copy
+        Part("nf4-dequantize", 45, _nf4_bench("cuda", "4096x4096 11008x4096"), parse="json"),
         # issue 18, not run yet: ~2 steps at ~100k tokens + 4 at 16k; past the default total, ask for it by name
         Part("long-context-llama3-8b", 480, _boundary("llama3-8b", ckpt["llama3-8b"], "cuda", 24, 0, 1,
                                                       long_context=True), parse="boundary",
@@ -388,6 +398,7 @@ def markdown(results: dict) -> str:
                              f"is copies not hidden (planner: {_num(c['predicted_transfer_s'], 2)} s of copies at 25 GB/s); "
                              f"pinned host memory planned at the longest seq: {_gib(p.get('planned_pinned_host_bytes'))} GiB")
     lines += _offload_table([p for p in results["parts"] if p["part"].startswith("offload-") and p.get("planner")])
+    lines += _nf4_table(next((p for p in results["parts"] if p["part"] == "nf4-dequantize" and p.get("figures")), None))
     moe = [p for p in results["parts"] if p["part"].startswith("moe-") and p.get("losses")]
     if moe:
         lines += ["", "## Mixture of experts: NF4 experts, LoRA on experts and attention (benchmarks/bench_moe.py)", "",
@@ -400,6 +411,20 @@ def markdown(results: dict) -> str:
                          f"{_num(p.get('planned_over_measured'))} | {_num(p.get('tokens_per_s'), 0)} | "
                          f"{p['params_trainable']:,} |")
     return "\n".join(lines) + "\n"
+
+
+def _nf4_table(part: dict | None) -> list[str]:
+    if part is None:
+        return []
+    lines = ["", "## NF4 dequantize (benchmarks/bench_nf4.py): GB/s written, and as a fraction of a clone's", "",
+             "| shape | dtype | backend | dequantize ms | GB/s | of copy | bytes = bitsandbytes' |", "|---|---|---|---|---|---|---|"]
+    for row in part["figures"]["results"]:
+        same = row["check"].get("triton_bytes_equal_bitsandbytes", "-")
+        for backend, r in row["backends"].items():
+            lines.append(f"| {'x'.join(map(str, row['shape']))} | {row['dtype']} | {backend} | "
+                         f"{1e3 * r['dequantize_s']:.3f} | {r['dequantize_gb_s']:.1f} | "
+                         f"{100 * r['dequantize_of_copy']:.0f}% | {same if backend == 'triton' else '-'} |")
+    return lines
 
 
 def _offload_table(parts: list[dict]) -> list[str]:

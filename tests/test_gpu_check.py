@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GROUPS = {"device-tests": ["env", "tests"], "bench": ["bench-tiny"], "boundary": ["boundary-tiny"],
-          "offload-moe": ["offload-tiny", "moe-tiny"]}
+          "offload-moe": ["offload-tiny", "moe-tiny", "nf4-dequantize"]}
 
 
 def _smoke(tmp_path: Path, parts: list[str]) -> tuple[dict, str]:
@@ -70,3 +70,6 @@ def test_gpu_check_cpu_smoke_offload_and_moe(tmp_path):
     moe = parts["moe-tiny"]
     assert moe["seq"] == 32 and len(moe["losses"]) == 3 and moe["tokens_per_s"] > 0 and moe["planned_total_bytes"] > 0
     assert "## Mixture of experts" in report
+    nf4 = parts["nf4-dequantize"]["figures"]["results"][0]  # on CPU: the two backends, bytes compared
+    assert nf4["shape"] == [256, 512] and nf4["check"]["packed_bytes_equal"]
+    assert all(0 < r["dequantize_of_copy"] for r in nf4["backends"].values()) and "## NF4 dequantize" in report
