@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import warnings
 from typing import Literal
 
 import torch
@@ -122,6 +123,18 @@ def resolve_backend(backend: Backend, device: torch.device) -> Resolved:
     if device.type not in ("cuda", "cpu"):
         return "torch"
     return "triton" if triton_available() else "bitsandbytes" if bitsandbytes_available() else "torch"
+
+
+_TRITON_FAILED: list[str] = []  # why the one-launch kernel failed in this process (then it is not tried again)
+
+
+def _give_up_triton(exc: Exception) -> None:
+    """The kernel is only a faster route to the same bytes: where this process's triton cannot build or
+    launch it, say so once and dequantize with bitsandbytes' kernels (or the torch path) from then on."""
+    _TRITON_FAILED.append(f"{type(exc).__name__}: {exc}")
+    warnings.warn(f"qlora-lite: the one-launch Triton NF4 dequantize failed ({_TRITON_FAILED[0][:300]}); "
+                  "dequantizing with bitsandbytes' kernels instead (the same bytes, three launches). "
+                  "quant.backend: bitsandbytes skips the attempt.", RuntimeWarning, stacklevel=3)
 
 
 def _runs_bitsandbytes(backend: Resolved) -> bool:
@@ -436,13 +449,21 @@ class NF4Weight(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The full weight in `dtype` (default: the dtype it was quantized from)."""
         dtype = dtype or self.dtype
-        if self.backend == "triton" and self.device.type == "cuda":
-            return self._dequantize_triton(dtype)
+        if self._uses_triton_kernel() and not _TRITON_FAILED:
+            try:
+                return self._dequantize_triton(dtype)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # a triton or driver that cannot build or launch the kernel
+                _give_up_triton(exc)
         if _runs_bitsandbytes(self.backend) and self._bitsandbytes_dequant_is_exact():
             import bitsandbytes.functional as bnbf
 
             return bnbf.dequantize_4bit(self.packed, self._quant_state(dtype), quant_type="nf4")
         return dequantize_nf4(self.packed, self.block_absmax(), self.shape, self.blocksize, dtype)
+
+    def _uses_triton_kernel(self) -> bool:
+        return self.backend == "triton" and self.device.type == "cuda"
 
     def _dequantize_triton(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         from .nf4_triton import dequantize_nf4_triton  # imports triton: only where it runs

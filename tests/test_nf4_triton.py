@@ -156,10 +156,10 @@ def test_triton_bytes_equal_bitsandbytes_cuda(shape, blocksize, double_quant):
     ours = theirs.with_backend("triton")
     cached = theirs.with_backend("triton")
     cached.cache_absmax = True
-    for dtype in DTYPES:
+    for dtype in DTYPES:  # the kernel itself, not `dequantize` (which would fall back to bitsandbytes' bytes)
         expected = theirs.dequantize(dtype).view(torch.uint8)
-        assert torch.equal(ours.dequantize(dtype).view(torch.uint8), expected), dtype
-        assert torch.equal(cached.dequantize(dtype).view(torch.uint8), expected), dtype
+        assert torch.equal(ours._dequantize_triton(dtype).view(torch.uint8), expected), dtype
+        assert torch.equal(cached._dequantize_triton(dtype).view(torch.uint8), expected), dtype
 
 
 def _cuda_kernels(fn) -> int:
@@ -182,3 +182,32 @@ def test_auto_dequantize_is_one_kernel_launch_on_cuda():
     assert _cuda_kernels(lambda: ours.dequantize(torch.bfloat16)) == 1
     # what it replaces: 8-bit absmax decode, `+ offset`, 4-bit dequantize
     assert _cuda_kernels(lambda: ours.with_backend("bitsandbytes").dequantize(torch.bfloat16)) == 3
+
+
+def test_a_kernel_that_cannot_run_falls_back_to_the_same_bytes_once(monkeypatch):
+    """Where the process's triton cannot build the kernel (another version, a driver), dequantize warns once
+    and gives bitsandbytes' bytes from then on; running out of memory is not such a failure."""
+    from qlora_lite import nf4
+
+    weight = NF4Weight.from_tensor(torch.randn(64, 128, generator=torch.Generator().manual_seed(5)), backend="triton")
+    expected = weight.with_backend("bitsandbytes").dequantize(torch.bfloat16)
+    calls = []
+
+    def broken(dtype=None):
+        calls.append(dtype)
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(nf4, "_TRITON_FAILED", [])
+    monkeypatch.setattr(NF4Weight, "_uses_triton_kernel", lambda self: True)
+    monkeypatch.setattr(weight, "_dequantize_triton", broken)
+    with pytest.warns(RuntimeWarning, match="PassManager::run failed.*bitsandbytes' kernels instead"):
+        assert torch.equal(weight.dequantize(torch.bfloat16), expected)
+    assert torch.equal(weight.dequantize(torch.bfloat16), expected) and len(calls) == 1  # not tried again
+
+    def out_of_memory(dtype=None):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(nf4, "_TRITON_FAILED", [])
+    monkeypatch.setattr(weight, "_dequantize_triton", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        weight.dequantize(torch.bfloat16)
