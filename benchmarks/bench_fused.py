@@ -1,11 +1,12 @@
 """Ours on CUDA with and without the fast paths of kernels.py: plain torch, Liger's fused kernels, regional compile.
 
     a Llama at a real width (--width 7b) with --layers decoder layers, random bf16 weights built on the GPU,
-    LoRA r=16 on the seven projections (bf16 A/B), --quant nf4 (torch backend, as the GPU tests) or none
-    (16-bit bases: isolates the ops around the matmuls), non-reentrant checkpointing + the chunked loss
+    LoRA r=16 on the seven projections (bf16 A/B), --quant nf4 (the default backend, as train runs: the
+    one-launch dequantize where triton imports) or none (16-bit bases: isolates the ops around the
+    matmuls), non-reentrant checkpointing + the chunked loss
         ▼
-    per variant (eager | lean: PyTorch's fused RMSNorm + the lean RoPE, train's CUDA default | liger | compile | their
-    combinations joined by +), in one process, same tokens:
+    per variant (eager | lean: PyTorch's fused RMSNorm + the lean RoPE, train's CUDA default | liger |
+    compile | their combinations joined by +), in one process, same tokens:
       median step time (forward → backward) over --steps after --warmup, CUDA kernels per step
       (torch.profiler, one extra step), peak allocated memory; ratios against eager
 
@@ -42,7 +43,7 @@ def build(opts):
                          tie_word_embeddings=False)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
-    quant = QuantConfig(backend="torch") if opts.quant == "nf4" else None
+    quant = QuantConfig() if opts.quant == "nf4" else None
     inject_lora(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, lora_dtype="bfloat16"), quant)
     enable_checkpointing(model)
     install_chunked_loss(model, 1024)
