@@ -87,6 +87,16 @@ class QuantConfig:
     """How the frozen base weights are stored: NF4, blockwise, optionally double-quantized.
 
     Frozen: a shared instance (a default argument, a run's settings) cannot be changed under its users.
+
+    Args:
+        blocksize: values per absmax block (bitsandbytes': 32 to 4096; QLoRA: 64)
+        double_quant: the absmax values 8-bit quantized in blocks of 256 (4.127 instead of 4.5 bits/param)
+        compute_dtype: the dtype the weights are dequantized to for the matmuls (auto: bf16 on a GPU that has it,
+            fp16 on older ones, fp32 on CPU)
+        backend: the kernels: auto (triton where it imports: bitsandbytes' kernels with the CUDA dequantize
+            in one Triton launch; else bitsandbytes; else torch), bitsandbytes, triton, or torch (pure
+            PyTorch, bitsandbytes' CPU bytes); all give the same bytes
+        quant_type: nf4 (the only one)
     """
 
     blocksize: int = 64
