@@ -24,13 +24,14 @@ from __future__ import annotations
 import functools
 import json
 import math
-import warnings
 from typing import Literal
 
 import torch
 from torch import nn
 
 from .dtypes import FLOAT_DTYPES, dtype_from_name, dtype_name
+from .nf4_backends import (Backend, Resolved, bitsandbytes_available, give_up_triton, resolve_backend,
+                           runs_bitsandbytes, triton_available, triton_kernel_usable)
 
 __all__ = [
     "NF4_CODE",
@@ -59,8 +60,6 @@ NF4_CODE = torch.tensor(
 _NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the double-quantized absmax
 SUPPORTED_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts
-Backend = Literal["auto", "bitsandbytes", "triton", "torch"]
-Resolved = Literal["bitsandbytes", "triton", "torch"]
 
 
 @functools.cache
@@ -80,66 +79,6 @@ def dynamic_map() -> torch.Tensor:
         values += (scale * means).tolist() + (-scale * means).tolist()
     values += [0.0, 1.0]
     return torch.tensor(sorted(values), dtype=torch.float32)
-
-
-@functools.cache
-def bitsandbytes_available() -> bool:
-    try:
-        import bitsandbytes.functional  # noqa: F401
-    except Exception:  # an import failure of any kind means "not usable here"
-        return False
-    return True
-
-
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def resolve_backend(backend: Backend, device: torch.device) -> Resolved:
-    """'auto' picks triton wherever triton imports, else bitsandbytes wherever it imports, else torch.
-
-    "triton" is bitsandbytes' path (or the pure-torch one where bitsandbytes is missing) with the CUDA
-    dequantize done by our one-launch kernel; on CPU it computes exactly as "bitsandbytes". It is a
-    property of the weight, not of the device it is made on: a weight made on CPU and moved to a GPU
-    (offloaded bases) takes the one-launch path there. "bitsandbytes" keeps bitsandbytes' own kernels.
-    """
-    if backend == "torch":
-        return "torch"
-    if backend == "bitsandbytes":
-        if not bitsandbytes_available():
-            raise RuntimeError("backend='bitsandbytes' but bitsandbytes cannot be imported; "
-                               "pip install bitsandbytes, or use backend='torch'")
-        return "bitsandbytes"
-    if backend == "triton":
-        if not triton_available():
-            raise RuntimeError("backend='triton' but triton cannot be imported; pip install triton, "
-                               "or use backend='auto'")
-        return "triton"
-    if device.type not in ("cuda", "cpu"):
-        return "torch"
-    return "triton" if triton_available() else "bitsandbytes" if bitsandbytes_available() else "torch"
-
-
-_TRITON_FAILED: list[str] = []  # why the one-launch kernel failed in this process (then it is not tried again)
-
-
-def _give_up_triton(exc: Exception) -> None:
-    """The kernel is only a faster route to the same bytes: where this process's triton cannot build or
-    launch it, say so once and dequantize with bitsandbytes' kernels (or the torch path) from then on."""
-    _TRITON_FAILED.append(f"{type(exc).__name__}: {exc}")
-    warnings.warn(f"qlora-lite: the one-launch Triton NF4 dequantize failed ({_TRITON_FAILED[0][:300]}); "
-                  "dequantizing with bitsandbytes' kernels instead (the same bytes, three launches). "
-                  "quant.backend: bitsandbytes skips the attempt.", RuntimeWarning, stacklevel=3)
-
-
-def _runs_bitsandbytes(backend: Resolved) -> bool:
-    """Whether a weight of this backend uses bitsandbytes' kernels (the triton one's, where it imports)."""
-    return backend == "bitsandbytes" or (backend == "triton" and bitsandbytes_available())
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,7 +291,7 @@ class NF4Weight(nn.Module):
         chosen = resolve_backend(backend, weight.device)
         # On CPU our kernel writes bitsandbytes' exact bytes 2.6x faster than its own (tested), so the
         # bitsandbytes backend quantizes with it there and keeps bitsandbytes' kernels for dequantizing.
-        if _runs_bitsandbytes(chosen) and weight.device.type != "cpu":
+        if runs_bitsandbytes(chosen) and weight.device.type != "cpu":
             import bitsandbytes.functional as bnbf
 
             packed, state = bnbf.quantize_4bit(weight.contiguous(), blocksize=blocksize,
@@ -449,14 +388,14 @@ class NF4Weight(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The full weight in `dtype` (default: the dtype it was quantized from)."""
         dtype = dtype or self.dtype
-        if self._uses_triton_kernel() and not _TRITON_FAILED:
+        if self._uses_triton_kernel() and triton_kernel_usable():
             try:
                 return self._dequantize_triton(dtype)
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:  # a triton or driver that cannot build or launch the kernel
-                _give_up_triton(exc)
-        if _runs_bitsandbytes(self.backend) and self._bitsandbytes_dequant_is_exact():
+                give_up_triton(exc)
+        if runs_bitsandbytes(self.backend) and self._bitsandbytes_dequant_is_exact():
             import bitsandbytes.functional as bnbf
 
             return bnbf.dequantize_4bit(self.packed, self._quant_state(dtype), quant_type="nf4")

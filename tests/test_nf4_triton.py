@@ -123,9 +123,9 @@ def test_auto_picks_triton_where_it_imports_and_the_setting_can_refuse_it(monkey
     assert resolve_backend("bitsandbytes", cpu) == "bitsandbytes"
     assert resolve_backend("auto", torch.device("meta")) == "torch"
     QuantConfig(backend="triton")  # a valid setting
-    import qlora_lite.nf4 as nf4
+    from qlora_lite import nf4_backends
 
-    monkeypatch.setattr(nf4, "triton_available", lambda: False)
+    monkeypatch.setattr(nf4_backends, "triton_available", lambda: False)
     assert resolve_backend("auto", cpu) == "bitsandbytes"
     with pytest.raises(RuntimeError, match="backend='triton' but triton cannot be imported"):
         resolve_backend("triton", cpu)
@@ -187,7 +187,7 @@ def test_auto_dequantize_is_one_kernel_launch_on_cuda():
 def test_a_kernel_that_cannot_run_falls_back_to_the_same_bytes_once(monkeypatch):
     """Where the process's triton cannot build the kernel (another version, a driver), dequantize warns once
     and gives bitsandbytes' bytes from then on; running out of memory is not such a failure."""
-    from qlora_lite import nf4
+    from qlora_lite import nf4_backends
 
     weight = NF4Weight.from_tensor(torch.randn(64, 128, generator=torch.Generator().manual_seed(5)), backend="triton")
     expected = weight.with_backend("bitsandbytes").dequantize(torch.bfloat16)
@@ -197,7 +197,7 @@ def test_a_kernel_that_cannot_run_falls_back_to_the_same_bytes_once(monkeypatch)
         calls.append(dtype)
         raise RuntimeError("PassManager::run failed")
 
-    monkeypatch.setattr(nf4, "_TRITON_FAILED", [])
+    monkeypatch.setattr(nf4_backends, "_TRITON_FAILED", [])
     monkeypatch.setattr(NF4Weight, "_uses_triton_kernel", lambda self: True)
     monkeypatch.setattr(weight, "_dequantize_triton", broken)
     with pytest.warns(RuntimeWarning, match="PassManager::run failed.*bitsandbytes' kernels instead"):
@@ -207,7 +207,7 @@ def test_a_kernel_that_cannot_run_falls_back_to_the_same_bytes_once(monkeypatch)
     def out_of_memory(dtype=None):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(nf4, "_TRITON_FAILED", [])
+    monkeypatch.setattr(nf4_backends, "_TRITON_FAILED", [])
     monkeypatch.setattr(weight, "_dequantize_triton", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
         weight.dequantize(torch.bfloat16)
