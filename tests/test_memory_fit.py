@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 from pathlib import Path
 
 import pytest
@@ -91,10 +92,13 @@ def test_report_json_table_and_plot(tmp_path):
 def test_monitor_and_compare():
     monitor = MemoryMonitor("cpu")
     before = monitor.current()["rss_bytes"]
-    # 256 MiB touched, then freed: only the kernel's peak still shows it. (The margins leave room for what the
-    # process frees meanwhile: with 128 MiB the peak once rose 117 MiB above `before` in the full suite.)
-    spike = torch.ones(64 * 2**20)
-    del spike
+    # 256 MiB touched, then unmapped: only the kernel's peak still shows it. An anonymous mapping of our own,
+    # not a tensor: the allocator may keep a freed tensor's pages (a full-suite run once kept 268 MB resident).
+    size = 256 * 2**20
+    spike = mmap.mmap(-1, size)
+    for offset in range(0, size, mmap.PAGESIZE):
+        spike[offset] = 1
+    spike.close()
     record = monitor.mark("start")
     assert record["peak_rss_bytes"] >= before + 200 * 2**20 > record["rss_bytes"] + 100 * 2**20
     after = monitor.mark("after")  # the peak was reset by the previous mark
