@@ -8,7 +8,9 @@
     peer  from_pretrained(bnb NF4 + double quant, compute bf16) + prepare_model_for_kbit_training
           + PEFT LoRA, stepped under torch.autocast("cpu", bf16) as on a GPU (bench_train._load_peer)
         ▼
-    one step (forward with labels → backward), recorded by a TorchDispatchMode, op by op:
+    one step (forward with labels → backward), recorded by a TorchDispatchMode, op by op (matmuls and
+    attention return zeros of their output's shape instead of computing it: every figure below depends
+    on shapes only, and the tiny width gives the same figures either way; --compute-heavy runs them):
       launches   aten ops executed; views and allocation-only ops excluded (each remaining op is one
                  GPU kernel launch in eager mode; a bitsandbytes op counts once, as on CUDA)
       bytes      read + written by every non-matmul op (tensor inputs + outputs)
@@ -24,12 +26,11 @@
     7B (32 layers) as outside + 32 × per-layer (--full-layers).
 
 The figures depend on shapes and code only, not on the machine or its load: compare them across
-commits. Usage (the 7B width quantizes and steps ~0.4 B parameters per side: minutes on idle cores, but it
-took over 40 min per side on a 2-core CPU shared at load 11-17; --width tiny gives the op counts in ~3 min):
+commits. Usage (the 7B width at seq 2048 writes a 1.3 GB checkpoint once, then quantizes ~0.4 B parameters
+and counts one step per side: 70 s on 2 idle cores; --width tiny: 12 s):
 
-    python benchmarks/step_cost.py                         # both sides, 7B width, 2 layers, seq 256
-    python benchmarks/step_cost.py --width tiny            # the same op graph at a small width
-    python benchmarks/step_cost.py --seq 2048 --json       # the issue's shape (slow on CPU: ~10x)
+    python benchmarks/step_cost.py                         # the issue's shape: 7B width, 2 layers, seq 2048
+    python benchmarks/step_cost.py --width tiny --seq 256  # the same op graph at a small width
     python benchmarks/step_cost.py --side ours --top 25    # one side, its most frequent ops per layer
 """
 
@@ -67,7 +68,10 @@ NO_KERNEL = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_li
              aten.new_empty.default, aten.new_empty_strided.default, aten._unsafe_view.default,
              aten.lift_fresh.default, aten.set_.source_Storage_storage_offset, aten.resize_.default,
              aten._local_scalar_dense.default, aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default}
-MATMUL = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm}
+MATMUL = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.addmm_, aten.baddbmm_}
+# In-place matmuls (ours adds the LoRA product into the base output with addmm_), with the formula of
+# their out-of-place form.
+FLOP_FORMULA = {aten.addmm_: aten.addmm, aten.baddbmm_: aten.baddbmm}
 # CPU attention ops, counted with the FLOP formula of their CUDA counterpart (same arguments up front).
 ATTENTION = {
     aten._scaled_dot_product_flash_attention_for_cpu: aten._scaled_dot_product_flash_attention,
@@ -137,23 +141,26 @@ class Tally:
 class StepRecorder(TorchDispatchMode):
     """Tallies every op into `self.tallies[region]`; `region` is a layer index or "outside"."""
 
-    def __init__(self, floor_s: float):
+    def __init__(self, floor_s: float, compute_heavy: bool = True):
         super().__init__()
         self.floor_s = floor_s
+        self.compute_heavy = compute_heavy
         self.region: int | str = "outside"
         self.backward = False
         self.tallies: dict[int | str, Tally] = defaultdict(Tally)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        packet, kind = func._overloadpacket, op_kind(func, args, kwargs)
+        heavy = kind in ("matmul", "attention") or packet is GEMM_4BIT
+        out = func(*args, **kwargs) if self.compute_heavy or not heavy else shaped_zeros(func, args, kwargs)
         if func.is_view or func in NO_KERNEL:
             return out
-        packet, kind = func._overloadpacket, op_kind(func, args, kwargs)
         if packet is GEMM_4BIT:
             self._gemm_4bit(args, kwargs, out)
         elif kind in ("matmul", "attention"):
-            flops = flop_registry[ATTENTION.get(packet, packet)](*args, **kwargs, out_val=out)
+            formula = ATTENTION.get(packet) or FLOP_FORMULA.get(packet, packet)
+            flops = flop_registry[formula](*args, **kwargs, out_val=out)
             self._launch(str(packet), kind, flops=flops, moved=sum(_nbytes(t) for t in _tensors((args, kwargs, out))))
         else:
             inputs = _tensors((args[1:], kwargs)) if packet in WRITE_ONLY_SELF else _tensors((args, kwargs))
@@ -184,6 +191,26 @@ class StepRecorder(TorchDispatchMode):
                      moved=_nbytes(packed) + absmax + weight_bytes)
         self._launch("mm (in gemm_4bit)", "matmul", flops=2 * a.numel() * n,
                      moved=_nbytes(a) + weight_bytes + _nbytes(out))
+
+
+def shaped_zeros(func, args, kwargs):
+    """What `func` returns, as zeros: its output's shapes, dtypes and strides from its meta kernel, without
+    the FLOPs. In-place ops zero their `self`, as they would have written it."""
+    to_meta = functools.partial(torch.utils._pytree.tree_map_only, torch.Tensor, lambda t: t.to("meta"))
+    meta_out = func(*to_meta(args), **to_meta(kwargs))
+    if func._schema.is_mutable:  # addmm_ and the like return their first argument, written
+        return args[0].zero_()
+    return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: torch.zeros_like(t, device="cpu"), meta_out)
+
+
+class HeavyOpsAsZeros(TorchDispatchMode):
+    """Matmuls and attention return zeros of their output's shape instead of computing it (the pass that
+    counts saved activations, under --shapes-only)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        heavy = op_kind(func, args, kwargs) in ("matmul", "attention") or func._overloadpacket is GEMM_4BIT
+        return shaped_zeros(func, args, kwargs) if heavy else func(*args, **kwargs)
 
 
 def _first_tensor(args, kwargs) -> torch.Tensor | None:
@@ -227,7 +254,8 @@ def attribute_layers(model: torch.nn.Module, set_region) -> list:
     return handles, state
 
 
-def saved_activation_bytes(model: torch.nn.Module, ids: torch.Tensor, autocast: torch.dtype | None) -> dict:
+def saved_activation_bytes(model: torch.nn.Module, ids: torch.Tensor, autocast: torch.dtype | None,
+                           compute_heavy: bool = True) -> dict:
     """Bytes each decoder layer saves for backward (one forward, checkpointing off), storages counted once."""
     region: list[int | str] = ["outside"]
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -246,7 +274,8 @@ def saved_activation_bytes(model: torch.nn.Module, ids: torch.Tensor, autocast: 
     try:
         for layer in layers:
             layer.gradient_checkpointing = False
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(autocast):
+        with (torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(autocast),
+              contextlib.nullcontext() if compute_heavy else HeavyOpsAsZeros()):
             loss = model(input_ids=ids, labels=ids).loss
         del loss
     finally:
@@ -261,8 +290,9 @@ def _autocast(dtype: torch.dtype | None):
     return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def record_step(model, ids: torch.Tensor, autocast: torch.dtype | None, floor_s: float) -> dict[int | str, Tally]:
-    recorder = StepRecorder(floor_s)
+def record_step(model, ids: torch.Tensor, autocast: torch.dtype | None, floor_s: float,
+                compute_heavy: bool = True) -> dict[int | str, Tally]:
+    recorder = StepRecorder(floor_s, compute_heavy)
     handles, state = attribute_layers(model, lambda r: setattr(recorder, "region", r))
     try:
         with recorder:
@@ -381,9 +411,9 @@ def measure_side(side: str, path: Path, opts) -> dict:
     ids = torch.randint(0, vocab, (opts.batch, opts.seq), generator=torch.Generator().manual_seed(opts.seed))
     t1 = time.perf_counter()
     with lean_ops_as_on_cuda(model, side == "ours" and opts.ours_lean_ops):
-        tallies = record_step(model, ids, autocast, opts.floor_us * 1e-6)
+        tallies = record_step(model, ids, autocast, opts.floor_us * 1e-6, opts.compute_heavy)
         t2 = time.perf_counter()
-        saved = saved_activation_bytes(model, ids, autocast)
+        saved = saved_activation_bytes(model, ids, autocast, opts.compute_heavy)
     layers = sorted(k for k in tallies if isinstance(k, int))
     per_layer = Tally()
     for i in layers:
@@ -460,7 +490,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--width", choices=sorted(SHAPES), default="7b", help="the layer shape (vocab included)")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers built and run")
     parser.add_argument("--full-layers", type=int, default=32, help="layers of the full model the totals scale to")
-    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--r", type=int, default=16)
     parser.add_argument("--loss-chunk-tokens", type=int, default=1024, help="ours: as train's default")
@@ -470,6 +500,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="ours: LoRA A/B dtype (bfloat16: no per-call casts; float32: today's CPU default)")
     parser.add_argument("--no-ours-lean-ops", dest="ours_lean_ops", action="store_false",
                         help="ours: the model's own RMSNorm and RoPE ops (train's lean_ops: false)")
+    parser.add_argument("--compute-heavy", action="store_true",
+                        help="run the matmuls and attention (default: zeros of their output's shape, which every "
+                             "figure here depends on; the 7B width at seq 2048 then takes minutes, not hours)")
     parser.add_argument("--floor-us", type=float, default=2.0, help="least device time of one kernel launch")
     parser.add_argument("--side", choices=["ours", "peer", "both"], default="both")
     parser.add_argument("--top", type=int, default=12, help="most frequent ops per layer to list (0: none)")
@@ -483,7 +516,8 @@ def main(argv: list[str] | None = None) -> dict:
     cache = (opts.cache or Path.home() / ".cache" / "qlora-lite" / "bench" / f"{opts.width}-{opts.layers}l").expanduser()
     write_checkpoint(opts.width, opts.layers, cache, opts.seed)
     summary = {"config": {k: getattr(opts, k) for k in ("width", "layers", "full_layers", "seq", "batch", "r",
-                                                        "loss_chunk_tokens", "ours_lora_dtype", "ours_cache_absmax", "floor_us", "seed")},
+                                                        "loss_chunk_tokens", "ours_lora_dtype", "ours_cache_absmax", "ours_lean_ops",
+                                                        "compute_heavy", "floor_us", "seed")},
                "versions": versions(("torch", "transformers", "peft", "bitsandbytes", "qlora-lite")),
                "command": " ".join(["python"] + sys.argv)}
     for side in (["ours", "peer"] if opts.side == "both" else [opts.side]):

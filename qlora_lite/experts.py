@@ -27,7 +27,7 @@ import re
 import torch
 from torch import nn
 
-from .layers import AdapterRegistry, AdapterSpec, _dense
+from .layers import AdapterRegistry, AdapterSpec, _dense, _dense_for_matmul
 from .nf4 import NF4Weight
 
 __all__ = ["PROJECTIONS", "LoRAExpertProjection4bit", "LoRAExperts4bit", "fused_experts_modules",
@@ -89,7 +89,7 @@ class _GroupedLoRAMatmul(torch.autograd.Function):
         for e, n in enumerate(counts):
             if n:
                 rows = slice(start, start + n)
-                torch.mm(x[rows], _dense(bases[e], x.dtype).t(), out=y[rows])
+                torch.mm(x[rows], _dense_for_matmul(bases[e], x.dtype).t(), out=y[rows])
                 if ctx.has_lora:
                     torch.mm(x[rows], a[e].t(), out=xa[rows])
                     y[rows].addmm_(xa[rows], b[:, :, e].t(), alpha=scaling)
@@ -115,7 +115,7 @@ class _GroupedLoRAMatmul(torch.autograd.Function):
                 if ctx.has_lora:
                     gb = g @ b[:, :, e]  # (n, r)
                 if grad_x is not None:
-                    torch.mm(g, _dense(ctx.bases[e], grad_y.dtype), out=grad_x[rows])
+                    torch.mm(g, _dense_for_matmul(ctx.bases[e], grad_y.dtype), out=grad_x[rows])
                     if ctx.has_lora:
                         grad_x[rows].addmm_(gb, a[e], alpha=s)
                 if ctx.has_lora:

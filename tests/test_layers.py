@@ -237,3 +237,39 @@ def test_adapter_added_to_an_eval_model_applies_no_dropout():
     x = torch.randn(3, 128)
     torch.testing.assert_close(layer(x), layer(x))  # deterministic: no dropout in eval mode
     torch.testing.assert_close(layer(x), x @ layer.merged_weight("late").t(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_steps_dequantize_into_one_reused_buffer_with_the_fresh_results(monkeypatch, dtype):
+    """On CPU, forward and backward write W0 into one buffer per dtype and thread (a fresh weight of tens
+    of MB costs page faults); a stack of layers of growing and shrinking width gives, to the bit, what
+    dequantizing into fresh tensors gives, so no layer ever reads another's weight."""
+    from qlora_lite import layers
+
+    def stack():
+        torch.manual_seed(0)
+        return nn.Sequential(*(_layer(out_f=o, in_f=i, seed=k) for k, (i, o) in enumerate(
+            [(128, 320), (320, 64), (64, 512), (512, 128)])))
+
+    def step(model):
+        x = torch.randn(4, 128, dtype=dtype, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        model(x).float().square().sum().backward()
+        return [x.grad] + [p.grad for p in model.parameters() if p.requires_grad]
+
+    monkeypatch.setattr(layers, "_CPU_BUFFERS", layers._DequantizeBuffers())
+    outs: list[torch.Tensor | None] = []
+    dequantize = NF4Weight.dequantize
+    monkeypatch.setattr(NF4Weight, "dequantize", lambda self, dt=None, out=None: (
+        outs.append(out), dequantize(self, dt, out))[1])
+    reused = step(stack())
+    assert len(outs) == 8 and all(o is not None for o in outs)  # 4 forward, 4 backward
+    # grown to the 512x128 weight by the fourth dequantize, then only reused
+    assert len({o.untyped_storage().data_ptr() for o in outs[3:]}) == 1
+    assert layers._CPU_BUFFERS.by_dtype[dtype].numel() == 512 * 128
+
+    monkeypatch.setattr(layers, "_dense_for_matmul", layers._dense)
+    outs.clear()
+    fresh = step(stack())
+    assert outs == [None] * 8
+    for a, b in zip(reused, fresh, strict=True):
+        assert torch.equal(a, b)

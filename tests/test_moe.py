@@ -234,7 +234,8 @@ def test_only_the_routed_experts_are_dequantized(monkeypatch):
     dequantized, routed = set(), set()
     real = NF4Weight.dequantize
     monkeypatch.setattr(NF4Weight, "dequantize",
-                        lambda self, dtype=None: (dequantized.add(index.get(id(self))), real(self, dtype))[1])
+                        lambda self, dtype=None, out=None: (dequantized.add(index.get(id(self))),
+                                                            real(self, dtype, out))[1])
     model.model.layers[0].mlp.gate.register_forward_hook(lambda m, a, out: routed.update(out[2].flatten().tolist()))
     with torch.no_grad():
         model(torch.tensor([[5, 9, 17]]))  # 3 tokens × top-2: at most 6 of the 8 experts

@@ -241,3 +241,24 @@ def test_nf4_nbytes_counts_what_the_container_holds(blocksize, double_quant):
         held = NF4Weight.from_tensor(w, blocksize, double_quant, backend="torch").nbytes
         assert nf4_nbytes(w.numel(), blocksize, double_quant) == held, shape
     assert memory.nf4_nbytes is nf4_nbytes and analysis.nf4_bytes is nf4_nbytes  # one copy of the rule
+
+
+@pytest.mark.parametrize("backend", ["torch", "bitsandbytes"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_into_a_buffer_equals_the_backends_fresh_result(monkeypatch, backend, dtype):
+    """`out=` (the pure-torch kernel) writes every value the backend's own dequantize returns, into the
+    buffer given, across chunk boundaries; a buffer of the wrong shape, dtype or layout is refused."""
+    from qlora_lite import nf4
+
+    if backend == "bitsandbytes":
+        pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(nf4, "_DEQUANTIZE_CHUNK", 256)
+    for shape in [(96, 640), (40, 48)]:  # bitsandbytes computes the first, the torch path the second
+        q = NF4Weight.from_tensor(torch.randn(shape, generator=torch.Generator().manual_seed(5)), backend=backend)
+        buffer = torch.full(shape, float("nan"), dtype=dtype)
+        assert q.dequantize(dtype, out=buffer).data_ptr() == buffer.data_ptr()
+        assert torch.equal(buffer, q.dequantize(dtype))
+    for bad in (torch.empty(40, 47, dtype=dtype), torch.empty(40, 48, dtype=torch.float64),
+                torch.empty(48, 40, dtype=dtype).t()):
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            q.dequantize(dtype, out=bad)
