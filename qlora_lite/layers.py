@@ -25,7 +25,8 @@ from torch import nn
 
 from .nf4 import NF4Weight
 
-__all__ = ["lora_scaling", "AdapterRegistry", "LoRALinear4bit", "AdapterSpec", "DEFAULT_ADAPTER", "dora_merge"]
+__all__ = ["lora_scaling", "AdapterRegistry", "LoRALinear4bit", "AdapterSpec", "DEFAULT_ADAPTER", "dora_merge",
+           "release_dequantize_buffers"]
 
 DEFAULT_ADAPTER = "default"
 
@@ -43,6 +44,11 @@ class _DequantizeBuffers(threading.local):
 
 
 _CPU_BUFFERS = _DequantizeBuffers()
+
+
+def release_dequantize_buffers() -> None:
+    """Free this thread's CPU dequantize buffers (`_dense_for_matmul`); the next matmul makes a new one."""
+    _CPU_BUFFERS.by_dtype.clear()
 
 
 def _dense_for_matmul(base: NF4Weight | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

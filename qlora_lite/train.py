@@ -47,6 +47,7 @@ from .errors import TrainingError
 from .fsdp import fsdp_mesh, full_tensor, in_turns, load_sharded, resident_base_bytes, shard_model
 from .fsutil import RunLock, atomic_write_text
 from .kernels import apply_speedups
+from .layers import release_dequantize_buffers
 from .load import is_prequantized, load_model, load_tokenizer, release_free_memory, resolve_device
 from .loss import ChunkedLoss, install_chunked_loss, supports_chunked_loss
 from .memory import GiB, MemoryEstimate
@@ -562,5 +563,8 @@ def train(cfg: TrainConfig, log=None, loaded=None) -> TrainResult:
     with RunLock(cfg.out_dir) if is_main else contextlib.nullcontext():
         run = TrainingRun(cfg, accelerator, device, log, loaded)
         run.setup()
-        step, interrupted = run.train_loop()
+        try:
+            step, interrupted = run.train_loop()
+        finally:
+            release_dequantize_buffers()  # one weight's worth of CPU memory the steps reused
         return run.save(step, interrupted)

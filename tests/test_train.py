@@ -60,6 +60,21 @@ def test_log_every_thins_the_metrics_but_keeps_evals_and_the_last_step(tiny_mode
     assert len(result.losses) == 7  # every step's loss is still kept (and checkpointed)
 
 
+def test_the_steps_reuse_a_cpu_dequantize_buffer_that_the_run_frees_at_its_end(tiny_model_dir, memorize_data, tmp_path,
+                                                                                monkeypatch):
+    from qlora_lite import layers
+
+    buffers = layers._DequantizeBuffers()
+    monkeypatch.setattr(layers, "_CPU_BUFFERS", buffers)
+    held: list[dict] = []
+    step = TrainingRun.train_step
+    monkeypatch.setattr(TrainingRun, "train_step",
+                        lambda self, *a: (out := step(self, *a), held.append(dict(buffers.by_dtype)))[0])
+    train(_cfg(tiny_model_dir, memorize_data, tmp_path / "run", max_steps=2, eval_every=2, save_every=2))
+    assert len(held) == 2 and all(torch.float32 in h for h in held)
+    assert buffers.by_dtype == {}
+
+
 def test_the_memory_plan_is_logged_before_loading_and_kept_next_to_the_measurement(tiny_model_dir, memorize_data,
                                                                                    tmp_path):
     messages: list[str] = []
