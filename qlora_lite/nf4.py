@@ -152,7 +152,7 @@ def _table_on(name: Literal["nf4", "dynamic", "byte_pairs"], device: torch.devic
     return table.to(device)
 
 
-_DEQUANTIZE_CHUNK = 1 << 18  # values per pass on CPU: the gathered pairs (2 MB) are scaled while still in cache
+_DEQUANTIZE_CHUNK = 1 << 18  # values per pass on CPU: each pass's gathered fp32 values (1 MB) are scaled in cache
 
 
 def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size, blocksize: int,
