@@ -378,6 +378,7 @@ def markdown(results: dict) -> str:
                     f"{_gib(r['predicted'].get('ours_bytes'))} | {_num(o.get('predicted_over_measured'))} | "
                     f"{_num(q.get('predicted_over_measured'))} | "
                     f"{_num(100 * o['bound_fraction'] if o.get('bound_fraction') else None, 1)} |")
+        lines += _speed_targets(bench)
     bounds = [p for p in results["parts"] if p["part"].startswith(("boundary-", "long-context-")) and p.get("at_fit")]
     if bounds:
         lines += ["", f"## The planner's boundary on a card capped at 24 GiB ({CONSUMER_CARD})", "",
@@ -443,6 +444,27 @@ def _offload_table(parts: list[dict]) -> list[str]:
                      f"{_num(p.get('predicted_over_measured'))} | {_gib(p['host_bytes'])} "
                      f"({_gib(plan['pinned_host_bytes'])}) | {_gib(p.get('fetched_bytes_per_step'))} "
                      f"({_gib(plan['transfer_bytes'])}) | {_num(plan['transfer_s'], 2)} |")
+    return lines
+
+
+# Issue 17's GPU targets for each bench row: tokens/s and peak allocated memory against the peer's, and
+# ours' share of the 6·N-FLOP bound.
+SPEED_TARGETS = {"speed": 2.0, "memory": 0.75, "bound": 0.35}
+
+
+def _speed_targets(bench: list[dict]) -> list[str]:
+    """One line per row: each of issue 17's targets, met or not, with the figure it was judged on."""
+    lines = ["", f"Issue 17's targets: tokens/s >= {SPEED_TARGETS['speed']}x the peer's, peak allocated "
+                 f"<= {SPEED_TARGETS['memory']}x, >= {100 * SPEED_TARGETS['bound']:.0f}% of the 6N bound.", ""]
+    for p in bench:
+        for r in p["rows"]:
+            ratio, ours = r.get("ratios") or {}, r.get("ours") or {}
+            checks = [("speed", ratio.get("tokens_per_s"), lambda x: x >= SPEED_TARGETS["speed"], "{:.3f}x"),
+                      ("memory", ratio.get("peak_bytes"), lambda x: x <= SPEED_TARGETS["memory"], "{:.3f}x"),
+                      ("bound", ours.get("bound_fraction"), lambda x: x >= SPEED_TARGETS["bound"], "{:.1%}")]
+            verdicts = [f"{name} {shown.format(x)} {'met' if met(x) else 'NOT met'}" if x is not None else f"{name} -"
+                        for name, x, met, shown in checks]
+            lines.append(f"- {p['part'][6:]} {r['seq']}×{r['batch']}: " + ", ".join(verdicts))
     return lines
 
 

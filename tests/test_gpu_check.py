@@ -52,6 +52,8 @@ def test_gpu_check_cpu_smoke_bench(tmp_path):
     assert all(r["ours"]["tokens_per_s"] > 0 and r["peer"]["tokens_per_s"] > 0 and r["predicted"]["ours_bytes"] > 0
                for r in bench["rows"])
     assert "| tiny | 32×1 |" in report and "ours beside transformers + bitsandbytes + PEFT" in report
+    ratio = bench["rows"][0]["ratios"]["tokens_per_s"]
+    assert f"- tiny 32×1: speed {ratio:.3f}x {'met' if ratio >= 2.0 else 'NOT met'}, memory " in report
 
 
 def test_gpu_check_cpu_smoke_boundary(tmp_path):
