@@ -152,8 +152,7 @@ class StepRecorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         packet, kind = func._overloadpacket, op_kind(func, args, kwargs)
-        heavy = kind in ("matmul", "attention") or packet is GEMM_4BIT
-        out = func(*args, **kwargs) if self.compute_heavy or not heavy else shaped_zeros(func, args, kwargs)
+        out = shaped_zeros(func, args, kwargs) if not self.compute_heavy and _heavy(func, kind) else func(*args, **kwargs)
         if func.is_view or func in NO_KERNEL:
             return out
         if packet is GEMM_4BIT:
@@ -193,24 +192,28 @@ class StepRecorder(TorchDispatchMode):
                      moved=_nbytes(a) + weight_bytes + _nbytes(out))
 
 
+def _heavy(func, kind: str) -> bool:
+    """The ops whose FLOPs make the 7B width slow on CPU, and whose values no figure here depends on."""
+    return kind in ("matmul", "attention") or func._overloadpacket is GEMM_4BIT
+
+
 def shaped_zeros(func, args, kwargs):
     """What `func` returns, as zeros: its output's shapes, dtypes and strides from its meta kernel, without
-    the FLOPs. In-place ops zero their `self`, as they would have written it."""
+    the FLOPs. In-place ops (addmm_) zero their `self`, which they return written."""
+    if func._schema.is_mutable:
+        return args[0].zero_()
     to_meta = functools.partial(torch.utils._pytree.tree_map_only, torch.Tensor, lambda t: t.to("meta"))
     meta_out = func(*to_meta(args), **to_meta(kwargs))
-    if func._schema.is_mutable:  # addmm_ and the like return their first argument, written
-        return args[0].zero_()
     return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: torch.zeros_like(t, device="cpu"), meta_out)
 
 
 class HeavyOpsAsZeros(TorchDispatchMode):
     """Matmuls and attention return zeros of their output's shape instead of computing it (the pass that
-    counts saved activations, under --shapes-only)."""
+    counts saved activations, unless --compute-heavy)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        heavy = op_kind(func, args, kwargs) in ("matmul", "attention") or func._overloadpacket is GEMM_4BIT
-        return shaped_zeros(func, args, kwargs) if heavy else func(*args, **kwargs)
+        return shaped_zeros(func, args, kwargs) if _heavy(func, op_kind(func, args, kwargs)) else func(*args, **kwargs)
 
 
 def _first_tensor(args, kwargs) -> torch.Tensor | None:
@@ -336,13 +339,15 @@ def write_checkpoint(width: str, layers: int, directory: Path, seed: int = 0) ->
 def as_on_cuda(model: torch.nn.Module, cache_absmax: bool) -> None:
     """Make ours dequantize as it does on CUDA, not as on this CPU: the decoded block scales are not
     cached there (`NF4Weight.cache_absmax`, default on CPU only), so every dequantize also decodes them
-    (bitsandbytes' 8-bit dequantize + the offset add); and the pure-torch dequantize runs in one pass,
-    not in cache-sized chunks. Weights of the triton backend (auto wherever triton imports) dequantize
-    on CUDA in one launch, scales decoded inside: the op `qlora_lite::nf4_dequantize`, lent a CPU kernel
-    here (the torch reference) and recorded as one op, its inputs and output as the bytes it moves."""
-    from qlora_lite import nf4
+    (bitsandbytes' 8-bit dequantize + the offset add); the pure-torch dequantize runs in one pass, not
+    in cache-sized chunks, into a fresh tensor rather than the CPU's reused buffer. Weights of the triton
+    backend (auto wherever triton imports) dequantize on CUDA in one launch, scales decoded inside: the op
+    `qlora_lite::nf4_dequantize`, lent a CPU kernel here (the torch reference) and recorded as one op, its
+    inputs and output as the bytes it moves."""
+    from qlora_lite import layers, nf4
 
     nf4._DEQUANTIZE_CHUNK = 1 << 62
+    layers._dense_for_matmul = layers._dense  # fresh memory each time: CUDA's caching allocator, not CPU's buffer
     for module in model.modules():
         if isinstance(module, nf4.NF4Weight):
             module.cache_absmax = cache_absmax

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +14,8 @@ import conftest
 from qlora_lite.config import LoraConfig
 
 pytest.importorskip("bitsandbytes")  # the cost model counts the peer's ops too
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 import step_cost  # noqa: E402
 
 MATMUL_OPS = ("mm", "addmm", "addmm_", "bmm", "baddbmm")
@@ -38,3 +41,19 @@ def test_counting_with_the_matmuls_as_zeros_gives_every_figure_of_computing_them
     assert sum(layer.by_op[op] for op in MATMUL_OPS) == layer.by_kind["matmul"]
     assert computed == shaped
     assert saved == saved_shaped
+
+
+def test_the_benchmark_counts_both_sides_as_on_cuda(tmp_path):
+    """The command end to end at a small shape, in its own process (it sets ours up as CUDA runs it, process-wide):
+    one launch per dequantize (the triton backend's kernel; not CPU's reused buffer or cached scales), and
+    the issue's launch target."""
+    pytest.importorskip("triton")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_cost.py"), "--width", "tiny", "--layers", "1",
+                           "--seq", "64", "--threads", "1", "--json", "--cache", str(tmp_path / "checkpoint")],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    ours = summary["ours"]["per_layer"]["launches_by_kind"]
+    assert ours["dequantize"] == 7 * 3  # seven linears: forward, recompute, backward
+    assert "cast" not in ours  # bf16 adapters, lean ops: nothing cast per layer
+    assert summary["ratios"]["launches"] <= 0.4
