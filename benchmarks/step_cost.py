@@ -362,7 +362,7 @@ def _lend_nf4_dequantize_a_cpu_kernel() -> None:
 
     def dequantize(packed, absmax, nested, offset, n, blocksize, dtype):
         if nested is not None:
-            absmax = nf4._dequantize_blockwise_8bit(absmax, nested, nf4.NESTED_BLOCKSIZE) + offset
+            absmax = nf4.decode_double_quant_absmax(absmax, nested, offset)
         return nf4.dequantize_nf4(packed, absmax, torch.Size([n]), blocksize, dtype)
 
     torch.library.register_kernel("qlora_lite::nf4_dequantize", "cpu", dequantize)

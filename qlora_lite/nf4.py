@@ -44,6 +44,7 @@ __all__ = [
     "resolve_backend",
     "quantize_nf4",
     "dequantize_nf4",
+    "decode_double_quant_absmax",
     "nf4_nbytes",
 ]
 
@@ -194,6 +195,11 @@ def _check_out(out: torch.Tensor, shape: torch.Size, dtype: torch.dtype, device:
     if out.shape != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(shape)} {dtype} tensor on {device}; got "
                          f"{tuple(out.shape)} {out.dtype} on {out.device}{'' if out.is_contiguous() else ', strided'}")
+
+
+def decode_double_quant_absmax(codes: torch.Tensor, nested: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """The fp32 block scales of double-quantized storage: dynamic[code] · nested[block // 256] + offset."""
+    return _dequantize_blockwise_8bit(codes, nested, NESTED_BLOCKSIZE) + offset
 
 
 @functools.cache
@@ -394,7 +400,7 @@ class NF4Weight(nn.Module):
         return self._absmax_cache[1]
 
     def _decode_absmax(self) -> torch.Tensor:
-        return _dequantize_blockwise_8bit(self.absmax, self.nested_absmax, NESTED_BLOCKSIZE) + self.offset
+        return decode_double_quant_absmax(self.absmax, self.nested_absmax, self.offset)
 
     def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """The full weight in `dtype` (default: the dtype it was quantized from); written into `out` (a
